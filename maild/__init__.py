@@ -1,0 +1,8 @@
+"""maild: an email-ingestion daemon that turns support mail into tickets."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("maild")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,507 @@
+"""The `maild` command. The only place that turns errors into exit codes.
+
+Exit codes: 0 done; 1 the thing asked for failed or was not found; 2 usage;
+78 (EX_CONFIG) the config or rules are wrong. `maild ingest` follows sysexits
+for MTAs: 0 stored, 65 too large, 67 unknown recipient, 75 try again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from maild import __version__
+from maild.config import Settings, default_config_path, load_settings
+from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
+from maild.logs import configure_logging
+
+EX_OK = 0
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Config file [default: $MAILD_CONFIG, else /etc/maild/config.toml]",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"maild: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(config_path: Path | None, *, quiet: bool = True) -> Settings:
+    path = config_path or default_config_path()
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        _fail(str(exc), EX_CONFIG)
+    # Commands print their results on stdout; their own log lines go to stderr.
+    configure_logging(
+        settings.log.format, "warning" if quiet else settings.log.level, stream=sys.stderr
+    )
+    return settings
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[("" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for index, row in enumerate(cells):
+        line = "  ".join(value.ljust(widths[i]) for i, value in enumerate(row)).rstrip()
+        lines.append(line)
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _database(settings: Settings) -> Any:
+    from maild.database import Database
+
+    try:
+        database = Database(settings.database.url, settings.database.busy_timeout)
+        database.create_schema()
+    except MaildError as exc:
+        _fail(str(exc), EX_CONFIG)
+    except Exception as exc:
+        _fail(f"database {settings.database.url!r} is not usable: {exc}", 1)
+    return database
+
+
+def _rules(settings: Settings) -> Any:
+    from maild.rules import load_rules
+
+    try:
+        return load_rules(settings.rules.path)
+    except RulesError as exc:
+        _fail(f"the rules table is broken, nothing was changed:\n{exc}", EX_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="maild")
+def main() -> None:
+    """maild: email in, support tickets out."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the SMTP (and LMTP) server until SIGTERM."""
+    from maild.service import Service
+
+    settings = _settings(config_path, quiet=False)
+    configure_logging(settings.log.format, settings.log.level)  # the daemon logs to stdout
+    try:
+        service = Service(settings)
+    except RulesError as exc:
+        _fail(f"refusing to start, the rules table is broken:\n{exc}", EX_CONFIG)
+    except MaildError as exc:
+        _fail(f"refusing to start: {exc}", EX_CONFIG)
+    try:
+        asyncio.run(service.run())
+    except OSError as exc:
+        _fail(f"cannot start: {exc}", 1)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--recipient",
+    "recipients",
+    multiple=True,
+    required=True,
+    help="Envelope recipient (repeat for several).",
+)
+@click.option("--sender", default="", help="Envelope sender (MAIL FROM).")
+@click.argument("source", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+def ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, source: str) -> None:
+    """Store one message from FILE (or stdin) as an MTA pipe transport would deliver it.
+
+    Exit codes (sysexits): 0 stored, 65 too large, 67 unknown recipient,
+    75 temporary failure (the MTA should retry).
+    """
+    try:
+        code = _ingest(config_path, recipients, sender, source)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # anything of ours: the MTA must keep the mail and retry
+        click.echo(f"maild: temporary failure: {type(exc).__name__}: {exc}", err=True)
+        code = EX_TEMPFAIL
+    sys.exit(code)
+
+
+def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, source: str) -> int:
+    from maild.processing import process_now
+    from maild.rules import load_rules
+    from maild.spool import Delivery, insert_deliveries
+
+    path = config_path or default_config_path()
+    try:
+        settings = load_settings(path)
+        table = load_rules(settings.rules.path)
+    except (ConfigError, RulesError) as exc:
+        click.echo(f"maild: temporary failure, fix the configuration: {exc}", err=True)
+        return EX_TEMPFAIL
+    configure_logging(settings.log.format, "warning", stream=sys.stderr)
+    for recipient in recipients:
+        try:
+            table.resolve(recipient)
+        except RecipientRefused as refused:
+            click.echo(f"maild: {refused.smtp_reply}", err=True)
+            return EX_NOUSER
+    raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    if len(raw) > settings.smtp.max_message_size:
+        click.echo(
+            f"maild: message is {len(raw)} bytes, over [smtp] max_message_size "
+            f"({settings.smtp.max_message_size})",
+            err=True,
+        )
+        return EX_DATAERR
+    from maild.database import Database
+
+    database = Database(settings.database.url, settings.database.busy_timeout)
+    try:
+        database.create_schema()
+        delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
+        (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
+        try:
+            (filed,) = process_now(database, table, [inbound_id]) or (None,)
+        except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
+            click.echo(f"maild: stored as {inbound_id}; processing deferred: {exc}", err=True)
+            return EX_OK
+        if filed is not None and filed.outcome == "failed":
+            click.echo(f"maild: stored as {inbound_id}; processing failed: {filed.error}", err=True)
+        elif filed is not None:
+            click.echo(
+                f"maild: stored as {inbound_id}; {filed.outcome} ticket {filed.ticket_id}", err=True
+            )
+    finally:
+        database.close()
+    return EX_OK
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("ids", nargs=-1, type=int)
+def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
+    """Process failed deliveries again (all failed ones, or the given inbound IDs)."""
+    from maild.inbound import failed_ids
+    from maild.processing import process_now
+
+    settings = _settings(config_path)
+    table = _rules(settings)
+    database = _database(settings)
+    try:
+        wanted = list(ids) or database.run_read(failed_ids)
+        results = process_now(database, table, wanted)
+    finally:
+        database.close()
+    views = [
+        {
+            "inbound": r.inbound_id,
+            "outcome": r.outcome,
+            "ticket": r.ticket_id,
+            "route": r.route,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    if as_json:
+        _print_json(views)
+    elif not views:
+        click.echo("nothing to reprocess")
+    else:
+        click.echo(
+            _table(
+                ["INBOUND", "OUTCOME", "TICKET", "ROUTE", "ERROR"],
+                [[v["inbound"], v["outcome"], v["ticket"], v["route"], v["error"]] for v in views],
+            )
+        )
+    if any(r.outcome == "failed" for r in results):
+        sys.exit(1)
+
+
+@main.group()
+def tickets() -> None:
+    """List, show and change tickets."""
+
+
+@tickets.command("list")
+@config_option
+@json_option
+@click.option(
+    "--status",
+    default="open",
+    show_default=True,
+    type=click.Choice(["open", "closed", "all", "pending", "solved"]),
+    help="open = open+pending, closed = solved+closed.",
+)
+@click.option("--type", "type_", type=click.Choice(["question", "incident", "problem", "task"]))
+@click.option("--priority", type=click.Choice(["low", "normal", "high", "urgent"]))
+@click.option("--search", help="Text in the subject, requester or messages.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many tickets.")
+def tickets_list(
+    config_path: Path | None,
+    as_json: bool,
+    status: str,
+    type_: str | None,
+    priority: str | None,
+    search: str | None,
+    limit: int | None,
+) -> None:
+    """Tickets, most recently updated first."""
+    from maild.tickets import list_tickets
+
+    database = _database(_settings(config_path))
+    try:
+        views = database.run_read(
+            lambda s: list_tickets(
+                s, status=status, type_=type_, priority=priority, search=search, limit=limit
+            )
+        )
+    finally:
+        database.close()
+    if as_json:
+        _print_json(views)
+        return
+    if not views:
+        click.echo("no tickets")
+        return
+    click.echo(
+        _table(
+            ["ID", "TYPE", "PRIORITY", "STATUS", "MSGS", "UPDATED", "REQUESTER", "SUBJECT"],
+            [
+                [
+                    v["id"],
+                    v["type"],
+                    v["priority"],
+                    v["status"],
+                    v["message_count"],
+                    (v["updated_at"] or "")[:16].replace("T", " "),
+                    v["requester"],
+                    _clip(v["subject"] or "(no subject)", 60),
+                ]
+                for v in views
+            ],
+        )
+    )
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@tickets.command("show")
+@config_option
+@json_option
+@click.argument("ticket_id", type=int)
+def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> None:
+    """One ticket with its participants and messages."""
+    from maild.tickets import TicketNotFound, show_ticket
+
+    database = _database(_settings(config_path))
+    try:
+        view = database.run_read(lambda s: show_ticket(s, ticket_id))
+    except TicketNotFound:
+        _fail(f"no ticket {ticket_id}")
+    finally:
+        database.close()
+    if as_json:
+        _print_json(view)
+        return
+    click.echo(f"Ticket #{view['id']}: {view['subject'] or '(no subject)'}")
+    click.echo(f"  {view['type']}, {view['priority']}, {view['status']}; route {view['rule']}")
+    click.echo(f"  created {view['created_at']}, updated {view['updated_at']}")
+    for person in view["participants"]:
+        name = f"{person['name']} " if person["name"] else ""
+        click.echo(f"  {person['role']:<9} {name}<{person['email']}>")
+    for number, message in enumerate(view["messages"], start=1):
+        sender = message["from"]
+        click.echo(f"\n--- message {number}: {message['message_id']}")
+        click.echo(f"From: {sender['name']} <{sender['email']}>".strip())
+        click.echo(f"Date: {message['date'] or message['received_at']}")
+        click.echo(f"Subject: {message['subject']}")
+        for att in message["attachments"]:
+            click.echo(
+                f"Attachment: {att['filename']} ({att['content_type']}, "
+                f"{att['size']} bytes, sha256 {att['sha256'][:12]}…)"
+            )
+        click.echo("")
+        click.echo(message["text"])
+
+
+def _status_command(name: str, status: str, help_text: str) -> None:
+    @tickets.command(name, help=help_text)
+    @config_option
+    @click.argument("ticket_id", type=int)
+    def command(config_path: Path | None, ticket_id: int) -> None:
+        from maild.enums import TicketStatus
+        from maild.tickets import TicketNotFound, set_status
+
+        database = _database(_settings(config_path))
+        try:
+            database.run_write(lambda s: set_status(s, ticket_id, TicketStatus(status)))
+        except TicketNotFound:
+            _fail(f"no ticket {ticket_id}")
+        finally:
+            database.close()
+        click.echo(f"ticket {ticket_id} is {status}")
+
+
+_status_command("close", "closed", "Close a ticket (a new reply reopens it).")
+_status_command("solve", "solved", "Mark a ticket solved (a new reply reopens it).")
+_status_command("reopen", "open", "Open a ticket again.")
+
+
+@main.group()
+def rules() -> None:
+    """Check and try the routing table."""
+
+
+@rules.command("check")
+@config_option
+def rules_check(config_path: Path | None) -> None:
+    """Load the whole table; list every problem with file:line (exit 1 if any)."""
+    from maild.rules import load_rules
+
+    settings = _settings(config_path)
+    try:
+        table = load_rules(settings.rules.path)
+    except RulesError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"{len(exc.problems)} problem(s) in {settings.rules.path}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"ok: {len(table.routes)} routes, {len(table.domains)} domains "
+        f"({', '.join(sorted(table.domains))}), version {table.version[:12]}"
+    )
+
+
+@rules.command("test")
+@config_option
+@json_option
+@click.argument("address")
+def rules_test(config_path: Path | None, as_json: bool, address: str) -> None:
+    """Where mail to ADDRESS goes: route, type, priority, page (exit 1 if refused)."""
+    settings = _settings(config_path)
+    table = _rules(settings)
+    try:
+        route = table.resolve(address)
+    except RecipientRefused as refused:
+        result: dict[str, Any] = {
+            "address": address,
+            "accepted": False,
+            "reason": refused.reason,
+            "smtp_reply": refused.smtp_reply,
+        }
+        if as_json:
+            _print_json(result)
+        else:
+            click.echo(f"{address}: refused at RCPT ({refused.reason}): {refused.smtp_reply}")
+        sys.exit(1)
+    result = {"address": address, "accepted": True, **route.as_dict()}
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(
+            f"{address}: route {route.name!r} ({route.file}:{route.line}) -> "
+            f"{route.type.value}, {route.priority.value}"
+            f"{', pages on-call' if route.page else ''}"
+        )
+
+
+@main.group()
+def inbound() -> None:
+    """Inspect accepted deliveries (the spool) and their processing state."""
+
+
+@inbound.command("list")
+@config_option
+@json_option
+@click.option("--status", type=click.Choice(["received", "processed", "duplicate", "failed"]))
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def inbound_list(config_path: Path | None, as_json: bool, status: str | None, limit: int) -> None:
+    """Accepted deliveries, newest first."""
+    from maild.inbound import list_inbound
+
+    database = _database(_settings(config_path))
+    try:
+        views = database.run_read(lambda s: list_inbound(s, status, limit))
+    finally:
+        database.close()
+    if as_json:
+        _print_json(views)
+        return
+    if not views:
+        click.echo("no deliveries")
+        return
+    click.echo(
+        _table(
+            ["ID", "STATUS", "RECEIVED", "FROM", "TO", "SIZE", "TICKET", "ERROR"],
+            [
+                [
+                    v["id"],
+                    v["status"],
+                    (v["received_at"] or "")[:19].replace("T", " "),
+                    v["mail_from"] or "<>",
+                    ",".join(v["rcpt_tos"]),
+                    v["size"],
+                    v["ticket_id"],
+                    _clip(v["error"] or "", 50),
+                ]
+                for v in views
+            ],
+        )
+    )
+
+
+@inbound.command("show")
+@config_option
+@json_option
+@click.option("--raw", is_flag=True, help="Write the raw message bytes to stdout instead.")
+@click.argument("inbound_id", type=int)
+def inbound_show(config_path: Path | None, as_json: bool, raw: bool, inbound_id: int) -> None:
+    """One delivery's envelope and state (or its raw bytes)."""
+    from maild.inbound import get_inbound, inbound_view
+
+    database = _database(_settings(config_path))
+    try:
+        row = database.run_read(lambda s: get_inbound(s, inbound_id))
+    finally:
+        database.close()
+    if row is None:
+        _fail(f"no delivery {inbound_id}")
+    if raw:
+        sys.stdout.buffer.write(row.raw)
+        return
+    view = inbound_view(row)
+    if as_json:
+        _print_json(view)
+    else:
+        for key, value in view.items():
+            click.echo(f"{key:>12}: {value}")

@@ -1,0 +1,137 @@
+"""Engines, sessions and the single writer thread.
+
+The sync SQLAlchemy engine blocks, so the event loop never touches it directly:
+every write goes through `Database.write`, which runs it on one dedicated writer
+thread (one writer is what SQLite allows anyway, and it serialises our own
+writes without lock contention); reads run on the default thread pool.
+
+SQLite is set up for a mail queue: WAL (readers never block the writer),
+synchronous=FULL (a commit survives power loss), foreign keys on, a busy
+timeout, and write transactions that take the write lock at BEGIN IMMEDIATE so
+another process (the CLI) can never deadlock a writer half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, SQLModel, create_engine
+
+from maild import models  # noqa: F401  (registers the tables)
+from maild.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _sqlite_engine(url: URL, busy_timeout: float, immediate: bool) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engine]:
+    """(write engine, read engine) for a database URL; the same engine on PostgreSQL."""
+    try:
+        url = make_url(url_text)
+    except Exception as exc:
+        raise ConfigError(f"[database] url: {exc}") from None
+    if url.get_backend_name() == "sqlite":
+        return (
+            _sqlite_engine(url, busy_timeout, immediate=True),
+            _sqlite_engine(url, busy_timeout, immediate=False),
+        )
+    if url.get_backend_name() == "postgresql":
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=5,
+            connect_args={
+                "connect_timeout": max(1, int(busy_timeout)),
+                # a write waits this long for a lock, then fails (and SMTP answers 451)
+                "options": f"-c lock_timeout={int(busy_timeout * 1000)}",
+            },
+        )
+        return engine, engine
+    raise ConfigError(
+        f"[database] url: unsupported database {url.get_backend_name()!r} "
+        "(use sqlite:///path or postgresql+psycopg://...)"
+    )
+
+
+class Database:
+    """The engines plus the writer thread; one per process."""
+
+    def __init__(self, url: str, busy_timeout: float = 5.0) -> None:
+        self.url = url
+        self.write_engine, self.read_engine = make_engines(url, busy_timeout)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maild-db-writer")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.write_engine.dialect.name == "sqlite"
+
+    def create_schema(self) -> None:
+        SQLModel.metadata.create_all(self.write_engine)
+
+    def check(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.read_engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def write_session(self) -> Session:
+        return Session(self.write_engine, expire_on_commit=False)
+
+    def read_session(self) -> Session:
+        return Session(self.read_engine, expire_on_commit=False)
+
+    def run_write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one transaction and commit it (on the calling thread)."""
+        with self.write_session() as session:
+            result = work(session)
+            session.commit()
+            return result
+
+    def run_read(self, work: Callable[[Session], T]) -> T:
+        with self.read_session() as session:
+            return work(session)
+
+    async def write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one committed transaction on the writer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self.run_write, work)
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.to_thread(self.run_read, work)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.write_engine.dispose()
+        self.read_engine.dispose()
+
+
+__all__ = ["Database", "SQLAlchemyError", "make_engines"]

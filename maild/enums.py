@@ -1,0 +1,51 @@
+"""The ticket vocabulary shared by the rules, the store and the CLI."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TicketType(StrEnum):
+    """What kind of help the customer needs."""
+
+    QUESTION = "question"  # ask anything
+    INCIDENT = "incident"  # unplanned, hurting service now
+    PROBLEM = "problem"  # the cause, or possible cause, of incidents
+    TASK = "task"  # provisioning, access, operations; not same-day
+
+
+class Priority(StrEnum):
+    """How soon; compare with `rank`, not with string order."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.URGENT: 3}
+
+
+class TicketStatus(StrEnum):
+    OPEN = "open"
+    PENDING = "pending"  # waiting for the customer
+    SOLVED = "solved"
+    CLOSED = "closed"
+
+
+class InboundStatus(StrEnum):
+    """Where a received message is in its life."""
+
+    RECEIVED = "received"  # committed, 250 sent, not yet turned into a ticket message
+    PROCESSED = "processed"  # stored as a message of a ticket
+    DUPLICATE = "duplicate"  # its Message-ID was already stored; nothing new was made
+    FAILED = "failed"  # processing raised; the error is kept, `maild reprocess` retries
+
+
+class ParticipantRole(StrEnum):
+    REQUESTER = "requester"
+    CC = "cc"

@@ -1,0 +1,80 @@
+"""The one exception tree of maild.
+
+Every error knows whether it is the sender's fault (permanent, 5xx, the mail
+bounces) or ours (temporary, 4xx, the sending MTA retries). Only the edges turn
+errors into something else: the SMTP handler into reply codes, the CLI into
+exit codes.
+
+    MaildError
+    ├── ConfigError            a settings file is wrong (names file and key)
+    ├── RulesError             the routing table is wrong (names file:line)
+    ├── TemporaryFailure       our fault: answer 4xx / exit 75, keep the mail
+    │   └── StorageUnavailable the database did not take the write
+    └── PermanentFailure       the sender's fault: answer 5xx / exit 6x
+        ├── RecipientRefused   no route for this address, or not our domain
+        └── MessageTooLarge    over [smtp] max_message_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MaildError(Exception):
+    """Base of every error maild raises on purpose."""
+
+
+class ConfigError(MaildError):
+    """The settings file cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a rules file, with where it is."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class RulesError(MaildError):
+    """The routing table cannot be loaded; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class TemporaryFailure(MaildError):
+    """Our own failure: the sender must retry later (SMTP 4xx, sysexits 75)."""
+
+    smtp_reply = "451 4.3.0 Temporary local problem, please try again later"
+
+
+class StorageUnavailable(TemporaryFailure):
+    """The database did not commit the message in time."""
+
+
+class PermanentFailure(MaildError):
+    """The sender's fault: retrying the same thing will not help (SMTP 5xx)."""
+
+    smtp_reply = "554 5.0.0 Transaction failed"
+
+
+class RecipientRefused(PermanentFailure):
+    """A recipient we do not accept mail for."""
+
+    def __init__(self, address: str, smtp_reply: str, reason: str) -> None:
+        self.address = address
+        self.smtp_reply = smtp_reply
+        self.reason = reason
+        super().__init__(f"{address}: {reason}")
+
+
+class MessageTooLarge(PermanentFailure):
+    """The message is larger than [smtp] max_message_size."""
+
+    smtp_reply = "552 5.3.4 Message size exceeds fixed maximum message size"

@@ -1,0 +1,79 @@
+"""Reading the spool of accepted deliveries (the `inbound` table) for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from maild.enums import InboundStatus
+from maild.models import Inbound
+
+
+def inbound_view(row: Inbound) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "status": row.status,
+        "received_at": row.received_at.isoformat() if row.received_at else None,
+        "processed_at": row.processed_at.isoformat() if row.processed_at else None,
+        "protocol": row.protocol,
+        "peer": row.peer,
+        "helo": row.helo,
+        "session_id": row.session_id,
+        "mail_from": row.mail_from,
+        "rcpt_tos": row.rcpt_tos,
+        "size": row.size,
+        "sha256": row.sha256,
+        "ticket_id": row.ticket_id,
+        "attempts": row.attempts,
+        "error": row.error,
+    }
+
+
+_COLUMNS = [
+    getattr(Inbound, name)
+    for name in (
+        "id",
+        "status",
+        "received_at",
+        "processed_at",
+        "protocol",
+        "peer",
+        "helo",
+        "session_id",
+        "mail_from",
+        "rcpt_tos",
+        "size",
+        "sha256",
+        "ticket_id",
+        "attempts",
+        "error",
+    )
+]
+
+
+def list_inbound(
+    session: Session, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Newest first; the raw bytes are not loaded."""
+    query = select(*_COLUMNS)
+    if status:
+        query = query.where(Inbound.status == status)
+    rows = session.exec(query.order_by(col(Inbound.id).desc()).limit(limit)).all()
+    return [inbound_view(Inbound(**row._asdict(), raw=b"")) for row in rows]
+
+
+def get_inbound(session: Session, inbound_id: int) -> Inbound | None:
+    return session.get(Inbound, inbound_id)
+
+
+def failed_ids(session: Session) -> list[int]:
+    return [
+        i
+        for i in session.exec(
+            select(Inbound.id)
+            .where(Inbound.status == InboundStatus.FAILED.value)
+            .order_by(col(Inbound.id))
+        ).all()
+        if i is not None
+    ]

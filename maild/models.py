@@ -1,0 +1,127 @@
+"""The database tables (SQLModel). Enum-valued columns hold the lowercase values.
+
+inbound      one row per accepted SMTP/LMTP/pipe delivery: envelope + raw bytes,
+             committed before 250; status received → processed | duplicate | failed
+ticket       one conversation with a customer
+participant  people on a ticket (requester, cc), unique per ticket and address
+message      one stored message of a ticket; unique on the hash of its Message-ID
+attachment   a file of a message; its bytes are in blob, keyed by sha256
+blob         content-addressed attachment bytes, stored once however often sent
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Index, LargeBinary, MetaData, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Named constraints, so that migrations can refer to them on every database.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata: MetaData = SQLModel.metadata
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Inbound(SQLModel, table=True):
+    """An accepted delivery, durable before the sender hears 250."""
+
+    __tablename__ = "inbound"
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = Field(default_factory=utcnow)
+    protocol: str = Field(max_length=8)  # smtp | lmtp | pipe
+    peer: str = Field(default="", max_length=255)
+    helo: str = Field(default="", sa_type=Text)
+    session_id: str = Field(default="", max_length=64)
+    mail_from: str = Field(default="", sa_type=Text)
+    rcpt_tos: list[str] = Field(default_factory=list, sa_type=JSON)
+    size: int = 0
+    sha256: str = Field(max_length=64)
+    status: str = Field(default="received", max_length=16)
+    error: str | None = Field(default=None, sa_type=Text)
+    attempts: int = 0
+    processed_at: datetime | None = None
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    raw: bytes = Field(sa_type=LargeBinary)
+
+
+class Ticket(SQLModel, table=True):
+    __tablename__ = "ticket"
+    __table_args__ = (Index("ix_ticket_status_updated", "status", "updated_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    type: str = Field(max_length=16)
+    priority: str = Field(max_length=16)
+    status: str = Field(default="open", max_length=16)
+    subject: str = Field(default="", sa_type=Text)
+    requester_email: str = Field(default="", max_length=320)
+    requester_name: str = Field(default="", sa_type=Text)
+    rule: str = Field(default="", max_length=255)
+    rules_version: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Participant(SQLModel, table=True):
+    __tablename__ = "participant"
+    __table_args__ = (UniqueConstraint("ticket_id", "email"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    email: str = Field(max_length=320, index=True)
+    name: str = Field(default="", sa_type=Text)
+    role: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "message"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound.id", index=True)
+    message_id: str = Field(sa_type=Text)
+    message_id_hash: str = Field(max_length=64, unique=True)
+    message_id_synthesized: bool = False
+    in_reply_to: list[str] = Field(default_factory=list, sa_type=JSON)
+    references: list[str] = Field(default_factory=list, sa_type=JSON)
+    from_email: str = Field(default="", max_length=320)
+    from_name: str = Field(default="", sa_type=Text)
+    to: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    cc: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    subject: str = Field(default="", sa_type=Text)
+    date: datetime | None = None
+    text: str = Field(default="", sa_type=Text)
+    rule: str = Field(default="", max_length=255)
+    defects: list[str] = Field(default_factory=list, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Attachment(SQLModel, table=True):
+    __tablename__ = "attachment"
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_pk: int = Field(foreign_key="message.id", index=True)
+    filename: str = Field(sa_type=Text)
+    content_type: str = Field(max_length=255)
+    size: int
+    sha256: str = Field(foreign_key="blob.sha256", max_length=64, index=True)
+
+
+class Blob(SQLModel, table=True):
+    __tablename__ = "blob"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    size: int
+    data: bytes = Field(sa_type=LargeBinary)

@@ -1,0 +1,249 @@
+"""After the 250: received deliveries become ticket messages.
+
+The processor claims `received` rows (oldest first, bounded by count and
+bytes), parses them in a process pool (mail-parser is CPU-bound; the pool puts
+the second core to work and keeps the event loop free), then files the whole
+batch in one transaction on the writer thread (intake.file_batch). A delivery
+that fails is marked `failed` with its error; the others go on. Nothing is
+deleted: the raw bytes stay, and `maild reprocess` files failed ones again.
+
+It wakes when the spool stores something, and every `poll_interval` anyway, so
+rows left `received` by a crash, by `maild ingest` or by `maild reprocess`
+are picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+
+import structlog
+from sqlmodel import Session, col, select
+
+from maild.database import Database
+from maild.enums import InboundStatus
+from maild.intake import Filed, file_batch
+from maild.models import Inbound
+from maild.parsing import ParsedMessage, parse_message
+from maild.rules import RuleTable
+
+log = structlog.get_logger("maild.processing")
+
+MAX_BATCH_MESSAGES = 64
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+POISON_ATTEMPTS = 3
+
+
+class ParseTimeout(Exception):
+    """mail-parser took longer than [processing] parse_timeout on one message."""
+
+
+def claim_received(
+    session: Session,
+    limit: int,
+    byte_budget: int = MAX_BATCH_BYTES,
+    ids: Sequence[int] | None = None,
+) -> list[tuple[int, bytes]]:
+    """The oldest `received` rows (id, raw), within `limit` rows and `byte_budget` bytes."""
+    query = select(Inbound.id, Inbound.size).where(Inbound.status == InboundStatus.RECEIVED.value)
+    if ids is not None:
+        query = select(Inbound.id, Inbound.size).where(col(Inbound.id).in_(list(ids)))
+    rows = session.exec(query.order_by(col(Inbound.id)).limit(limit)).all()
+    chosen: list[int] = []
+    total = 0
+    for inbound_id, size in rows:
+        if chosen and total + size > byte_budget:
+            break
+        if inbound_id is not None:
+            chosen.append(inbound_id)
+        total += size
+    if not chosen:
+        return []
+    raws = session.exec(select(Inbound.id, Inbound.raw).where(col(Inbound.id).in_(chosen))).all()
+    by_id = dict(raws)
+    return [(i, by_id[i]) for i in chosen]
+
+
+def _log_results(results: Sequence[Filed]) -> None:
+    for filed in results:
+        if filed.outcome == "failed":
+            log.error(
+                "message failed processing; kept for `maild reprocess`",
+                inbound=filed.inbound_id,
+                error=filed.error,
+            )
+        else:
+            log.info(
+                "message filed",
+                inbound=filed.inbound_id,
+                outcome=filed.outcome,
+                ticket=filed.ticket_id,
+                route=filed.route,
+                threaded_by=filed.threaded_by,
+            )
+
+
+def process_now(database: Database, table: RuleTable, ids: Sequence[int]) -> list[Filed]:
+    """Parse and file the given deliveries in this process, synchronously (CLI use)."""
+    results: list[Filed] = []
+    for start in range(0, len(ids), MAX_BATCH_MESSAGES):
+        chunk = ids[start : start + MAX_BATCH_MESSAGES]
+        claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
+        items: list[tuple[int, ParsedMessage | BaseException]] = [
+            (inbound_id, parse_message(raw)) for inbound_id, raw in claimed
+        ]
+        results.extend(database.run_write(partial(file_batch, table=table, items=items)))
+    _log_results(results)
+    return results
+
+
+def _make_pool(workers: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["maild.parsing"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+class Processor:
+    """The background task that turns received deliveries into tickets."""
+
+    def __init__(
+        self,
+        database: Database,
+        rules: Callable[[], RuleTable],
+        workers: int,
+        parse_timeout: float,
+        poll_interval: float,
+    ) -> None:
+        self._database = database
+        self._rules = rules
+        self._workers = workers
+        self._parse_timeout = parse_timeout
+        self._poll_interval = poll_interval
+        self._pool: ProcessPoolExecutor | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._batch_limit = MAX_BATCH_MESSAGES
+        self._failures: dict[int, int] = {}
+        self.idle = asyncio.Event()  # set whenever no received row is waiting
+
+    def start(self) -> None:
+        self._pool = _make_pool(self._workers)
+        self._task = asyncio.create_task(self._run(), name="maild-processor")
+
+    def notify(self, _ids: Sequence[int] = ()) -> None:
+        self.idle.clear()
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then stop; unstarted rows stay `received`."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _restart_pool(self) -> None:
+        old = self._pool
+        self._pool = _make_pool(self._workers)
+        if old is not None:
+            for process in list(getattr(old, "_processes", {}).values()):
+                process.kill()  # a stuck parse holds its worker; nothing else will free it
+            old.shutdown(wait=False, cancel_futures=True)
+
+    async def _count_failure(self, inbound_id: int, exc: Exception) -> None:
+        """A message that alone fails its batch three times is set aside as failed."""
+        self._failures[inbound_id] = self._failures.get(inbound_id, 0) + 1
+        if self._failures[inbound_id] < POISON_ATTEMPTS:
+            return
+        error = f"set aside after {POISON_ATTEMPTS} failed attempts: {type(exc).__name__}: {exc}"
+
+        def mark(session: Session) -> None:
+            row = session.get(Inbound, inbound_id)
+            if row is not None and row.status == InboundStatus.RECEIVED:
+                row.status = InboundStatus.FAILED.value
+                row.error = error[:4000]
+                session.add(row)
+
+        try:
+            await self._database.write(mark)
+            self._failures.pop(inbound_id, None)
+            log.error(
+                "message failed processing; kept for `maild reprocess`",
+                inbound=inbound_id,
+                error=error,
+            )
+        except Exception as inner:  # the database itself is down: keep retrying all
+            log.warning(
+                "could not set a failing message aside", inbound=inbound_id, error=str(inner)[:500]
+            )
+
+    async def _parse(self, raw: bytes) -> ParsedMessage:
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            assert self._pool is not None
+            pool = self._pool
+            try:
+                return await asyncio.wait_for(
+                    loop.run_in_executor(pool, parse_message, raw), self._parse_timeout
+                )
+            except TimeoutError:
+                if self._pool is pool:
+                    self._restart_pool()
+                raise ParseTimeout(f"parsing took longer than {self._parse_timeout:g} s") from None
+            except BrokenProcessPool:
+                # another message's timeout (or a crash) took the pool down: try once more
+                if self._pool is pool:
+                    self._restart_pool()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _parse_all(
+        self, claimed: list[tuple[int, bytes]]
+    ) -> list[tuple[int, ParsedMessage | BaseException]]:
+        results = await asyncio.gather(
+            *(self._parse(raw) for _, raw in claimed), return_exceptions=True
+        )
+        return [
+            (inbound_id, result) for (inbound_id, _), result in zip(claimed, results, strict=True)
+        ]
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            self._wake.clear()
+            claimed: list[tuple[int, bytes]] = []
+            try:
+                claimed = await self._database.read(lambda s: claim_received(s, self._batch_limit))
+                if not claimed:
+                    self.idle.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                    continue
+                items = await self._parse_all(claimed)
+                table = self._rules()
+                results = await self._database.write(partial(file_batch, table=table, items=items))
+            except Exception as exc:
+                log.error(
+                    "processing batch failed; will retry",
+                    error=str(exc)[:500],
+                    error_type=type(exc).__name__,
+                    retry_in=backoff,
+                )
+                if self._batch_limit == 1 and claimed:
+                    await self._count_failure(claimed[0][0], exc)
+                self._batch_limit = 1  # if one message is to blame, it must not hold the rest
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self._failures.clear()
+            backoff = 0.5
+            self._batch_limit = MAX_BATCH_MESSAGES
+            _log_results(results)

@@ -1,0 +1,124 @@
+"""The daemon: every component built from the settings and wired in one place.
+
+Start order: rules (refuse to start on a broken table), database (reachable,
+schema present), processor (picks up what an earlier run left `received`),
+then the listeners. Stop order is the reverse: stop accepting, let open SMTP
+transactions finish (bounded by [smtp] shutdown_timeout), commit what the
+spool holds, let the processor finish its batch, close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy.engine import make_url
+
+from maild.config import Settings, parse_hostport
+from maild.database import Database
+from maild.errors import RulesError
+from maild.processing import Processor
+from maild.rules import RuleTable, load_rules
+from maild.smtp import Handler, Listener
+from maild.spool import Spool
+
+log = structlog.get_logger("maild.service")
+
+
+class Service:
+    """maild serve: listeners, spool, processor and database for one settings file."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules: RuleTable = load_rules(settings.rules.path)
+        self.database = Database(settings.database.url, settings.database.busy_timeout)
+        self.processor = Processor(
+            self.database,
+            rules=lambda: self.rules,
+            workers=settings.processing.worker_count(),
+            parse_timeout=settings.processing.parse_timeout,
+            poll_interval=settings.processing.poll_interval,
+        )
+        self.spool = Spool(self.database, on_stored=self.processor.notify)
+        self.listeners: list[Listener] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._stop = asyncio.Event()
+
+    def reload_rules(self) -> bool:
+        """Swap in the rules table from disk; on any problem keep the current one."""
+        try:
+            table = load_rules(self.settings.rules.path)
+        except RulesError as exc:
+            log.error(
+                "rules reload failed; keeping the previous table",
+                problems=[str(p) for p in exc.problems],
+                version=self.rules.version,
+            )
+            return False
+        self.rules = table
+        log.info("rules reloaded", version=table.version, routes=len(table.routes))
+        return True
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.database.check)
+        await asyncio.to_thread(self.database.create_schema)
+        self.processor.start()
+        smtp = self.settings.smtp
+        wanted = [("smtp", smtp.listen)]
+        if self.settings.lmtp.listen:
+            wanted.append(("lmtp", self.settings.lmtp.listen))
+        for protocol, listen in wanted:
+            listener = Listener(
+                protocol,
+                Handler(protocol, lambda: self.rules, self.spool),
+                hostname=smtp.hostname,
+                max_message_size=smtp.max_message_size,
+                timeout=smtp.timeout,
+            )
+            host, port = parse_hostport(listen)
+            self.addresses[protocol] = await listener.start(host, port)
+            self.listeners.append(listener)
+        log.info(
+            "maild started",
+            listen={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+            database=make_url(self.settings.database.url).render_as_string(hide_password=True),
+            rules=str(self.settings.rules.path),
+            rules_version=self.rules.version,
+            routes=len(self.rules.routes),
+        )
+        if self.settings.pagerduty.routing_key and any(r.page for r in self.rules.routes):
+            log.info("pagerduty settings read; paging is not part of this version yet")
+
+    async def stop(self) -> None:
+        log.info("maild stopping")
+        for listener in self.listeners:
+            listener.stop_accepting()
+        timeout = self.settings.smtp.shutdown_timeout
+        cut: Sequence[int] = await asyncio.gather(*(lst.drain(timeout) for lst in self.listeners))
+        if sum(cut):
+            log.warning(
+                "open transactions cut at shutdown; their senders will retry", transactions=sum(cut)
+            )
+        await self.spool.drain()
+        await self.processor.stop()
+        await asyncio.to_thread(self.database.close)
+        log.info("maild stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads the rules), stop."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_rules)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()

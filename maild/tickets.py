@@ -1,0 +1,179 @@
+"""Reading and changing tickets for the CLI; the JSON shapes of the contract live here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_
+from sqlmodel import Session, col, select
+
+from maild.enums import TicketStatus
+from maild.models import Attachment, Inbound, Message, Participant, Ticket, utcnow
+
+OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
+
+
+class TicketNotFound(LookupError):
+    pass
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _participants(session: Session, ticket_ids: list[int]) -> dict[int, list[dict[str, str]]]:
+    result: dict[int, list[dict[str, str]]] = defaultdict(list)
+    if not ticket_ids:
+        return result
+    rows = session.exec(
+        select(Participant)
+        .where(col(Participant.ticket_id).in_(ticket_ids))
+        .order_by(col(Participant.id))
+    ).all()
+    for person in rows:
+        result[person.ticket_id].append(
+            {"email": person.email, "name": person.name, "role": person.role}
+        )
+    return result
+
+
+def _message_counts(session: Session, ticket_ids: list[int]) -> dict[int, int]:
+    if not ticket_ids:
+        return {}
+    rows = session.exec(
+        select(Message.ticket_id, func.count(col(Message.id)))
+        .where(col(Message.ticket_id).in_(ticket_ids))
+        .group_by(col(Message.ticket_id))
+    ).all()
+    return {ticket_id: count for ticket_id, count in rows}
+
+
+def ticket_view(ticket: Ticket, participants: list[dict[str, str]], count: int) -> dict[str, Any]:
+    return {
+        "id": ticket.id,
+        "type": ticket.type,
+        "priority": ticket.priority,
+        "status": ticket.status,
+        "subject": ticket.subject,
+        "requester": ticket.requester_email,
+        "participants": participants,
+        "rule": ticket.rule,
+        "created_at": _iso(ticket.created_at),
+        "updated_at": _iso(ticket.updated_at),
+        "message_count": count,
+    }
+
+
+def list_tickets(
+    session: Session,
+    *,
+    status: str = "open",
+    type_: str | None = None,
+    priority: str | None = None,
+    search: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Tickets, most recently updated first. status: open (open+pending), closed
+    (solved+closed), all, or one exact status."""
+    query = select(Ticket)
+    if status == "open":
+        query = query.where(col(Ticket.status).in_(OPEN_STATUSES))
+    elif status == "closed":
+        query = query.where(
+            col(Ticket.status).in_((TicketStatus.SOLVED.value, TicketStatus.CLOSED.value))
+        )
+    elif status != "all":
+        query = query.where(Ticket.status == status)
+    if type_:
+        query = query.where(Ticket.type == type_)
+    if priority:
+        query = query.where(Ticket.priority == priority)
+    if search:
+        pattern = f"%{search.lower()}%"
+        in_messages = select(Message.ticket_id).where(
+            or_(func.lower(Message.subject).like(pattern), func.lower(Message.text).like(pattern))
+        )
+        query = query.where(
+            or_(
+                func.lower(Ticket.subject).like(pattern),
+                func.lower(Ticket.requester_email).like(pattern),
+                func.lower(Ticket.requester_name).like(pattern),
+                col(Ticket.id).in_(in_messages),
+            )
+        )
+    query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc())
+    if limit:
+        query = query.limit(limit)
+    tickets = session.exec(query).all()
+    ids = [t.id for t in tickets if t.id is not None]
+    people = _participants(session, ids)
+    counts = _message_counts(session, ids)
+    return [ticket_view(t, people.get(t.id or 0, []), counts.get(t.id or 0, 0)) for t in tickets]
+
+
+def _address(name: str, email: str) -> dict[str, str]:
+    return {"name": name, "email": email}
+
+
+def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
+    ticket = session.get(Ticket, ticket_id)
+    if ticket is None:
+        raise TicketNotFound(ticket_id)
+    messages = session.exec(
+        select(Message).where(Message.ticket_id == ticket_id).order_by(col(Message.id))
+    ).all()
+    message_ids = [m.id for m in messages if m.id is not None]
+    attachments: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    if message_ids:
+        for att in session.exec(
+            select(Attachment)
+            .where(col(Attachment.message_pk).in_(message_ids))
+            .order_by(col(Attachment.id))
+        ).all():
+            attachments[att.message_pk].append(
+                {
+                    "filename": att.filename,
+                    "content_type": att.content_type,
+                    "size": att.size,
+                    "sha256": att.sha256,
+                }
+            )
+    received = dict(
+        session.exec(
+            select(Inbound.id, Inbound.received_at).where(
+                col(Inbound.id).in_([m.inbound_id for m in messages if m.inbound_id])
+            )
+        ).all()
+    )
+    view = ticket_view(
+        ticket, _participants(session, [ticket_id]).get(ticket_id, []), len(messages)
+    )
+    view["messages"] = [
+        {
+            "message_id": f"<{m.message_id}>",
+            "from": _address(m.from_name, m.from_email),
+            "to": m.to,
+            "cc": m.cc,
+            "subject": m.subject,
+            "date": _iso(m.date),
+            "received_at": _iso(received.get(m.inbound_id)) if m.inbound_id else None,
+            "rule": m.rule,
+            "text": m.text,
+            "attachments": attachments.get(m.id or 0, []),
+            "defects": m.defects,
+        }
+        for m in messages
+    ]
+    return view
+
+
+def set_status(session: Session, ticket_id: int, status: TicketStatus) -> Ticket:
+    ticket = session.get(Ticket, ticket_id)
+    if ticket is None:
+        raise TicketNotFound(ticket_id)
+    ticket.status = status.value
+    ticket.updated_at = utcnow()
+    session.add(ticket)
+    return ticket

@@ -1,0 +1,214 @@
+"""Shared fixtures: a real maild on loopback port 0, real SMTP clients, real databases.
+
+`database_url` runs each test that uses it on SQLite, and on PostgreSQL too when
+MAILD_TEST_DATABASE_URL is set (an empty database the tests may wipe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import smtplib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlmodel import SQLModel, select
+
+from maild.config import Settings, load_settings
+from maild.service import Service
+from maild.tickets import list_tickets, show_ticket
+
+REPO = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("MAILD_TEST_DATABASE_URL", "")
+
+
+def _backends() -> list[Any]:
+    params: list[Any] = ["sqlite"]
+    params.append(
+        pytest.param(
+            "postgresql",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(
+                    not PG_URL, reason="MAILD_TEST_DATABASE_URL is not set (PostgreSQL tests off)"
+                ),
+            ],
+        )
+    )
+    return params
+
+
+def wipe_postgres(url: str) -> None:
+    """Drop every maild table so each test starts from an empty database."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        SQLModel.metadata.drop_all(connection)
+        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+
+
+@pytest.fixture(params=_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file, or the test PostgreSQL wiped clean."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'maild.db'}"
+    wipe_postgres(PG_URL)
+    return PG_URL
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    """A copy of the repository's default routing table."""
+    target = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", target, ignore=shutil.ignore_patterns("*.md"))
+    return target
+
+
+def write_config(folder: Path, body: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, rules_dir: Path, database_url: str) -> Callable[..., Path]:
+    """Write a config on port 0 with the test database and rules; extra TOML appended."""
+
+    def make(extra: str = "", *, lmtp: bool = False) -> Path:
+        return write_config(
+            tmp_path,
+            f"""
+[smtp]
+listen = "127.0.0.1:0"
+hostname = "mx.test.invalid"
+shutdown_timeout = "5s"
+{"[lmtp]" + chr(10) + 'listen = "127.0.0.1:0"' if lmtp else ""}
+[database]
+url = "{database_url}"
+busy_timeout = "2s"
+
+[rules]
+path = "{rules_dir}"
+
+[processing]
+workers = 1
+poll_interval = "0.5s"
+
+[log]
+format = "json"
+level = "info"
+{extra}
+""",
+        )
+
+    return make
+
+
+class RunningMaild:
+    """A Service running on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.service = Service(settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="maild-test-loop", daemon=True
+        )
+
+    def __enter__(self) -> RunningMaild:
+        self.thread.start()
+        self.call(self.service.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self.service.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def call(self, coroutine: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def smtp_port(self) -> int:
+        return self.service.addresses["smtp"][1]
+
+    @property
+    def lmtp_port(self) -> int:
+        return self.service.addresses["lmtp"][1]
+
+    def smtp(self) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30)
+        client.ehlo("client.customer.example")
+        return client
+
+    def send(
+        self, message: EmailMessage, rcpts: list[str], sender: str = "alice@customer.example"
+    ) -> dict[str, Any]:
+        with self.smtp() as client:
+            return client.send_message(message, from_addr=sender, to_addrs=rcpts)
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until no accepted delivery is still waiting to be processed."""
+        from maild.models import Inbound
+
+        def waiting() -> int:
+            return len(
+                self.service.database.run_read(
+                    lambda s: s.exec(select(Inbound.id).where(Inbound.status == "received")).all()
+                )
+            )
+
+        wait_until(lambda: waiting() == 0, timeout, "deliveries still unprocessed")
+
+    def tickets(self, status: str = "all") -> list[dict[str, Any]]:
+        return self.service.database.run_read(lambda s: list_tickets(s, status=status))
+
+    def ticket(self, ticket_id: int) -> dict[str, Any]:
+        return self.service.database.run_read(lambda s: show_ticket(s, ticket_id))
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def maild(make_config: Callable[..., Path]) -> Iterator[RunningMaild]:
+    """maild serving SMTP and LMTP on free loopback ports with the default rules."""
+    with RunningMaild(load_settings(make_config(lmtp=True))) as running:
+        yield running
+
+
+def mail(
+    subject: str,
+    to: str = "support@altis-dxp.com",
+    frm: str = "Alice Example <alice@customer.example>",
+    body: str = "Hello, our site is slow.",
+    **headers: str,
+) -> EmailMessage:
+    """A plain customer message with a fresh Message-ID."""
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = frm, to, subject
+    message["Message-ID"] = make_msgid(domain="customer.example")
+    for key, value in headers.items():
+        message[key.replace("_", "-")] = value
+    message.set_content(body)
+    return message
