@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from maild import __version__
 from maild.config import Settings, default_config_path, load_settings
@@ -124,6 +125,8 @@ def serve(config_path: Path | None) -> None:
         asyncio.run(service.run())
     except OSError as exc:
         _fail(f"cannot start: {exc}", 1)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot start, the database is not usable: {exc}", 1)
 
 
 @main.command()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +94,7 @@ class _Section(BaseModel):
 
 class SmtpSettings(_Section):
     listen: str = "127.0.0.1:2525"
-    hostname: str = Field(default_factory=socket.getfqdn)
+    hostname: str = ""  # "" means this host's fully qualified name, looked up at start
     max_message_size: int = 25 * MIB
     timeout: float = 300.0
     shutdown_timeout: float = 30.0

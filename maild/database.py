@@ -66,15 +66,20 @@ def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engi
     if url.get_backend_name() == "postgresql":
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
+        # a write waits this long for a lock, then fails (and SMTP answers 451);
+        # options already in the URL (search_path, say) are kept
+        given = url.query.get("options", "")
+        options = " ".join(
+            [
+                *(given if isinstance(given, tuple) else [given]),
+                f"-c lock_timeout={int(busy_timeout * 1000)}",
+            ]
+        ).strip()
         engine = create_engine(
-            url,
+            url.difference_update_query(["options"]),
             pool_pre_ping=True,
             pool_size=5,
-            connect_args={
-                "connect_timeout": max(1, int(busy_timeout)),
-                # a write waits this long for a lock, then fails (and SMTP answers 451)
-                "options": f"-c lock_timeout={int(busy_timeout * 1000)}",
-            },
+            connect_args={"connect_timeout": max(1, int(busy_timeout)), "options": options},
         )
         return engine, engine
     raise ConfigError(

@@ -130,14 +130,13 @@ class Processor:
         self._task: asyncio.Task[None] | None = None
         self._batch_limit = MAX_BATCH_MESSAGES
         self._failures: dict[int, int] = {}
-        self.idle = asyncio.Event()  # set whenever no received row is waiting
 
     def start(self) -> None:
         self._pool = _make_pool(self._workers)
         self._task = asyncio.create_task(self._run(), name="maild-processor")
 
     def notify(self, _ids: Sequence[int] = ()) -> None:
-        self.idle.clear()
+        """New deliveries were stored: look now rather than at the next poll."""
         self._wake.set()
 
     async def stop(self) -> None:
@@ -223,7 +222,6 @@ class Processor:
             try:
                 claimed = await self._database.read(lambda s: claim_received(s, self._batch_limit))
                 if not claimed:
-                    self.idle.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
                     continue

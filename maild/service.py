@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Sequence
 
 import structlog
@@ -62,10 +63,19 @@ class Service:
         return True
 
     async def start(self) -> None:
+        """Bring everything up; if any step fails, take down what was started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await asyncio.to_thread(self.database.check)
         await asyncio.to_thread(self.database.create_schema)
         self.processor.start()
         smtp = self.settings.smtp
+        hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
         wanted = [("smtp", smtp.listen)]
         if self.settings.lmtp.listen:
             wanted.append(("lmtp", self.settings.lmtp.listen))
@@ -73,7 +83,7 @@ class Service:
             listener = Listener(
                 protocol,
                 Handler(protocol, lambda: self.rules, self.spool),
-                hostname=smtp.hostname,
+                hostname=hostname,
                 max_message_size=smtp.max_message_size,
                 timeout=smtp.timeout,
             )

@@ -7,11 +7,13 @@ MAILD_TEST_DATABASE_URL is set (an empty database the tests may wipe).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import smtplib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -20,7 +22,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlmodel import SQLModel, select
+from sqlalchemy.engine import make_url
+from sqlmodel import select
 
 from maild.config import Settings, load_settings
 from maild.service import Service
@@ -32,36 +35,43 @@ PG_URL = os.environ.get("MAILD_TEST_DATABASE_URL", "")
 
 def _backends() -> list[Any]:
     params: list[Any] = ["sqlite"]
-    params.append(
-        pytest.param(
-            "postgresql",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(
-                    not PG_URL, reason="MAILD_TEST_DATABASE_URL is not set (PostgreSQL tests off)"
-                ),
-            ],
-        )
-    )
+    if PG_URL:
+        params.append(pytest.param("postgresql", marks=pytest.mark.postgres))
     return params
 
 
-def wipe_postgres(url: str) -> None:
-    """Drop every maild table so each test starts from an empty database."""
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        SQLModel.metadata.drop_all(connection)
-        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
+def pytest_report_header() -> str:
+    if PG_URL:
+        return f"maild databases: sqlite and postgresql ({PG_URL})"
+    return "maild databases: sqlite only (set MAILD_TEST_DATABASE_URL for PostgreSQL too)"
+
+
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A new, empty schema in the test PostgreSQL; the URL that uses it. Dropped after.
+
+    A schema of its own per test lets several test runs share one server.
+    """
+    name = f"maild_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield str(make_url(url).update_query_dict({"options": f"-csearch_path={name}"}))
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture(params=_backends())
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database: a SQLite file, or the test PostgreSQL wiped clean."""
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new schema in the test PostgreSQL."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'maild.db'}"
-    wipe_postgres(PG_URL)
-    return PG_URL
+        yield f"sqlite:///{tmp_path / 'data' / 'maild.db'}"
+        return
+    with postgres_schema(PG_URL) as url:
+        yield url
 
 
 @pytest.fixture

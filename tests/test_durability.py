@@ -1,0 +1,152 @@
+"""No accepted message is ever lost: kill -9, restarts, failed processing, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlmodel import col, select
+
+from maild.config import load_settings
+from maild.database import Database
+from maild.models import Inbound
+from maild.tickets import list_tickets
+from tests.conftest import RunningMaild, mail, wait_until
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.slow
+
+
+def inbound_statuses(config: Path) -> dict[str, str]:
+    """Subject line → status of every stored delivery, read straight from the database."""
+    database = Database(load_settings(config).database.url)
+    try:
+        rows = database.run_read(
+            lambda s: s.exec(select(Inbound.raw, Inbound.status).order_by(col(Inbound.id))).all()
+        )
+    finally:
+        database.close()
+    result = {}
+    for raw, status in rows:
+        subject = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in raw.splitlines()
+            if line.lower().startswith(b"subject:")
+        )
+        result[subject] = status
+    return result
+
+
+def ticket_subjects(config: Path) -> set[str]:
+    database = Database(load_settings(config).database.url)
+    try:
+        return {t["subject"] for t in database.run_read(lambda s: list_tickets(s, status="all"))}
+    finally:
+        database.close()
+
+
+def test_kill_9_right_after_250_loses_nothing(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Every message that got 250 is on disk at SIGKILL, and becomes a ticket after restart."""
+    config = make_config()
+    accepted = []
+    daemon = Daemon(config, tmp_path / "first.log").start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
+            for number in range(5):
+                message = mail(f"Before the crash {number}")
+                if number == 4:  # large enough that parsing cannot be done by the kill
+                    message.add_attachment(
+                        os.urandom(8_000_000),
+                        maintype="application",
+                        subtype="gzip",
+                        filename="core.gz",
+                    )
+                refused = client.send_message(message, to_addrs=["sysops@altis-dxp.com"])
+                assert refused == {}
+                accepted.append(message["Subject"])
+            daemon.kill()
+    finally:
+        daemon.__exit__()
+    stored = inbound_statuses(config)
+    assert sorted(stored) == sorted(accepted)
+    assert stored["Before the crash 4"] == "received"  # the kill came before processing
+
+    with Daemon(config, tmp_path / "second.log"):
+        wait_until(lambda: ticket_subjects(config) == set(accepted), 60, "tickets after restart")
+    assert set(inbound_statuses(config).values()) == {"processed"}
+
+
+def test_processing_failure_is_kept_and_reprocess_files_it(
+    make_config: Callable[..., Path],
+) -> None:
+    """A message that fails processing stays stored as failed; `maild reprocess` files it."""
+    config = make_config()
+    settings = load_settings(config)
+    settings = settings.model_copy(
+        update={"processing": settings.processing.model_copy(update={"parse_timeout": 0.001})}
+    )
+    with RunningMaild(settings) as maild:
+        maild.send(mail("Too slow to parse"), ["support@altis-dxp.com"])
+        maild.settle()
+        assert maild.tickets() == []
+        (row,) = maild.service.database.run_read(lambda s: s.exec(select(Inbound)).all())
+        assert row.status == "failed"
+        assert "ParseTimeout" in (row.error or "")
+    result = subprocess.run(
+        [sys.executable, "-m", "maild", "reprocess", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"outcome": "created"' in result.stdout
+    assert ticket_subjects(config) == {"Too slow to parse"}
+
+
+def test_sigterm_lets_a_transaction_in_flight_finish(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SIGTERM during DATA: the sender still gets 250, the daemon exits 0, nothing is lost."""
+    config = make_config()
+    daemon = Daemon(config, tmp_path / "maild.log").start()
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=30) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+            for line in (
+                b"EHLO client.test\r\n",
+                b"MAIL FROM:<alice@customer.example>\r\n",
+                b"RCPT TO:<support@altis-dxp.com>\r\n",
+                b"DATA\r\n",
+            ):
+                sock.sendall(line)
+                reply = reader.readline()
+                while reply[3:4] == b"-":
+                    reply = reader.readline()
+            assert reply.startswith(b"354")
+            sock.sendall(b"From: alice@customer.example\r\nSubject: In flight\r\n\r\nhalf")
+            assert daemon.process is not None
+            daemon.process.send_signal(15)
+            wait_until(
+                lambda: any(e.get("event") == "maild stopping" for e in daemon.events()),
+                10,
+                "the daemon to start stopping",
+            )
+            sock.sendall(b" and the rest\r\n.\r\n")
+            assert reader.readline().startswith(b"250")
+            reader.close()
+        assert daemon.process.wait(30) == 0
+    finally:
+        daemon.__exit__()
+    assert inbound_statuses(config) in ({"In flight": "processed"}, {"In flight": "received"})
+    with Daemon(config, tmp_path / "again.log"):
+        wait_until(lambda: ticket_subjects(config) == {"In flight"}, 30, "the ticket")

@@ -1,0 +1,215 @@
+"""From accepted mail to tickets: dedup, routing of several recipients, threading, reopening."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from sqlmodel import select
+
+from maild.enums import TicketStatus
+from maild.models import Inbound
+from maild.tickets import set_status
+from tests.conftest import RunningMaild, mail
+
+
+def statuses(maild: RunningMaild) -> list[str]:
+    rows = maild.service.database.run_read(
+        lambda s: s.exec(select(Inbound.status).order_by(Inbound.id)).all()
+    )
+    return list(rows)
+
+
+def close(maild: RunningMaild, ticket_id: int, status: TicketStatus = TicketStatus.CLOSED) -> None:
+    maild.service.database.run_write(partial(set_status, ticket_id=ticket_id, status=status))
+
+
+def test_reply_with_in_reply_to_joins_the_ticket(maild: RunningMaild) -> None:
+    """A reply naming the first message in In-Reply-To lands in the same ticket."""
+    first = mail("Backups missing")
+    maild.send(first, ["support@altis-dxp.com"])
+    reply = mail("Re: Backups missing", body="Any news?", In_Reply_To=first["Message-ID"])
+    maild.send(reply, ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert ticket["message_count"] == 2
+    texts = [m["text"] for m in maild.ticket(ticket["id"])["messages"]]
+    assert texts == ["Hello, our site is slow.", "Any news?"]
+
+
+def test_reply_with_only_references_joins_the_ticket(maild: RunningMaild) -> None:
+    """A client that sets only References (folded, several ids) still threads."""
+    first = mail("Deploy stuck")
+    maild.send(first, ["hosting@altis-dxp.com"])
+    reply = (
+        "From: alice@customer.example\r\nTo: hosting@altis-dxp.com\r\n"
+        "Subject: Deploy stuck, again\r\nMessage-ID: <second@customer.example>\r\n"
+        f"References: <unrelated@elsewhere.example>,\r\n {first['Message-ID']}\r\n\r\nStill.\r\n"
+    )
+    with maild.smtp() as client:
+        client.sendmail("alice@customer.example", ["hosting@altis-dxp.com"], reply.encode())
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert ticket["message_count"] == 2
+
+
+def test_reply_from_a_colleague_by_headers_joins_and_adds_them(maild: RunningMaild) -> None:
+    """Header threading does not depend on who replies; a new sender becomes a participant."""
+    first = mail("Cache purge")
+    maild.send(first, ["support@altis-dxp.com"])
+    reply = mail(
+        "Re: Cache purge",
+        frm="Carol <carol@customer.example>",
+        In_Reply_To=first["Message-ID"],
+    )
+    maild.send(reply, ["support@altis-dxp.com"], sender="carol@customer.example")
+    maild.settle()
+    (ticket,) = maild.tickets()
+    people = {(p["email"], p["role"]) for p in maild.ticket(ticket["id"])["participants"]}
+    assert people == {("alice@customer.example", "requester"), ("carol@customer.example", "cc")}
+
+
+def test_subject_tag_threads_for_a_participant(maild: RunningMaild) -> None:
+    """`[#ID]` in the subject joins ticket ID when the sender already takes part in it."""
+    maild.send(mail("DNS question"), ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    maild.send(mail(f"More about DNS [#{ticket['id']}]"), ["support@altis-dxp.com"])
+    maild.settle()
+    (again,) = maild.tickets()
+    assert again["message_count"] == 2
+
+
+def test_subject_tag_from_a_stranger_opens_a_new_ticket(maild: RunningMaild) -> None:
+    """Guessing a ticket number never joins someone else's ticket."""
+    maild.send(mail("Private matter"), ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    intruder = mail(f"Re: [#{ticket['id']}] hello", frm="mallory@evil.example")
+    maild.send(intruder, ["support@altis-dxp.com"], sender="mallory@evil.example")
+    maild.settle()
+    tickets = maild.tickets()
+    assert len(tickets) == 2
+    assert maild.ticket(ticket["id"])["message_count"] == 1
+
+
+def test_unknown_references_open_a_new_ticket(maild: RunningMaild) -> None:
+    """A reply to a message we never stored starts a ticket of its own."""
+    maild.send(
+        mail("Re: old thread", In_Reply_To="<never-seen@elsewhere.example>"),
+        ["support@altis-dxp.com"],
+    )
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert ticket["subject"] == "Re: old thread"
+
+
+def test_same_message_id_twice_is_stored_once(maild: RunningMaild) -> None:
+    """An MTA retry of the same message files nothing new; the delivery is marked duplicate."""
+    message = mail("Retry me")
+    maild.send(message, ["support@altis-dxp.com"])
+    maild.settle()
+    maild.send(message, ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert ticket["message_count"] == 1
+    assert statuses(maild) == ["processed", "duplicate"]
+
+
+def test_message_without_message_id_is_deduplicated_by_its_bytes(maild: RunningMaild) -> None:
+    """Without a Message-ID, the same bytes delivered twice still make one message."""
+    raw = (
+        b"From: alice@customer.example\r\nTo: support@altis-dxp.com\r\n"
+        b"Subject: no id\r\n\r\nbody\r\n"
+    )
+    for _ in range(2):
+        with maild.smtp() as client:
+            client.sendmail("alice@customer.example", ["support@altis-dxp.com"], raw)
+    maild.settle()
+    (ticket,) = maild.tickets()
+    (message,) = maild.ticket(ticket["id"])["messages"]
+    assert message["message_id"].startswith("<sha256-")
+    assert statuses(maild) == ["processed", "duplicate"]
+
+
+def test_one_message_to_several_desk_addresses_makes_one_ticket_at_the_highest_priority(
+    maild: RunningMaild,
+) -> None:
+    """support@ + sysops@ in one envelope: one ticket, urgent incident, route sysops."""
+    message = mail("Outage, FYI support", to="support@altis-dxp.com", Cc="sysops@humanmade.com")
+    maild.send(message, ["support@altis-dxp.com", "sysops@humanmade.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert (ticket["type"], ticket["priority"], ticket["rule"]) == ("incident", "urgent", "sysops")
+
+
+def test_priority_ties_go_to_the_first_route_in_the_table(maild: RunningMaild) -> None:
+    """support@ and hosting@ are both normal: support comes first in the table and wins."""
+    maild.send(mail("Tie"), ["hosting@altis-dxp.com", "support@humanmade.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert (ticket["rule"], ticket["type"]) == ("support", "question")
+
+
+def test_same_message_reaching_a_second_address_later_raises_the_priority(
+    maild: RunningMaild,
+) -> None:
+    """When the sender's MTA splits one message per address, the sysops@ copy still counts."""
+    message = mail("Split delivery")
+    maild.send(message, ["support@altis-dxp.com"])
+    maild.settle()
+    maild.send(message, ["sysops@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    assert (ticket["priority"], ticket["message_count"]) == ("urgent", 1)
+
+
+def test_cc_and_other_to_addresses_become_participants_but_desk_addresses_do_not(
+    maild: RunningMaild,
+) -> None:
+    """Everyone who should get copies is recorded; our own desk addresses are not people."""
+    message = mail(
+        "Loop in Bob",
+        to="support@altis-dxp.com, Dana <dana@customer.example>",
+        Cc="Bob <Bob@Customer.example>, hosting@humanmade.com",
+    )
+    maild.send(message, ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    people = maild.ticket(ticket["id"])["participants"]
+    assert people == [
+        {"email": "alice@customer.example", "name": "Alice Example", "role": "requester"},
+        {"email": "dana@customer.example", "name": "Dana", "role": "cc"},
+        {"email": "bob@customer.example", "name": "Bob", "role": "cc"},
+    ]
+
+
+def test_reply_to_a_closed_ticket_reopens_it(maild: RunningMaild) -> None:
+    """A customer's reply brings a closed (or solved) ticket back to open."""
+    first = mail("Please reopen")
+    maild.send(first, ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    for status in (TicketStatus.CLOSED, TicketStatus.SOLVED):
+        close(maild, ticket["id"], status)
+        assert maild.ticket(ticket["id"])["status"] == status.value
+        maild.send(
+            mail("Re: Please reopen", In_Reply_To=first["Message-ID"]), ["support@altis-dxp.com"]
+        )
+        maild.settle()
+        assert maild.ticket(ticket["id"])["status"] == "open"
+
+
+def test_html_only_and_attachment_only_mail_make_useful_tickets(maild: RunningMaild) -> None:
+    """No blank tickets: HTML becomes text, an attachment-only message keeps its file."""
+    html = mail("HTML only")
+    html.set_content("<p>Site <b>down</b></p><script>alert(1)</script>", subtype="html")
+    maild.send(html, ["support@altis-dxp.com"])
+    bare = mail("Log only")
+    bare.clear_content()
+    bare.add_attachment(b"fatal error\n", maintype="text", subtype="plain", filename="error.log")
+    maild.send(bare, ["support@altis-dxp.com"])
+    maild.settle()
+    by_subject = {t["subject"]: maild.ticket(t["id"]) for t in maild.tickets()}
+    assert by_subject["HTML only"]["messages"][0]["text"] == "Site down"
+    (attachment,) = by_subject["Log only"]["messages"][0]["attachments"]
+    assert (attachment["filename"], attachment["size"]) == ("error.log", 12)
