@@ -172,34 +172,44 @@ def default_config_path() -> Path:
 
 
 def _line_of(text: str, section: str | None, key: str | None) -> int | None:
-    """The line number of `key` inside `[section]` (or of the section), if found."""
+    """The line number of `key` inside `[section]` (or of the section), if found.
+
+    A key that is itself a table is found as `key = {...}`, `key.sub = ...` or
+    its own `[section.key]` header.
+    """
     current: str | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        header = re.match(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
         if header:
             current = header.group(1)
             if key is None and current == section:
+                return number
+            if key is not None and current == (f"{section}.{key}" if section else key):
                 return number
             continue
         if (
             key is not None
             and current == section
-            and re.match(rf"^\"?{re.escape(key)}\"?\s*=", stripped)
+            and re.match(rf"^\"?{re.escape(key)}\"?\s*[=.]", stripped)
         ):
             return number
     return None
 
 
-def _describe(path: Path, text: str, error: ValidationError) -> str:
+def _describe(path: Path, text: str, data: dict[str, Any], error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
         section = loc[0] if len(loc) > 1 else None
         key = loc[1] if len(loc) > 1 else loc[0] if loc else None
         if section is None and key is not None and item["type"] == "extra_forbidden":
-            where = _line_of(text, key, None)
-            message = f"[{key}]: unknown section"
+            if isinstance(data.get(key), dict):
+                where = _line_of(text, key, None)
+                message = f"[{key}]: unknown section"
+            else:  # a key above every section, often a forgotten [section] header
+                where = _line_of(text, None, key)
+                message = f"{key}: unknown key"
         else:
             where = _line_of(text, section, key)
             name = f"[{section}] {key}" if section else str(key)
@@ -220,9 +230,9 @@ def _resolve_database_url(base: Path, url: str) -> str:
     if not url:
         data = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or base / "data")
         return f"sqlite:///{_resolve(base, data) / 'maild.db'}"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
-        return prefix + str(_resolve(base, Path(url[len(prefix) :])))
+    match = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", url)
+    if match and ":memory:" not in url:
+        return match.group(1) + str(_resolve(base, Path(match.group(2))))
     return url
 
 
@@ -243,7 +253,7 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, text, exc)) from None
+        raise ConfigError(_describe(path, text, data, exc)) from None
     base = path.resolve().parent
     pagerduty = settings.pagerduty
     if pagerduty.ca_file is not None:

@@ -40,6 +40,7 @@ _BLOCK = frozenset(
     }
 )
 _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
+_PRE = "\x01"  # marks a line that starts inside <pre>: its indentation is content
 
 
 class _TextExtractor(HTMLParser):
@@ -78,8 +79,9 @@ class _TextExtractor(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._skip_depth:
             return
+        data = data.replace(_PRE, "")
         if self._pre_depth:
-            self.parts.append(data)
+            self.parts.append(_PRE + data.replace("\n", "\n" + _PRE))
         else:
             self.parts.append(re.sub(r"\s+", " ", data))
 
@@ -93,5 +95,13 @@ def html_to_text(html: str) -> str:
     except Exception:  # HTMLParser is lenient, but a broken body must never fail a message
         return re.sub(r"<[^>]*>", " ", html).strip()
     text = "".join(extractor.parts)
-    lines = [line.strip(" \t") for line in text.splitlines()]
+    lines = [_tidy(line) for line in text.splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _tidy(line: str) -> str:
+    """Strip the spaces block boundaries leave, except the indentation inside <pre>."""
+    if _PRE in line:
+        head, _, rest = line.partition(_PRE)
+        return (head.strip(" \t") + rest.replace(_PRE, "")).rstrip(" \t")
+    return line.strip(" \t")

@@ -125,15 +125,34 @@ def safe_filename(name: str | None) -> str:
 
 
 def decode_header_value(value: object) -> str:
-    """RFC 2047 words decoded in any charset; never raises; one line."""
+    """RFC 2047 words decoded in any charset; never raises; one line.
+
+    A word in a charset Python does not know is decoded as UTF-8 or Latin-1
+    rather than left encoded, so the customer's words still show.
+    """
     if value is None:
         return ""
     text = str(value)
     try:
-        decoded = str(email.header.make_header(email.header.decode_header(text)))
-    except Exception:  # unknown charset, broken encoded word: keep the raw text
-        decoded = text
-    return " ".join(decoded.split())
+        chunks = email.header.decode_header(text)
+    except Exception:  # a broken encoded word: keep the raw text
+        return " ".join(text.split())
+    parts: list[str] = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            parts.append(chunk)
+            continue
+        if charset is None:  # plain text between encoded words, escaped by decode_header
+            piece = chunk.decode("raw-unicode-escape")
+        elif charset == "unknown-8bit":
+            piece = _decode_8bit(chunk)
+        else:
+            try:
+                piece = chunk.decode(charset, "replace")
+            except (LookupError, ValueError):  # unknown charset, or a NUL in its name
+                piece = _decode_8bit(chunk)
+        parts.append(piece)
+    return " ".join("".join(parts).split())
 
 
 def _one_line(value: object) -> str:
@@ -188,15 +207,6 @@ def _truncate(text: str) -> str:
     return text[:MAX_TEXT_CHARS] + f"\n[... {more} more characters; the raw message is kept]"
 
 
-def _headers(message: email.message.Message | None) -> list[tuple[str, str]]:
-    if message is None:
-        return []
-    result = []
-    for name, value in list(message.items())[:MAX_HEADERS]:
-        result.append((str(name), decode_header_value(value)[:MAX_HEADER_CHARS]))
-    return result
-
-
 def _aware(value: object) -> datetime | None:
     if not isinstance(value, datetime):
         return None
@@ -205,6 +215,7 @@ def _aware(value: object) -> datetime | None:
 
 def _from_mailparser(raw: bytes) -> ParsedMessage:
     parsed = mailparser.parse_from_bytes(raw)
+    head = HeaderBlock.from_raw(raw)
     raw_id = _one_line(parsed.message_id)
     message_id = normalize_message_id(raw_id)
     plain = [p for p in parsed.text_plain if p and p.strip()]
@@ -212,70 +223,131 @@ def _from_mailparser(raw: bytes) -> ParsedMessage:
         text = "\n\n".join(plain)
     else:
         text = "\n\n".join(html_to_text(h) for h in parsed.text_html if h)
-    from_list = _addresses(parsed.from_)
+    from_list = head.addresses("from")
     defects = sorted(str(c) for c in parsed.defects_categories)
     return ParsedMessage(
         message_id=message_id or synthesized_message_id(raw),
         message_id_synthesized=not message_id,
         in_reply_to=extract_ids(parsed.in_reply_to),
         references=extract_ids(parsed.references),
-        subject=decode_header_value(_one_line(parsed.subject)),
+        subject=head.text("subject"),
         from_=from_list[0] if from_list else None,
-        to=_addresses(parsed.to),
-        cc=_addresses(parsed.cc),
+        to=head.addresses("to"),
+        cc=head.addresses("cc"),
         date=_aware(parsed.date),
-        text=_truncate(text.strip()),
+        text=_truncate(_plain_newlines(text).strip()),
         attachments=[_attachment(a) for a in parsed.attachments],
-        headers=_headers(parsed.message),
+        headers=head.decoded(),
         defects=defects,
     )
 
 
 def _fallback(raw: bytes, reason: str) -> ParsedMessage:
-    """Headers from the standard library, the body as text: enough for a ticket."""
-    head, _, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
-    message: email.message.Message | None
+    """Headers from our own lenient reader, the body as text: enough for a ticket."""
+    head = HeaderBlock.from_raw(raw)
+    body = raw.replace(b"\r\n", b"\n")[len(head.raw_head) :].lstrip(b"\n")
     try:
-        message = email.message_from_bytes(head + b"\n\n")
-    except Exception:
-        message = None
-
-    def get(name: str) -> str:
-        if message is None:
-            return ""
-        try:
-            return str(message.get(name) or "")
-        except Exception:
-            return ""
-
-    def addresses(name: str) -> list[Address]:
-        try:
-            pairs = email.utils.getaddresses([decode_header_value(get(name))])
-        except Exception:
-            return []
-        return _addresses([tuple(p) for p in pairs])
-
-    try:
-        date = email.utils.parsedate_to_datetime(get("Date")) if get("Date") else None
-    except (TypeError, ValueError, IndexError):
+        date_text = head.first("date")
+        date = email.utils.parsedate_to_datetime(date_text) if date_text else None
+    except (TypeError, ValueError, IndexError, OverflowError):
         date = None
-    message_id = normalize_message_id(get("Message-ID"))
-    from_list = addresses("From")
+    message_id = normalize_message_id(head.first("message-id"))
+    from_list = head.addresses("from")
     return ParsedMessage(
         message_id=message_id or synthesized_message_id(raw),
         message_id_synthesized=not message_id,
-        in_reply_to=extract_ids(get("In-Reply-To")),
-        references=extract_ids(get("References")),
-        subject=decode_header_value(get("Subject")),
+        in_reply_to=extract_ids(head.first("in-reply-to")),
+        references=extract_ids(" ".join(head.all("references"))),
+        subject=head.text("subject"),
         from_=from_list[0] if from_list else None,
-        to=addresses("To"),
-        cc=addresses("Cc"),
+        to=head.addresses("to"),
+        cc=head.addresses("cc"),
         date=_aware(date),
-        text=_truncate(body.decode("utf-8", "replace").strip()),
+        text=_truncate(_plain_newlines(body.decode("utf-8", "replace")).strip()),
         attachments=[],
-        headers=_headers(message),
+        headers=head.decoded(),
         defects=[f"ParseFailure: {reason}"],
     )
+
+
+def _decode_8bit(value: bytes) -> str:
+    """Header bytes as text: UTF-8 (SMTPUTF8 mail) when valid, else Windows-1252/Latin-1.
+
+    Undeclared 8-bit bytes in headers are common from old clients; they are nearly
+    always one of these two, and guessing beats dropping the customer's words.
+    """
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return value.decode("cp1252")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+@dataclass
+class HeaderBlock:
+    """The message's header fields as (lower-case name, value) from the raw bytes.
+
+    Read here rather than through `email`'s compat32 parser, which turns 8-bit
+    header bytes into surrogates or drops them.
+    """
+
+    raw_head: bytes
+    fields: list[tuple[str, str]]
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> HeaderBlock:
+        data = raw.replace(b"\r\n", b"\n")
+        end = data.find(b"\n\n")
+        head = data if end < 0 else data[:end]
+        fields: list[tuple[str, list[bytes]]] = []
+        for line in head.split(b"\n"):
+            if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
+                if fields and sum(map(len, fields[-1][1])) < MAX_HEADER_CHARS * 4:
+                    fields[-1][1].append(line.strip())
+                continue
+            field_name, sep, value = line.partition(b":")
+            field_name = field_name.strip()
+            if not sep or not field_name or b" " in field_name or len(fields) >= MAX_HEADERS:
+                continue  # an mbox "From " line, garbage, or too many fields
+            fields.append((field_name.decode("ascii", "replace"), [value.strip()]))
+        return cls(
+            raw_head=head,
+            fields=[(n, _decode_8bit(b" ".join(v))[:MAX_HEADER_CHARS]) for n, v in fields],
+        )
+
+    def all(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [v for n, v in self.fields if n.lower() == wanted]
+
+    def first(self, name: str) -> str:
+        values = self.all(name)
+        return values[0] if values else ""
+
+    def text(self, name: str) -> str:
+        """The first field of that name with its RFC 2047 words decoded, on one line."""
+        return decode_header_value(self.first(name))
+
+    def addresses(self, name: str) -> list[Address]:
+        """Every address in every field of that name; names decoded after splitting.
+
+        Splitting before decoding keeps an encoded comma inside a name from
+        splitting one address in two.
+        """
+        try:
+            pairs = email.utils.getaddresses(self.all(name))
+        except Exception:  # getaddresses has raised on pathological input in some versions
+            return []
+        return _addresses([(decode_header_value(n), a) for n, a in pairs])
+
+    def decoded(self) -> list[tuple[str, str]]:
+        return [(n, decode_header_value(v)) for n, v in self.fields]
+
+
+def _plain_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def clean_text(text: str) -> str:

@@ -282,13 +282,13 @@ def load_rules(folder: Path) -> RuleTable:
                 )
                 continue
             names[route.name] = route
-            for recipient in route.recipients:
+            for written, recipient in zip(checked["recipients"], route.recipients, strict=True):
                 if recipient in by_recipient:
                     first = by_recipient[recipient]
                     problems.append(
                         Problem(
                             file,
-                            where.value(index, recipient),
+                            where.value(index, written),
                             f"duplicate recipient {recipient!r}: already routed by "
                             f"{first.name!r} at {first.file}:{first.line}",
                         )

@@ -91,15 +91,20 @@ def list_tickets(
     if priority:
         query = query.where(Ticket.priority == priority)
     if search:
-        pattern = f"%{search.lower()}%"
+        escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+
+        def like(column: Any) -> Any:
+            return func.lower(column).like(pattern, escape="\\")
+
         in_messages = select(Message.ticket_id).where(
-            or_(func.lower(Message.subject).like(pattern), func.lower(Message.text).like(pattern))
+            or_(like(Message.subject), like(Message.text))
         )
         query = query.where(
             or_(
-                func.lower(Ticket.subject).like(pattern),
-                func.lower(Ticket.requester_email).like(pattern),
-                func.lower(Ticket.requester_name).like(pattern),
+                like(Ticket.subject),
+                like(Ticket.requester_email),
+                like(Ticket.requester_name),
                 col(Ticket.id).in_(in_messages),
             )
         )

@@ -31,6 +31,14 @@ from maild.tickets import list_tickets, show_ticket
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("MAILD_TEST_DATABASE_URL", "")
+# A route the default table lacks, for tests that change the rules under a running maild.
+BILLING = """
+[[route]]
+name = "billing"
+recipients = ["billing@altis-dxp.com"]
+type = "task"
+priority = "low"
+"""
 
 
 def _backends() -> list[Any]:

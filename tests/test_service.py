@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import BILLING, wait_until
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.slow
-
-BILLING = """
-[[route]]
-name = "billing"
-recipients = ["billing@altis-dxp.com"]
-type = "task"
-priority = "low"
-"""
 
 
 def rcpt_code(port: int, address: str) -> int:
