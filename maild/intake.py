@@ -273,12 +273,16 @@ def file_batch(
     """File many deliveries in one transaction, each in its own savepoint.
 
     One delivery that fails is marked failed with its error and the rest go on.
+    Each delivery's row is locked first, so two filers never file one delivery.
     A unique-index race on the Message-ID (another instance filed the same
     message a moment ago) is retried once, and then files as a duplicate.
     """
     results = []
     for inbound_id, parsed in items:
-        inbound = session.get(Inbound, inbound_id)
+        # FOR UPDATE on PostgreSQL: a second filer of the same delivery (the daemon
+        # and `maild ingest`, or two instances) waits here, then sees it is done.
+        # SQLite's BEGIN IMMEDIATE already serialises writers.
+        inbound = session.get(Inbound, inbound_id, with_for_update=True, populate_existing=True)
         if inbound is None or inbound.status not in (InboundStatus.RECEIVED, InboundStatus.FAILED):
             continue  # already handled (by reprocess, or by another instance)
         inbound.attempts += 1

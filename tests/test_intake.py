@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 from sqlmodel import select
 
+from maild.database import Database
 from maild.enums import TicketStatus
-from maild.models import Inbound
+from maild.intake import file_batch
+from maild.models import Inbound, Message
+from maild.parsing import ParsedMessage, parse_message
+from maild.rules import load_rules
+from maild.spool import Delivery, insert_deliveries
 from maild.tickets import set_status
 from tests.conftest import RunningMaild, mail
 
@@ -213,3 +221,47 @@ def test_html_only_and_attachment_only_mail_make_useful_tickets(maild: RunningMa
     assert by_subject["HTML only"]["messages"][0]["text"] == "Site down"
     (attachment,) = by_subject["Log only"]["messages"][0]["attachments"]
     assert (attachment["filename"], attachment["size"]) == ("error.log", 12)
+
+
+def test_two_filers_of_one_delivery_file_it_once(database_url: str, rules_dir: Path) -> None:
+    """The daemon and `maild ingest` (or two instances) racing on one delivery file it once.
+
+    The first filer holds its transaction open; the second must wait for it and
+    then skip the delivery, not file it again as a duplicate of itself.
+    """
+    table = load_rules(rules_dir)
+    first_db, second_db = Database(database_url), Database(database_url)
+    first_db.create_schema()
+    raw = mail("Filed once").as_bytes()
+    delivery = Delivery(
+        protocol="smtp",
+        mail_from="alice@customer.example",
+        rcpt_tos=["support@altis-dxp.com"],
+        raw=raw,
+    )
+    (inbound_id,) = first_db.run_write(lambda s: insert_deliveries(s, [delivery]))
+    items: list[tuple[int, ParsedMessage | BaseException]] = [(inbound_id, parse_message(raw))]
+    second_result: list[Any] = []
+    try:
+        with first_db.write_session() as session:
+            first = file_batch(session, table, items)
+            session.flush()
+            racer = threading.Thread(
+                target=lambda: second_result.append(
+                    second_db.run_write(partial(file_batch, table=table, items=items))
+                )
+            )
+            racer.start()
+            racer.join(0.5)
+            assert racer.is_alive(), "the second filer did not wait for the first"
+            session.commit()
+        racer.join(10)
+        assert [f.outcome for f in first] == ["created"]
+        assert second_result == [[]]
+        row = first_db.run_read(lambda s: s.get(Inbound, inbound_id))
+        assert row is not None
+        assert (row.status, row.attempts) == ("processed", 1)
+        assert first_db.run_read(lambda s: len(s.exec(select(Message)).all())) == 1
+    finally:
+        first_db.close()
+        second_db.close()
