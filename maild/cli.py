@@ -29,6 +29,7 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def config_option(func: F) -> F:
@@ -90,6 +91,31 @@ def _database(settings: Settings) -> Any:
     except Exception as exc:
         _fail(f"database {settings.database.url!r} is not usable: {exc}", 1)
     return database
+
+
+def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
+    """Run one read against the configured database and close it."""
+    database = _database(_settings(config_path))
+    try:
+        return database.run_read(work)  # type: ignore[no-any-return]
+    finally:
+        database.close()
+
+
+def _print_views(
+    views: list[dict[str, Any]],
+    as_json: bool,
+    empty: str,
+    headers: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[Any]],
+) -> None:
+    """A list command's output: JSON, a line saying there is nothing, or a table."""
+    if as_json:
+        _print_json(views)
+    elif not views:
+        click.echo(empty)
+    else:
+        click.echo(_table(headers, [row(v) for v in views]))
 
 
 def _rules(settings: Settings) -> Any:
@@ -191,7 +217,10 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
         (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
         try:
-            (filed,) = process_now(database, table, [inbound_id]) or (None,)
+            from maild.escalation import EscalationPolicy
+
+            policy = EscalationPolicy.from_settings(settings)
+            (filed,) = process_now(database, table, [inbound_id], policy) or (None,)
         except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
             click.echo(f"maild: stored as {inbound_id}; processing deferred: {exc}", err=True)
             return EX_OK
@@ -212,6 +241,7 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 @click.argument("ids", nargs=-1, type=int)
 def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
     """Process failed deliveries again (all failed ones, or the given inbound IDs)."""
+    from maild.escalation import EscalationPolicy
     from maild.inbound import failed_ids
     from maild.processing import process_now
 
@@ -220,7 +250,7 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
     database = _database(settings)
     try:
         wanted = list(ids) or database.run_read(failed_ids)
-        results = process_now(database, table, wanted)
+        results = process_now(database, table, wanted, EscalationPolicy.from_settings(settings))
     finally:
         database.close()
     views = [
@@ -279,39 +309,35 @@ def tickets_list(
     """Tickets, most recently updated first."""
     from maild.tickets import list_tickets
 
-    database = _database(_settings(config_path))
-    try:
-        views = database.run_read(
-            lambda s: list_tickets(
-                s, status=status, type_=type_, priority=priority, search=search, limit=limit
-            )
-        )
-    finally:
-        database.close()
-    if as_json:
-        _print_json(views)
-        return
-    if not views:
-        click.echo("no tickets")
-        return
-    click.echo(
-        _table(
-            ["ID", "TYPE", "PRIORITY", "STATUS", "MSGS", "UPDATED", "REQUESTER", "SUBJECT"],
-            [
-                [
-                    v["id"],
-                    v["type"],
-                    v["priority"],
-                    v["status"],
-                    v["message_count"],
-                    (v["updated_at"] or "")[:16].replace("T", " "),
-                    v["requester"],
-                    _clip(v["subject"] or "(no subject)", 60),
-                ]
-                for v in views
-            ],
-        )
+    views = _read(
+        config_path,
+        lambda s: list_tickets(
+            s, status=status, type_=type_, priority=priority, search=search, limit=limit
+        ),
     )
+    _print_views(
+        views,
+        as_json,
+        "no tickets",
+        ["ID", "TYPE", "PRIORITY", "STATUS", "PAGE", "MSGS", "UPDATED", "REQUESTER", "SUBJECT"],
+        lambda v: [
+            v["id"],
+            v["type"],
+            v["priority"],
+            v["status"],
+            _page_cell(v["page"]),
+            v["message_count"],
+            (v["updated_at"] or "")[:16].replace("T", " "),
+            v["requester"],
+            _clip(v["subject"] or "(no subject)", 60),
+        ],
+    )
+
+
+def _page_cell(page: dict[str, Any] | None) -> str:
+    if page is None:
+        return "-"
+    return page["status"] if page["action"] == "trigger" else f"{page['action']}:{page['status']}"
 
 
 def _clip(text: str, width: int) -> str:
@@ -326,19 +352,19 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
     """One ticket with its participants and messages."""
     from maild.tickets import TicketNotFound, show_ticket
 
-    database = _database(_settings(config_path))
     try:
-        view = database.run_read(lambda s: show_ticket(s, ticket_id))
+        view = _read(config_path, lambda s: show_ticket(s, ticket_id))
     except TicketNotFound:
         _fail(f"no ticket {ticket_id}")
-    finally:
-        database.close()
     if as_json:
         _print_json(view)
         return
     click.echo(f"Ticket #{view['id']}: {view['subject'] or '(no subject)'}")
     click.echo(f"  {view['type']}, {view['priority']}, {view['status']}; route {view['rule']}")
     click.echo(f"  created {view['created_at']}, updated {view['updated_at']}")
+    for page in view["pages"]:
+        why = f": {page['reason']}" if page["reason"] else ""
+        click.echo(f"  page {page['id']}: {page['action']} {page['status']}{why}")
     for person in view["participants"]:
         name = f"{person['name']} " if person["name"] else ""
         click.echo(f"  {person['role']:<9} {name}<{person['email']}>")
@@ -367,12 +393,14 @@ def _status_command(name: str, status: str, help_text: str) -> None:
 
         database = _database(_settings(config_path))
         try:
-            database.run_write(lambda s: set_status(s, ticket_id, TicketStatus(status)))
+            page = database.run_write(lambda s: set_status(s, ticket_id, TicketStatus(status)))
         except TicketNotFound:
             _fail(f"no ticket {ticket_id}")
         finally:
             database.close()
         click.echo(f"ticket {ticket_id} is {status}")
+        if page is not None:
+            click.echo(f"PagerDuty resolve queued as page {page.id} (dedup key {page.dedup_key})")
 
 
 _status_command("close", "closed", "Close a ticket (a new reply reopens it).")
@@ -452,34 +480,21 @@ def inbound_list(config_path: Path | None, as_json: bool, status: str | None, li
     """Accepted deliveries, newest first."""
     from maild.inbound import list_inbound
 
-    database = _database(_settings(config_path))
-    try:
-        views = database.run_read(lambda s: list_inbound(s, status, limit))
-    finally:
-        database.close()
-    if as_json:
-        _print_json(views)
-        return
-    if not views:
-        click.echo("no deliveries")
-        return
-    click.echo(
-        _table(
-            ["ID", "STATUS", "RECEIVED", "FROM", "TO", "SIZE", "TICKET", "ERROR"],
-            [
-                [
-                    v["id"],
-                    v["status"],
-                    (v["received_at"] or "")[:19].replace("T", " "),
-                    v["mail_from"] or "<>",
-                    ",".join(v["rcpt_tos"]),
-                    v["size"],
-                    v["ticket_id"],
-                    _clip(v["error"] or "", 50),
-                ]
-                for v in views
-            ],
-        )
+    _print_views(
+        _read(config_path, lambda s: list_inbound(s, status, limit)),
+        as_json,
+        "no deliveries",
+        ["ID", "STATUS", "RECEIVED", "FROM", "TO", "SIZE", "TICKET", "ERROR"],
+        lambda v: [
+            v["id"],
+            v["status"],
+            (v["received_at"] or "")[:19].replace("T", " "),
+            v["mail_from"] or "<>",
+            ",".join(v["rcpt_tos"]),
+            v["size"],
+            v["ticket_id"],
+            _clip(v["error"] or "", 50),
+        ],
     )
 
 
@@ -492,11 +507,7 @@ def inbound_show(config_path: Path | None, as_json: bool, raw: bool, inbound_id:
     """One delivery's envelope and state (or its raw bytes)."""
     from maild.inbound import get_inbound, inbound_view
 
-    database = _database(_settings(config_path))
-    try:
-        row = database.run_read(lambda s: get_inbound(s, inbound_id))
-    finally:
-        database.close()
+    row = _read(config_path, lambda s: get_inbound(s, inbound_id))
     if row is None:
         _fail(f"no delivery {inbound_id}")
     if raw:
@@ -508,3 +519,118 @@ def inbound_show(config_path: Path | None, as_json: bool, raw: bool, inbound_id:
     else:
         for key, value in view.items():
             click.echo(f"{key:>12}: {value}")
+
+
+@main.group()
+def pages() -> None:
+    """The PagerDuty outbox: pages sent, pending, failed and withheld."""
+
+
+@pages.command("list")
+@config_option
+@json_option
+@click.option("--status", type=click.Choice(["pending", "sent", "failed", "withheld"]))
+@click.option("--ticket", "ticket_id", type=int, help="Only this ticket's pages.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def pages_list(
+    config_path: Path | None,
+    as_json: bool,
+    status: str | None,
+    ticket_id: int | None,
+    limit: int,
+) -> None:
+    """Pages, newest first, with why each was withheld or failed."""
+    from maild.escalation import list_pages
+
+    _print_views(
+        _read(
+            config_path, lambda s: list_pages(s, status=status, ticket_id=ticket_id, limit=limit)
+        ),
+        as_json,
+        "no pages",
+        ["ID", "TICKET", "ACTION", "STATUS", "TRIES", "CREATED", "SENDER", "WHY"],
+        lambda v: [
+            v["id"],
+            v["ticket_id"],
+            v["action"],
+            v["status"],
+            v["attempts"],
+            (v["created_at"] or "")[:19].replace("T", " "),
+            v["sender"],
+            _clip(v["reason"] or v["last_error"] or "", 70),
+        ],
+    )
+
+
+@pages.command("retry")
+@config_option
+@click.argument("page_id", type=int)
+def pages_retry(config_path: Path | None, page_id: int) -> None:
+    """Send a failed or withheld page (again); the running daemon sends it within a second."""
+    from maild.escalation import PageNotFound, PageNotRetryable, retry_page
+    from maild.models import utcnow
+
+    settings = _settings(config_path)
+    database = _database(settings)
+    try:
+        page = database.run_write(lambda s: retry_page(s, page_id, utcnow()))
+    except PageNotFound:
+        _fail(f"no page {page_id}")
+    except PageNotRetryable as exc:
+        _fail(str(exc))
+    finally:
+        database.close()
+    click.echo(f"page {page_id} ({page.action}, ticket {page.ticket_id}) is pending")
+    if not settings.pagerduty.enabled:
+        click.echo("note: [pagerduty] enabled = false; it is sent once paging is enabled", err=True)
+
+
+@pages.command("test")
+@config_option
+@click.option(
+    "--no-resolve", is_flag=True, help="Leave the test incident open (resolve it in PagerDuty)."
+)
+def pages_test(config_path: Path | None, no_resolve: bool) -> None:
+    """Send a test trigger (severity info) with the configured routing key, then resolve it.
+
+    This reaches PagerDuty for real: it checks the routing key, events_url,
+    ca_file and the network path from this host. Exit 1 with PagerDuty's
+    answer when it is refused.
+    """
+    import socket
+    import uuid
+
+    from maild.models import utcnow
+    from maild.pager import EventsClient, PageError
+
+    settings = _settings(config_path)
+    if not settings.pagerduty.key():
+        _fail("[pagerduty] has no routing_key or routing_key_file", EX_CONFIG)
+    try:
+        client = EventsClient(settings.pagerduty)
+    except (OSError, ValueError) as exc:
+        _fail(f"[pagerduty] ca_file: {exc}", EX_CONFIG)
+    source = settings.pagerduty.source or settings.smtp.hostname or socket.getfqdn()
+    key = f"maild-test-{uuid.uuid4().hex}"
+    event = {
+        "event_action": "trigger",
+        "dedup_key": key,
+        "payload": {
+            "summary": f"maild test page from {source} (safe to ignore)",
+            "source": source,
+            "severity": "info",
+            "timestamp": utcnow().isoformat(),
+            "custom_details": {"test": True},
+        },
+        "client": "maild",
+    }
+    try:
+        client.send(event)
+        click.echo(f"trigger accepted by {settings.pagerduty.events_url} (dedup key {key})")
+        if not no_resolve:
+            client.send({"event_action": "resolve", "dedup_key": key})
+            click.echo("resolve accepted")
+    except PageError as exc:
+        _fail(f"PagerDuty did not accept the test event: {exc}")
+    finally:
+        client.close()

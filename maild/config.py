@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from maild.errors import ConfigError
 
@@ -148,10 +148,82 @@ class LogSettings(_Section):
 
 
 class PagerDutySettings(_Section):
+    """How pages reach PagerDuty's Events API v2 (see maild/pager.py)."""
+
     enabled: bool = True
-    routing_key: str | None = None
+    routing_key: SecretStr | None = None  # SecretStr: never shown in a repr or a log line
+    routing_key_file: Path | None = None  # read at load; for systemd credentials
     events_url: str = "https://events.pagerduty.com"
     ca_file: Path | None = None
+    source: str = ""  # payload.source; "" means this host's fully qualified name
+    ticket_url: str = ""  # e.g. "https://desk.example/tickets/{id}", linked from the page
+    give_up_after: float = 3600.0
+    timeout: float = 10.0  # one HTTP attempt
+    retry_initial: float = 2.0  # the first wait after a failed attempt; doubles each time
+    retry_max: float = 300.0  # the longest wait between attempts
+
+    _duration = field_validator(
+        "give_up_after", "timeout", "retry_initial", "retry_max", mode="before"
+    )(parse_duration)
+
+    @field_validator("routing_key")
+    @classmethod
+    def _routing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_routing_key(value.get_secret_value())
+        return value
+
+    @field_validator("events_url")
+    @classmethod
+    def _events_url(cls, value: str) -> str:
+        if not re.match(r"^https://[^/\s]+", value):
+            raise ValueError(f"{value!r} must be an https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("ticket_url")
+    @classmethod
+    def _ticket_url(cls, value: str) -> str:
+        if value:
+            try:
+                value.format(id=1)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"{value!r} is not a template with {{id}} (for example "
+                    f'"https://desk.example/tickets/{{id}}"): {exc}'
+                ) from None
+            if "{id}" not in value:
+                raise ValueError(f"{value!r} does not contain {{id}}")
+        return value
+
+    def key(self) -> str | None:
+        return self.routing_key.get_secret_value() if self.routing_key else None
+
+
+def _check_routing_key(key: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9]{32}", key):
+        raise ValueError(
+            f"an Events API v2 routing key is 32 letters and digits; this one has {len(key)} "
+            "characters (copy the service integration's key again)"
+        )
+
+
+class EscalationSettings(_Section):
+    """Who may page on-call, and how often."""
+
+    allowed_senders: list[str] = Field(default_factory=list)  # empty: anyone
+    max_pages_per_sender_per_hour: int = Field(default=10, ge=0)  # 0: no limit
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, values: list[str]) -> list[str]:
+        result = []
+        for value in values:
+            text = value.strip().lower()
+            local, at, domain = text.rpartition("@")
+            if not at or not local or not domain or "." not in domain or " " in text:
+                raise ValueError(f"{value!r} is not an address or *@domain")
+            result.append(text)
+        return result
 
 
 class Settings(_Section):
@@ -165,6 +237,7 @@ class Settings(_Section):
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     pagerduty: PagerDutySettings = Field(default_factory=PagerDutySettings)
+    escalation: EscalationSettings = Field(default_factory=EscalationSettings)
 
 
 def default_config_path() -> Path:
@@ -236,6 +309,32 @@ def _resolve_database_url(base: Path, url: str) -> str:
     return url
 
 
+def _resolve_pagerduty(
+    path: Path, text: str, base: Path, pagerduty: PagerDutySettings
+) -> PagerDutySettings:
+    """Paths resolved against the config folder; the routing key file read now."""
+    update: dict[str, Any] = {}
+    if pagerduty.ca_file is not None:
+        update["ca_file"] = _resolve(base, pagerduty.ca_file)  # read by `maild serve`
+    if pagerduty.routing_key_file is not None:
+        line = _line_of(text, "pagerduty", "routing_key_file")
+        where = f"{path}:{line}: [pagerduty] routing_key_file"
+        if pagerduty.routing_key is not None:
+            raise ConfigError(f"{where}: set routing_key or routing_key_file, not both")
+        key_file = _resolve(base, pagerduty.routing_key_file)
+        try:
+            key = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: {key_file}: {exc.strerror or exc}") from None
+        try:
+            _check_routing_key(key)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key_file}: {exc}") from None
+        update["routing_key_file"] = key_file
+        update["routing_key"] = SecretStr(key)
+    return pagerduty.model_copy(update=update) if update else pagerduty
+
+
 def load_settings(path: Path) -> Settings:
     """Read, validate and resolve the settings in `path`; ConfigError names what is wrong."""
     try:
@@ -255,9 +354,7 @@ def load_settings(path: Path) -> Settings:
     except ValidationError as exc:
         raise ConfigError(_describe(path, text, data, exc)) from None
     base = path.resolve().parent
-    pagerduty = settings.pagerduty
-    if pagerduty.ca_file is not None:
-        pagerduty = pagerduty.model_copy(update={"ca_file": _resolve(base, pagerduty.ca_file)})
+    pagerduty = _resolve_pagerduty(path, text, base, settings.pagerduty)
     return settings.model_copy(
         update={
             "source": path.resolve(),

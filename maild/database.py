@@ -73,6 +73,7 @@ def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engi
             [
                 *(given if isinstance(given, tuple) else [given]),
                 f"-c lock_timeout={int(busy_timeout * 1000)}",
+                "-c timezone=UTC",  # timestamps are stored and compared as UTC
             ]
         ).strip()
         engine = create_engine(

@@ -49,3 +49,19 @@ class InboundStatus(StrEnum):
 class ParticipantRole(StrEnum):
     REQUESTER = "requester"
     CC = "cc"
+
+
+class PageAction(StrEnum):
+    """An Events API v2 event_action maild sends."""
+
+    TRIGGER = "trigger"
+    RESOLVE = "resolve"
+
+
+class PageStatus(StrEnum):
+    """Where a page (an outbox row) is in its life."""
+
+    PENDING = "pending"  # to be sent (now, or at next_attempt_at after a failure)
+    SENT = "sent"  # PagerDuty answered 202
+    FAILED = "failed"  # rejected (400), or still failing after [pagerduty] give_up_after
+    WITHHELD = "withheld"  # never sent, for the reason recorded with it

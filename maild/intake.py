@@ -13,13 +13,15 @@ The order of decisions, for one accepted delivery:
    takes part in ticket 123 (guessing a number never joins a stranger's ticket).
 4. Store: a new ticket, or the message added to the thread's ticket (which
    reopens when pending, solved or closed).
+5. Page: whether on-call is paged for it (escalation.plan_trigger); the page
+   row commits with the ticket or not at all.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +33,8 @@ from sqlmodel import Session, col, select
 from maild import addresses
 from maild.addresses import Address
 from maild.enums import InboundStatus, ParticipantRole, Priority, TicketStatus
-from maild.models import Attachment, Blob, Inbound, Message, Participant, Ticket, utcnow
+from maild.escalation import EscalationPolicy, plan_trigger
+from maild.models import Attachment, Blob, Inbound, Message, Page, Participant, Ticket, utcnow
 from maild.parsing import ParsedMessage, message_id_hash
 from maild.rules import Route, RuleTable, best_route, resolve_all
 
@@ -53,6 +56,15 @@ class Filed:
     route: str | None = None
     threaded_by: str | None = None  # in-reply-to | references | subject-tag
     error: str | None = None
+    page_id: int | None = None
+    page_status: str | None = None  # pending | withheld
+    page_reason: str | None = None  # why it was withheld
+
+
+def _with_page(filed: Filed, page: Page | None) -> Filed:
+    if page is None:
+        return filed
+    return replace(filed, page_id=page.id, page_status=page.status, page_reason=page.reason)
 
 
 def _insert_ignore(session: Session, model: Any, values: dict[str, Any]) -> None:
@@ -193,6 +205,7 @@ def file_message(
     table: RuleTable,
     inbound: Inbound,
     parsed: ParsedMessage,
+    policy: EscalationPolicy | None = None,
 ) -> Filed:
     """File one delivery; raises ProcessingError (or anything) to have it marked failed."""
     assert inbound.id is not None
@@ -203,6 +216,7 @@ def file_message(
             Message.message_id_hash == message_id_hash(parsed.message_id)
         )
     ).first()
+    sender = _sender(parsed, inbound.mail_from)
     if existing is not None:
         ticket = session.get(Ticket, existing)
         assert ticket is not None
@@ -212,7 +226,21 @@ def file_message(
         inbound.ticket_id = ticket.id
         inbound.processed_at = now
         inbound.error = None
-        return Filed(inbound.id, "duplicate", ticket.id)
+        page = None
+        if policy is not None:  # the same message reached sysops@ in a second delivery
+            page = plan_trigger(
+                session,
+                policy,
+                ticket,
+                routes=routes,
+                created=False,
+                reopened=False,
+                sender=sender,
+                inbound=inbound,
+                parsed=parsed,
+                now=now,
+            )
+        return _with_page(Filed(inbound.id, "duplicate", ticket.id), page)
     if not routes:
         raise ProcessingError(
             f"no route for {', '.join(unrouted) or 'any recipient'} in the current rules "
@@ -220,7 +248,6 @@ def file_message(
             "`maild reprocess`"
         )
     route = best_route(routes)
-    sender = _sender(parsed, inbound.mail_from)
     ticket, how = find_thread(session, parsed, sender.email if sender else "")
     others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
     if ticket is None:
@@ -239,9 +266,11 @@ def file_message(
         session.add(ticket)
         session.flush()
         outcome = "created"
+        reopened = False
         people = ([(sender, ParticipantRole.REQUESTER)] if sender else []) + others
     else:
-        if TicketStatus(ticket.status) in REOPENS:
+        reopened = TicketStatus(ticket.status) in REOPENS
+        if reopened:
             ticket.status = TicketStatus.OPEN.value
         _raise_priority(ticket, route)
         ticket.updated_at = now
@@ -254,7 +283,21 @@ def file_message(
     inbound.ticket_id = ticket.id
     inbound.processed_at = now
     inbound.error = None
-    return Filed(inbound.id, outcome, ticket.id, route.name, how)
+    page = None
+    if policy is not None:
+        page = plan_trigger(
+            session,
+            policy,
+            ticket,
+            routes=routes,
+            created=outcome == "created",
+            reopened=reopened,
+            sender=sender,
+            inbound=inbound,
+            parsed=parsed,
+            now=now,
+        )
+    return _with_page(Filed(inbound.id, outcome, ticket.id, route.name, how), page)
 
 
 def _mark_failed(inbound: Inbound, error: str) -> Filed:
@@ -269,6 +312,7 @@ def file_batch(
     session: Session,
     table: RuleTable,
     items: Sequence[tuple[int, ParsedMessage | BaseException]],
+    policy: EscalationPolicy | None = None,
 ) -> list[Filed]:
     """File many deliveries in one transaction, each in its own savepoint.
 
@@ -292,7 +336,7 @@ def file_batch(
         for attempt in (1, 2):
             try:
                 with session.begin_nested():
-                    results.append(file_message(session, table, inbound, parsed))
+                    results.append(file_message(session, table, inbound, parsed, policy))
                 break
             except IntegrityError as exc:
                 if attempt == 2:

@@ -7,6 +7,8 @@ participant  people on a ticket (requester, cc), unique per ticket and address
 message      one stored message of a ticket; unique on the hash of its Message-ID
 attachment   a file of a message; its bytes are in blob, keyed by sha256
 blob         content-addressed attachment bytes, stored once however often sent
+page         the PagerDuty outbox: one row per event (trigger/resolve) to send,
+             written in the transaction that made it necessary
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ metadata: MetaData = SQLModel.metadata
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A timestamp read back from the database (naive on SQLite) as an aware UTC one."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Inbound(SQLModel, table=True):
@@ -125,3 +132,32 @@ class Blob(SQLModel, table=True):
     sha256: str = Field(primary_key=True, max_length=64)
     size: int
     data: bytes = Field(sa_type=LargeBinary)
+
+
+class Page(SQLModel, table=True):
+    """One Events API v2 event for a ticket, durable before it is sent."""
+
+    __tablename__ = "page"
+    __table_args__ = (
+        Index("ix_page_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_page_sender_created_at", "sender", "created_at"),
+        Index("ix_page_dedup_key_id", "dedup_key", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound.id")
+    action: str = Field(max_length=16)  # trigger | resolve
+    dedup_key: str = Field(max_length=255)
+    status: str = Field(default="pending", max_length=16)
+    reason: str | None = Field(default=None, sa_type=Text)  # why withheld, or why it failed
+    sender: str = Field(default="", max_length=320)
+    route: str = Field(default="", max_length=255)
+    event: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # without routing_key
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=Text)
+    next_attempt_at: datetime = Field(default_factory=utcnow)  # also the claim lease
+    claimed_by: str = Field(default="", max_length=255)  # the daemon sending it (host:config)
+    queued_at: datetime = Field(default_factory=utcnow)  # give_up_after counts from here
+    created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 
 from maild.database import Database
 from maild.enums import InboundStatus
+from maild.escalation import EscalationPolicy
 from maild.intake import Filed, file_batch
 from maild.models import Inbound
 from maild.parsing import ParsedMessage, parse_message
@@ -85,10 +86,23 @@ def _log_results(results: Sequence[Filed]) -> None:
                 ticket=filed.ticket_id,
                 route=filed.route,
                 threaded_by=filed.threaded_by,
+                page=filed.page_id,
+            )
+        if filed.page_status == "withheld":
+            log.warning(
+                "page withheld",
+                page=filed.page_id,
+                ticket=filed.ticket_id,
+                reason=filed.page_reason,
             )
 
 
-def process_now(database: Database, table: RuleTable, ids: Sequence[int]) -> list[Filed]:
+def process_now(
+    database: Database,
+    table: RuleTable,
+    ids: Sequence[int],
+    policy: EscalationPolicy | None = None,
+) -> list[Filed]:
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
     results: list[Filed] = []
     for start in range(0, len(ids), MAX_BATCH_MESSAGES):
@@ -97,7 +111,9 @@ def process_now(database: Database, table: RuleTable, ids: Sequence[int]) -> lis
         items: list[tuple[int, ParsedMessage | BaseException]] = [
             (inbound_id, parse_message(raw)) for inbound_id, raw in claimed
         ]
-        results.extend(database.run_write(partial(file_batch, table=table, items=items)))
+        results.extend(
+            database.run_write(partial(file_batch, table=table, items=items, policy=policy))
+        )
     _log_results(results)
     return results
 
@@ -118,8 +134,12 @@ class Processor:
         workers: int,
         parse_timeout: float,
         poll_interval: float,
+        policy: EscalationPolicy | None = None,
+        on_filed: Callable[[Sequence[Filed]], None] | None = None,
     ) -> None:
         self._database = database
+        self._policy = policy
+        self._on_filed = on_filed
         self._rules = rules
         self._workers = workers
         self._parse_timeout = parse_timeout
@@ -227,7 +247,9 @@ class Processor:
                     continue
                 items = await self._parse_all(claimed)
                 table = self._rules()
-                results = await self._database.write(partial(file_batch, table=table, items=items))
+                results = await self._database.write(
+                    partial(file_batch, table=table, items=items, policy=self._policy)
+                )
             except Exception as exc:
                 log.error(
                     "processing batch failed; will retry",
@@ -245,3 +267,5 @@ class Processor:
             backoff = 0.5
             self._batch_limit = MAX_BATCH_MESSAGES
             _log_results(results)
+            if self._on_filed is not None and any(f.page_status == "pending" for f in results):
+                self._on_filed(results)

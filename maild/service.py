@@ -1,10 +1,12 @@
 """The daemon: every component built from the settings and wired in one place.
 
-Start order: rules (refuse to start on a broken table), database (reachable,
-schema present), processor (picks up what an earlier run left `received`),
-then the listeners. Stop order is the reverse: stop accepting, let open SMTP
-transactions finish (bounded by [smtp] shutdown_timeout), commit what the
-spool holds, let the processor finish its batch, close the database.
+Start order: rules (refuse to start on a broken table, or on a paging route
+without a PagerDuty routing key), database (reachable, schema present), pager
+(sends what an earlier run left pending), processor (picks up what an earlier
+run left `received`), then the listeners. Stop order is the reverse: stop
+accepting, let open SMTP transactions finish (bounded by [smtp]
+shutdown_timeout), commit what the spool holds, let the processor finish its
+batch, let page attempts in flight finish, close the database.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from sqlalchemy.engine import make_url
 
 from maild.config import Settings, parse_hostport
 from maild.database import Database
-from maild.errors import RulesError
+from maild.errors import ConfigError, RulesError
+from maild.escalation import EscalationPolicy
+from maild.pager import EventsClient, Pager
 from maild.processing import Processor
 from maild.rules import RuleTable, load_rules
 from maild.smtp import Handler, Listener
@@ -28,19 +32,49 @@ from maild.spool import Spool
 log = structlog.get_logger("maild.service")
 
 
+def check_paging(settings: Settings, table: RuleTable) -> None:
+    """Refuse a table that pages on-call when pages could not be sent."""
+    pagerduty = settings.pagerduty
+    paging = [r for r in table.routes if r.page]
+    if not paging or not pagerduty.enabled:
+        return
+    where = f"{settings.source}: [pagerduty]" if settings.source else "[pagerduty]"
+    if not pagerduty.key():
+        route = paging[0]
+        raise ConfigError(
+            f"{where} routing_key: route {route.name!r} ({route.file}:{route.line}) pages "
+            "on-call (page = true) but no routing key is set; set routing_key or "
+            "routing_key_file, or set enabled = false to record its pages as withheld"
+        )
+    if pagerduty.ca_file is not None and not pagerduty.ca_file.is_file():
+        raise ConfigError(f"{where} ca_file: {pagerduty.ca_file}: no such file")
+
+
 class Service:
     """maild serve: listeners, spool, processor and database for one settings file."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.rules: RuleTable = load_rules(settings.rules.path)
+        check_paging(settings, self.rules)
+        self.policy = EscalationPolicy.from_settings(settings)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
+        self.pager: Pager | None = None
+        if settings.pagerduty.enabled and settings.pagerduty.key():
+            try:
+                client = EventsClient(settings.pagerduty)
+            except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
+                raise ConfigError(f"[pagerduty] ca_file: {exc}") from None
+            claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
+            self.pager = Pager(self.database, client, settings.pagerduty, claimer)
         self.processor = Processor(
             self.database,
             rules=lambda: self.rules,
             workers=settings.processing.worker_count(),
             parse_timeout=settings.processing.parse_timeout,
             poll_interval=settings.processing.poll_interval,
+            policy=self.policy,
+            on_filed=self._pages_queued,
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self.listeners: list[Listener] = []
@@ -51,6 +85,7 @@ class Service:
         """Swap in the rules table from disk; on any problem keep the current one."""
         try:
             table = load_rules(self.settings.rules.path)
+            check_paging(self.settings, table)
         except RulesError as exc:
             log.error(
                 "rules reload failed; keeping the previous table",
@@ -58,9 +93,20 @@ class Service:
                 version=self.rules.version,
             )
             return False
+        except ConfigError as exc:
+            log.error(
+                "rules reload failed; keeping the previous table",
+                problems=[str(exc)],
+                version=self.rules.version,
+            )
+            return False
         self.rules = table
         log.info("rules reloaded", version=table.version, routes=len(table.routes))
         return True
+
+    def _pages_queued(self, *_: object) -> None:
+        if self.pager is not None:
+            self.pager.notify()
 
     async def start(self) -> None:
         """Bring everything up; if any step fails, take down what was started and raise."""
@@ -73,6 +119,8 @@ class Service:
     async def _start(self) -> None:
         await asyncio.to_thread(self.database.check)
         await asyncio.to_thread(self.database.create_schema)
+        if self.pager is not None:
+            await self.pager.start()
         self.processor.start()
         smtp = self.settings.smtp
         hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
@@ -98,8 +146,17 @@ class Service:
             rules_version=self.rules.version,
             routes=len(self.rules.routes),
         )
-        if self.settings.pagerduty.routing_key and any(r.page for r in self.rules.routes):
-            log.info("pagerduty settings read; paging is not part of this version yet")
+        if not self.settings.pagerduty.enabled:
+            log.warning(
+                "paging disabled ([pagerduty] enabled = false): pages are recorded as withheld",
+                paging_routes=[r.name for r in self.rules.routes if r.page],
+            )
+        elif self.pager is not None:
+            log.info(
+                "paging on",
+                events_url=self.settings.pagerduty.events_url,
+                source=self.policy.source,
+            )
 
     async def stop(self) -> None:
         log.info("maild stopping")
@@ -113,6 +170,8 @@ class Service:
             )
         await self.spool.drain()
         await self.processor.stop()
+        if self.pager is not None:
+            await self.pager.stop(grace=self.settings.pagerduty.timeout)
         await asyncio.to_thread(self.database.close)
         log.info("maild stopped")
 

@@ -10,7 +10,8 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from maild.enums import TicketStatus
-from maild.models import Attachment, Inbound, Message, Participant, Ticket, utcnow
+from maild.escalation import list_pages, queue_resolve, ticket_pages
+from maild.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 
@@ -50,7 +51,12 @@ def _message_counts(session: Session, ticket_ids: list[int]) -> dict[int, int]:
     return {ticket_id: count for ticket_id, count in rows}
 
 
-def ticket_view(ticket: Ticket, participants: list[dict[str, str]], count: int) -> dict[str, Any]:
+def ticket_view(
+    ticket: Ticket,
+    participants: list[dict[str, str]],
+    count: int,
+    page: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "id": ticket.id,
         "type": ticket.type,
@@ -63,6 +69,7 @@ def ticket_view(ticket: Ticket, participants: list[dict[str, str]], count: int) 
         "created_at": _iso(ticket.created_at),
         "updated_at": _iso(ticket.updated_at),
         "message_count": count,
+        "page": page,  # the latest page (on-call) for it: status, and why when withheld
     }
 
 
@@ -115,7 +122,11 @@ def list_tickets(
     ids = [t.id for t in tickets if t.id is not None]
     people = _participants(session, ids)
     counts = _message_counts(session, ids)
-    return [ticket_view(t, people.get(t.id or 0, []), counts.get(t.id or 0, 0)) for t in tickets]
+    pages = ticket_pages(session, ids)
+    return [
+        ticket_view(t, people.get(t.id or 0, []), counts.get(t.id or 0, 0), pages.get(t.id or 0))
+        for t in tickets
+    ]
 
 
 def _address(name: str, email: str) -> dict[str, str]:
@@ -153,8 +164,12 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
         ).all()
     )
     view = ticket_view(
-        ticket, _participants(session, [ticket_id]).get(ticket_id, []), len(messages)
+        ticket,
+        _participants(session, [ticket_id]).get(ticket_id, []),
+        len(messages),
+        ticket_pages(session, [ticket_id]).get(ticket_id),
     )
+    view["pages"] = list(reversed(list_pages(session, ticket_id=ticket_id)))
     view["messages"] = [
         {
             "message_id": f"<{m.message_id}>",
@@ -174,11 +189,18 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
     return view
 
 
-def set_status(session: Session, ticket_id: int, status: TicketStatus) -> Ticket:
-    ticket = session.get(Ticket, ticket_id)
+def set_status(session: Session, ticket_id: int, status: TicketStatus) -> Page | None:
+    """Change a ticket's status; solving or closing a paged ticket queues the resolve.
+
+    Returns the resolve page queued, if any.
+    """
+    ticket = session.get(Ticket, ticket_id, with_for_update=True)
     if ticket is None:
         raise TicketNotFound(ticket_id)
+    now = utcnow()
     ticket.status = status.value
-    ticket.updated_at = utcnow()
+    ticket.updated_at = now
     session.add(ticket)
-    return ticket
+    if status in (TicketStatus.SOLVED, TicketStatus.CLOSED):
+        return queue_resolve(session, ticket, now)
+    return None

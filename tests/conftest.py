@@ -98,9 +98,15 @@ def write_config(folder: Path, body: str) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path: Path, rules_dir: Path, database_url: str) -> Callable[..., Path]:
-    """Write a config on port 0 with the test database and rules; extra TOML appended."""
+    """Write a config on port 0 with the test database and rules; extra TOML appended.
+
+    Paging is off (pages recorded as withheld) unless `extra` has a [pagerduty]
+    section: the paging tests bring their own HTTPS Events API.
+    """
 
     def make(extra: str = "", *, lmtp: bool = False) -> Path:
+        if "[pagerduty]" not in extra:
+            extra += "\n[pagerduty]\nenabled = false\n"
         return write_config(
             tmp_path,
             f"""

@@ -41,6 +41,7 @@ TICKET_KEYS = {
     "created_at",
     "updated_at",
     "message_count",
+    "page",
 }
 MESSAGE_KEYS = ("message_id", "from", "to", "cc", "subject", "date", "text", "attachments")
 INBOUND_KEYS = ("id", "status", "protocol", "mail_from", "rcpt_tos", "size", "ticket_id", "error")
@@ -279,6 +280,12 @@ def test_tickets_list_json_has_the_contract_shape(maild: RunningMaild) -> None:
             "participants": [{"email": "dave@shop.example", "name": "Dave", "role": "requester"}],
             "rule": "sysops",
             "message_count": 1,
+            "page": {
+                "id": 1,
+                "action": "trigger",
+                "status": "withheld",
+                "reason": "paging disabled ([pagerduty] enabled = false)",
+            },
         },
         {
             "id": 2,
@@ -292,6 +299,7 @@ def test_tickets_list_json_has_the_contract_shape(maild: RunningMaild) -> None:
             ],
             "rule": "hosting",
             "message_count": 1,
+            "page": None,
         },
         {
             "id": 1,
@@ -306,6 +314,7 @@ def test_tickets_list_json_has_the_contract_shape(maild: RunningMaild) -> None:
             ],
             "rule": "support",
             "message_count": 1,
+            "page": None,
         },
     ]
     times = [(datetime.fromisoformat(c), datetime.fromisoformat(u)) for c, u in stamps]
@@ -415,18 +424,19 @@ def test_tickets_list_human_output_is_a_table(maild: RunningMaild) -> None:
         "TYPE",
         "PRIORITY",
         "STATUS",
+        "PAGE",
         "MSGS",
         "UPDATED",
         "REQUESTER",
         "SUBJECT",
     ]
     assert set(rule) == {"-", " "}
-    assert [row.split()[:5] for row in rows] == [
-        ["3", "incident", "urgent", "open", "1"],
-        ["2", "incident", "normal", "open", "1"],
-        ["1", "question", "normal", "open", "1"],
+    assert [row.split()[:6] for row in rows] == [
+        ["3", "incident", "urgent", "open", "withheld", "1"],  # paging is off in tests
+        ["2", "incident", "normal", "open", "-", "1"],
+        ["1", "question", "normal", "open", "-", "1"],
     ]
-    assert [row.split()[7:] for row in rows] == [
+    assert [row.split()[8:] for row in rows] == [
         ["dave@shop.example", "Site", "down"],
         ["carol@agency.example", "Deploy", "stuck"],
         ["alice@customer.example", "Backups", "missing"],
@@ -451,7 +461,7 @@ def test_tickets_show_json_adds_the_messages(maild: RunningMaild) -> None:
     maild.send(message, ["support@altis-dxp.com"])
     maild.settle()
     view = cli_json(maild.settings.source, "tickets", "show", "1")
-    assert set(view) == TICKET_KEYS | {"messages"}
+    assert set(view) == TICKET_KEYS | {"messages", "pages"}
     assert {key: view[key] for key in ("id", "type", "priority", "status", "message_count")} == {
         "id": 1,
         "type": "question",
@@ -753,9 +763,9 @@ def test_ingest_with_broken_configuration_exits_75(
     config = make_config()
     used = tmp_path / "ingest.toml"
     if broken == "unknown key":
-        used.write_text(config.read_text() + '\n[pagerduty]\nrouting_kee = "x"\n')
-        line = line_of(used, 'routing_kee = "x"')
-        problem = f"{used}:{line}: [pagerduty] routing_kee: unknown key"
+        used.write_text(config.read_text() + '\n[escalation]\nallowed_sender = "x"\n')
+        line = line_of(used, 'allowed_sender = "x"')
+        problem = f"{used}:{line}: [escalation] allowed_sender: unknown key"
     elif broken == "missing file":
         problem = f"{used}: no such config file (set --config or MAILD_CONFIG)"
     else:

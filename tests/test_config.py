@@ -91,7 +91,8 @@ ca_file = "/etc/ssl/certs/ca.pem"
     )
     pagerduty = load_settings(path).pagerduty
     assert pagerduty.enabled is False
-    assert pagerduty.routing_key == "0123456789abcdef0123456789abcdef"
+    assert pagerduty.key() == "0123456789abcdef0123456789abcdef"
+    assert "0123456789abcdef" not in repr(pagerduty), "the routing key shows in a repr"
     assert pagerduty.events_url == "https://events.eu.pagerduty.com"
     assert Path("/etc/ssl/certs/ca.pem") == pagerduty.ca_file
 

@@ -1,0 +1,498 @@
+"""Paging on-call: when a ticket pages, who may page, how often, and the outbox rows.
+
+Every decision here runs inside the transaction that changes the ticket, so a
+page row exists exactly when the ticket change it belongs to committed; the
+sender hears 250 long before, and PagerDuty is reached later by the pager
+(maild/pager.py), which only ever reads and updates these rows.
+
+When a message is filed (intake.file_message):
+
+- a new ticket from a route with `page = true` → a trigger;
+- a message through a paging route for a ticket that was never paged (the
+  customer escalated by writing to sysops@, or a split delivery of one message
+  reached sysops@ second) → a trigger;
+- a reply that reopens a ticket whose incident was resolved, or a message
+  through a paging route for a ticket whose incident was resolved → a
+  trigger again, under the same dedup key;
+- anything else for a paged ticket → nothing: PagerDuty already has it open.
+
+A trigger is withheld, with the reason kept on the row and shown on the
+ticket, when paging is disabled, when the sender is not in
+`[escalation] allowed_senders`, or when the sender already paged
+`[escalation] max_pages_per_sender_per_hour` times in the last hour.
+
+Closing or solving a ticket whose latest trigger is pending or sent queues a
+resolve under the same dedup key (tickets.set_status).
+
+One ticket has one dedup key for life, so PagerDuty holds at most one open
+incident per ticket whatever is resent.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exists, func
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, col, select
+
+from maild.addresses import Address
+from maild.config import Settings
+from maild.enums import PageAction, PageStatus, Priority
+from maild.models import Inbound, Page, Ticket, as_utc, utcnow
+
+if TYPE_CHECKING:
+    from maild.parsing import ParsedMessage
+    from maild.rules import Route
+
+SUMMARY_LIMIT = 1024
+DEDUP_LIMIT = 255
+BODY_LINES = 20
+BODY_CHARS = 2000
+CLOSED_BEFORE_SENT = "the ticket was closed before the page was sent"
+
+
+class PageNotFound(LookupError):
+    pass
+
+
+class PageNotRetryable(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EscalationPolicy:
+    """What the settings say about paging, in the form filing needs."""
+
+    enabled: bool
+    allowed_senders: tuple[str, ...]
+    max_per_hour: int
+    source: str
+    ticket_url: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EscalationPolicy:
+        return cls(
+            enabled=settings.pagerduty.enabled,
+            allowed_senders=tuple(settings.escalation.allowed_senders),
+            max_per_hour=settings.escalation.max_pages_per_sender_per_hour,
+            source=settings.pagerduty.source or settings.smtp.hostname or socket.getfqdn(),
+            ticket_url=settings.pagerduty.ticket_url,
+        )
+
+    def sender_allowed(self, email: str) -> bool:
+        if not self.allowed_senders:
+            return True
+        email = email.lower()
+        domain = email.rpartition("@")[2]
+        return any(
+            email == allowed or (allowed.startswith("*@") and domain == allowed[2:])
+            for allowed in self.allowed_senders
+        )
+
+    def link(self, ticket_id: int) -> str:
+        return self.ticket_url.format(id=ticket_id) if self.ticket_url else ""
+
+
+def dedup_key(ticket: Ticket) -> str:
+    """Stable for the ticket's life, and unique across databases that reuse ticket ids."""
+    assert ticket.id is not None
+    created = as_utc(ticket.created_at).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"maild-ticket-{ticket.id}-{created}"[:DEDUP_LIMIT]
+
+
+def latest_page(session: Session, ticket_id: int) -> Page | None:
+    return session.exec(
+        select(Page).where(Page.ticket_id == ticket_id).order_by(col(Page.id).desc()).limit(1)
+    ).first()
+
+
+def _recent_pages(session: Session, sender: str, now: datetime) -> int:
+    counted = (PageStatus.PENDING.value, PageStatus.SENT.value, PageStatus.FAILED.value)
+    return session.exec(
+        select(func.count(col(Page.id))).where(
+            Page.sender == sender,
+            Page.action == PageAction.TRIGGER.value,
+            col(Page.status).in_(counted),
+            Page.created_at >= now - timedelta(hours=1),
+        )
+    ).one()
+
+
+def _display(sender: Address | None) -> str:
+    if sender is None:
+        return "an unknown sender"
+    return f"{sender.name} <{sender.email}>" if sender.name else sender.email
+
+
+def _summary(ticket: Ticket, subject: str, sender: Address | None, note: str) -> str:
+    head = f"[{Priority(ticket.priority).value.upper()}] "
+    tail = f" - from {_display(sender)} (ticket #{ticket.id}{note})"
+    room = SUMMARY_LIMIT - len(head) - len(tail)
+    subject = subject or "(no subject)"
+    if room < 20:  # a sender name of a thousand characters: cut the tail instead
+        return (head + subject + tail)[: SUMMARY_LIMIT - 3] + "..."
+    if len(subject) > room:
+        subject = subject[: room - 3] + "..."
+    return head + subject + tail
+
+
+def _first_lines(text: str) -> str:
+    lines = text.strip().splitlines()[:BODY_LINES]
+    body = "\n".join(lines)
+    return body if len(body) <= BODY_CHARS else body[: BODY_CHARS - 3] + "..."
+
+
+def trigger_event(
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    key: str,
+    route: str,
+    sender: Address | None,
+    inbound: Inbound,
+    parsed: ParsedMessage,
+    why: str,
+) -> dict[str, Any]:
+    """The Events API v2 body for a trigger, without the routing key (added at send time)."""
+    assert ticket.id is not None
+    note = {"created": "", "escalated": ", escalated", "reopened": ", reopened"}[why]
+    details: dict[str, Any] = {
+        "ticket": ticket.id,
+        "type": ticket.type,
+        "priority": ticket.priority,
+        "route": route,
+        "sender": _display(sender),
+        "recipients": list(inbound.rcpt_tos),
+        "received_at": as_utc(inbound.received_at).isoformat(),
+        "subject": parsed.subject,
+        "message_id": parsed.message_id,
+        "reason": why,
+        "body": _first_lines(parsed.text),
+    }
+    event: dict[str, Any] = {
+        "event_action": PageAction.TRIGGER.value,
+        "dedup_key": key,
+        "payload": {
+            "summary": _summary(ticket, parsed.subject, sender, note),
+            "source": policy.source,
+            "severity": "critical",
+            "timestamp": as_utc(inbound.received_at).isoformat(),
+            "component": route,
+            "group": "maild",
+            "class": ticket.type,
+            "custom_details": details,
+        },
+        "client": "maild",
+    }
+    link = policy.link(ticket.id)
+    if link:
+        details["ticket_url"] = link
+        event["links"] = [{"href": link, "text": f"Ticket #{ticket.id}"}]
+        event["client_url"] = link
+    return event
+
+
+def _withheld_reason(
+    session: Session, policy: EscalationPolicy, sender: str, now: datetime
+) -> str | None:
+    if not policy.enabled:
+        return "paging disabled ([pagerduty] enabled = false)"
+    if not policy.sender_allowed(sender):
+        return f"sender {sender or '(none)'} is not in [escalation] allowed_senders"
+    if policy.max_per_hour:
+        count = _recent_pages(session, sender, now)
+        if count >= policy.max_per_hour:
+            return (
+                f"sender {sender or '(none)'} already paged {count} times in the last hour "
+                f"([escalation] max_pages_per_sender_per_hour = {policy.max_per_hour})"
+            )
+    return None
+
+
+def plan_trigger(
+    session: Session,
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    *,
+    routes: list[Route],
+    created: bool,
+    reopened: bool,
+    sender: Address | None,
+    inbound: Inbound,
+    parsed: ParsedMessage,
+    now: datetime,
+) -> Page | None:
+    """The trigger this filing calls for (pending or withheld), added to the session, or None."""
+    assert ticket.id is not None
+    paging = [r for r in routes if r.page]
+    last = None if created else latest_page(session, ticket.id)
+    if created or last is None:
+        if not paging:
+            return None
+        why = "created" if created else "escalated"
+    elif last.action == PageAction.RESOLVE and reopened:
+        why = "reopened"
+    elif last.action == PageAction.RESOLVE and paging:
+        why = "escalated"  # resolved, reopened by the desk, and now mailed to sysops@ again
+    else:
+        return None  # its incident is open (or its page was withheld or failed)
+    route = paging[0].name if paging else ticket.rule
+    key = last.dedup_key if last is not None else dedup_key(ticket)
+    email = sender.email if sender else ""
+    reason = _withheld_reason(session, policy, email, now)
+    page = Page(
+        ticket_id=ticket.id,
+        inbound_id=inbound.id,
+        action=PageAction.TRIGGER.value,
+        dedup_key=key,
+        status=PageStatus.WITHHELD.value if reason else PageStatus.PENDING.value,
+        reason=reason,
+        sender=email,
+        route=route,
+        event=trigger_event(policy, ticket, key, route, sender, inbound, parsed, why),
+        next_attempt_at=now,
+        queued_at=now,
+        created_at=now,
+    )
+    session.add(page)
+    session.flush()
+    return page
+
+
+def queue_resolve(session: Session, ticket: Ticket, now: datetime) -> Page | None:
+    """A resolve for the ticket's open incident (latest trigger pending or sent), or None."""
+    assert ticket.id is not None
+    last = latest_page(session, ticket.id)
+    if last is None or last.action != PageAction.TRIGGER:
+        return None
+    if last.status not in (PageStatus.PENDING, PageStatus.SENT):
+        return None
+    page = Page(
+        ticket_id=ticket.id,
+        action=PageAction.RESOLVE.value,
+        dedup_key=last.dedup_key,
+        sender=last.sender,
+        route=last.route,
+        event={"event_action": PageAction.RESOLVE.value, "dedup_key": last.dedup_key},
+        next_attempt_at=now,
+        queued_at=now,
+        created_at=now,
+    )
+    session.add(page)
+    session.flush()
+    return page
+
+
+# The pager's side: claiming due rows and recording what happened.
+
+
+@dataclass(frozen=True)
+class PageJob:
+    """A claimed page, detached from its session (the pager sends it outside any transaction)."""
+
+    id: int
+    ticket_id: int
+    action: str
+    dedup_key: str
+    event: dict[str, Any]
+    attempts: int
+    queued_at: datetime
+    created_at: datetime
+
+
+def claim_due(
+    session: Session, now: datetime, limit: int, lease: float, claimer: str = ""
+) -> list[PageJob]:
+    """Pending pages that are due, oldest first, leased for `lease` seconds.
+
+    A page waits while an earlier page under the same dedup key is pending, so
+    a resolve never overtakes its trigger. A trigger never claimed (so never
+    sent) whose ticket was closed meanwhile is withheld together with its
+    resolve: nobody is woken for a ticket that is already closed. On PostgreSQL rows are taken
+    FOR UPDATE SKIP LOCKED, so several daemons share the outbox.
+    """
+    earlier = aliased(Page)
+    blocked = exists().where(
+        col(earlier.dedup_key) == col(Page.dedup_key),
+        col(earlier.id) < col(Page.id),
+        col(earlier.status) == PageStatus.PENDING.value,
+    )
+    query = (
+        select(Page)
+        .where(
+            Page.status == PageStatus.PENDING.value,
+            col(Page.next_attempt_at) <= now,
+            ~blocked,
+        )
+        .order_by(col(Page.id))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=Page)
+    jobs = []
+    for page in session.exec(query).all():
+        assert page.id is not None
+        if page.action == PageAction.TRIGGER and not page.claimed_by:
+            # Never claimed, so never sent (a claimed one may have reached PagerDuty
+            # before a crash, even with no attempt recorded).
+            resolve = session.exec(
+                select(Page)
+                .where(
+                    Page.dedup_key == page.dedup_key,
+                    col(Page.id) > page.id,
+                    Page.action == PageAction.RESOLVE.value,
+                    Page.status == PageStatus.PENDING.value,
+                )
+                .order_by(col(Page.id))
+            ).first()
+            if resolve is not None:
+                for row in (page, resolve):
+                    row.status = PageStatus.WITHHELD.value
+                    row.reason = CLOSED_BEFORE_SENT
+                    session.add(row)
+                continue
+        page.next_attempt_at = now + timedelta(seconds=lease)
+        page.claimed_by = claimer
+        session.add(page)
+        jobs.append(
+            PageJob(
+                id=page.id,
+                ticket_id=page.ticket_id,
+                action=page.action,
+                dedup_key=page.dedup_key,
+                event=dict(page.event),
+                attempts=page.attempts,
+                queued_at=as_utc(page.queued_at),
+                created_at=as_utc(page.created_at),
+            )
+        )
+    return jobs
+
+
+def release_claims(session: Session, claimer: str, now: datetime) -> int:
+    """At start: pages this daemon's previous run held (in flight, or waiting to retry) are
+    due now. A daemon is its host and config file; two cannot run with the same pair."""
+    rows = session.exec(
+        select(Page).where(
+            Page.status == PageStatus.PENDING.value,
+            Page.claimed_by == claimer,
+            col(Page.next_attempt_at) > now,
+        )
+    ).all()
+    for page in rows:
+        page.next_attempt_at = now
+        session.add(page)
+    return len(rows)
+
+
+def next_due(session: Session) -> datetime | None:
+    value = session.exec(
+        select(func.min(col(Page.next_attempt_at))).where(Page.status == PageStatus.PENDING.value)
+    ).one()
+    return as_utc(value) if value is not None else None
+
+
+def record_attempt(
+    session: Session,
+    page_id: int,
+    *,
+    attempts: int,
+    status: PageStatus,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    now: datetime | None = None,
+) -> None:
+    """The outcome of one or more attempts: sent, failed, or pending until next_attempt_at."""
+    page = session.get(Page, page_id, with_for_update=True)
+    if page is None or page.status != PageStatus.PENDING:
+        return  # retried, withheld or sent meanwhile (another instance, the CLI)
+    page.attempts = attempts
+    page.status = status.value
+    if status == PageStatus.SENT:
+        page.sent_at = now or utcnow()
+        page.last_error = None
+        page.reason = None
+    else:
+        page.last_error = error[:4000] if error else None
+        if status == PageStatus.FAILED:
+            page.reason = page.last_error
+    if next_attempt_at is not None:
+        page.next_attempt_at = next_attempt_at
+    session.add(page)
+
+
+# The CLI's side.
+
+
+def page_view(page: Page) -> dict[str, Any]:
+    payload = page.event.get("payload") or {}
+    return {
+        "id": page.id,
+        "ticket_id": page.ticket_id,
+        "action": page.action,
+        "status": page.status,
+        "reason": page.reason,
+        "dedup_key": page.dedup_key,
+        "sender": page.sender,
+        "route": page.route,
+        "summary": payload.get("summary", ""),
+        "attempts": page.attempts,
+        "last_error": page.last_error,
+        "next_attempt_at": as_utc(page.next_attempt_at).isoformat()
+        if page.status == PageStatus.PENDING
+        else None,
+        "created_at": as_utc(page.created_at).isoformat(),
+        "sent_at": as_utc(page.sent_at).isoformat() if page.sent_at else None,
+    }
+
+
+def list_pages(
+    session: Session,
+    *,
+    status: str | None = None,
+    ticket_id: int | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    query = select(Page)
+    if status:
+        query = query.where(Page.status == status)
+    if ticket_id is not None:
+        query = query.where(Page.ticket_id == ticket_id)
+    query = query.order_by(col(Page.id).desc())
+    if limit:
+        query = query.limit(limit)
+    return [page_view(p) for p in session.exec(query).all()]
+
+
+def ticket_pages(session: Session, ticket_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each ticket's latest page, as the ticket views show it."""
+    if not ticket_ids:
+        return {}
+    latest = (
+        select(func.max(col(Page.id)))
+        .where(col(Page.ticket_id).in_(ticket_ids))
+        .group_by(col(Page.ticket_id))
+    )
+    rows = session.exec(select(Page).where(col(Page.id).in_(latest))).all()
+    return {
+        p.ticket_id: {"id": p.id, "action": p.action, "status": p.status, "reason": p.reason}
+        for p in rows
+    }
+
+
+def retry_page(session: Session, page_id: int, now: datetime) -> Page:
+    """Send a failed or withheld page again (or a pending one now), with a new give-up window."""
+    page = session.get(Page, page_id, with_for_update=True)
+    if page is None:
+        raise PageNotFound(page_id)
+    if page.status == PageStatus.SENT:
+        raise PageNotRetryable(f"page {page_id} was already sent at {page.sent_at}")
+    page.status = PageStatus.PENDING.value
+    page.reason = None
+    page.next_attempt_at = now
+    page.queued_at = now
+    session.add(page)
+    return page

@@ -1,0 +1,356 @@
+"""The pager: sends the page outbox to PagerDuty's Events API v2.
+
+It claims due `pending` rows (escalation.claim_due), sends each with the
+`pagerduty` package's EventsApiV2Client in a worker thread (the client is
+synchronous; the event loop never waits on it), and records the outcome.
+
+Retries are ours, not the client's: its own loop sleeps in `time.sleep` and
+retries 429 without limit, so it is switched off (one HTTP attempt per call)
+and tenacity retries instead — 429, 5xx, timeouts and network errors with
+exponential backoff and jitter, each attempt bounded by `[pagerduty] timeout`,
+until `[pagerduty] give_up_after` has passed since the page was queued.
+Every failed attempt is written to the row (attempts, last error, next attempt
+time) before the wait, so a restart resumes where the last run stopped. Any
+other 4xx (400: invalid event or routing key) is permanent: the page is
+marked failed at once and PagerDuty's message logged at error level.
+
+A page whose send succeeded but whose `sent` mark was lost to a crash is sent
+again after the restart; the dedup key makes PagerDuty fold it into the same
+incident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pagerduty
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from maild.config import PagerDutySettings
+from maild.database import Database
+from maild.enums import PageStatus
+from maild.escalation import PageJob, claim_due, next_due, record_attempt, release_claims
+from maild.models import utcnow
+
+log = structlog.get_logger("maild.pager")
+# httpx2 logs every request at INFO; the pager logs each page's outcome itself.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+CLAIM_LIMIT = 32
+POLL_SECONDS = 1.0  # pages queued by another process (`maild ingest`, `tickets close`)
+
+
+class PageError(Exception):
+    """A failed attempt to send a page."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientPageError(PageError):
+    """429, 5xx, a timeout or a network error: worth trying again."""
+
+
+class PermanentPageError(PageError):
+    """PagerDuty refused the event itself (400 and other 4xx): trying again cannot help."""
+
+
+class _Stopping(Exception):
+    """The daemon is stopping: leave the page pending for the next run."""
+
+
+class _OneShotEventsClient(pagerduty.EventsApiV2Client):
+    """EventsApiV2Client making exactly one HTTP attempt per event.
+
+    `retry = {}` drops its 5xx retries, `max_network_attempts = 0` its network
+    retries, and `postprocess` (its per-response hook) raises on any non-2xx
+    before its unlimited 429 loop can sleep.
+    """
+
+    max_network_attempts = 0
+
+    def __init__(self, routing_key: str, **kwargs: Any) -> None:
+        super().__init__(routing_key, **kwargs)
+        self.retry = {}
+
+    def postprocess(self, response: httpx2.Response) -> None:
+        if not response.is_success:
+            raise pagerduty.HttpError(_describe_response(response), response)
+
+
+def _describe_response(response: httpx2.Response) -> str:
+    """PagerDuty's own words: `message` and `errors` from the JSON body, else the text."""
+    text = response.text[:1000]
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        parts = [str(body.get("message") or body.get("status") or "")]
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            parts.append("; ".join(str(e) for e in errors))
+        text = ": ".join(p for p in parts if p)
+    return f"HTTP {response.status_code}: {text or response.reason_phrase}"
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system's trust store, plus `[pagerduty] ca_file` when set."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+class EventsClient:
+    """Sends one event per call, classifying every failure as transient or permanent."""
+
+    def __init__(self, settings: PagerDutySettings) -> None:
+        key = settings.key()
+        if not key:
+            raise ValueError("no [pagerduty] routing key")
+        self._client = _OneShotEventsClient(
+            key, base_url=settings.events_url, verify=_tls_context(settings.ca_file)
+        )
+        self._client.timeout = settings.timeout  # type: ignore[assignment]  # any httpx timeout
+
+    def send(self, event: dict[str, Any]) -> str:
+        """POST one event (routing key added here); PagerDuty's dedup key on 202."""
+        body = dict(event)
+        action = body.pop("event_action")
+        dedup_key = body.pop("dedup_key", None)
+        try:
+            return str(self._client.send_event(action, dedup_key=dedup_key, **body))
+        except pagerduty.HttpError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            message = exc.msg if isinstance(exc.msg, str) else str(exc)
+            if status in (0, 408, 429) or status >= 500:
+                raise TransientPageError(message, status) from None
+            raise PermanentPageError(message, status) from None
+        except pagerduty.Error as exc:  # no response: network, TLS, timeout
+            cause = exc.__cause__
+            detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
+            raise TransientPageError(detail) from None
+        except OSError as exc:
+            raise TransientPageError(f"{type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Pager:
+    """The background task that delivers the page outbox."""
+
+    def __init__(
+        self,
+        database: Database,
+        client: EventsClient,
+        settings: PagerDutySettings,
+        claimer: str,
+        poll_interval: float = POLL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._database = database
+        self._client = client
+        self._settings = settings
+        self._claimer = claimer
+        self._poll = poll_interval
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        # A claimed page is not claimed again until this long after (an attempt
+        # can take `timeout`); a crash mid-attempt delays it by at most this much.
+        self._lease = settings.timeout * 2 + 5
+
+    async def start(self) -> None:
+        released = await self._database.write(lambda s: release_claims(s, self._claimer, utcnow()))
+        if released:
+            log.info("pages the previous run left pending are due again", pages=released)
+        self._task = asyncio.create_task(self._run(), name="maild-pager")
+
+    def notify(self, *_: object) -> None:
+        """A page may have been queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Let attempts in flight finish (up to `grace` seconds); waiting pages stay pending."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            _, late = await asyncio.wait(self._inflight, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                log.warning("pages cut at shutdown; they are sent after restart", pages=len(late))
+        await asyncio.to_thread(self._client.close)
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            self._wake.clear()
+            wait = self._poll
+            try:
+                due = await self._database.read(next_due)  # a read: no write lock when idle
+                if due is not None and due <= utcnow():
+                    jobs = await self._database.write(
+                        lambda s: claim_due(s, utcnow(), CLAIM_LIMIT, self._lease, self._claimer)
+                    )
+                    for job in jobs:
+                        task = asyncio.create_task(self._deliver(job), name=f"maild-page-{job.id}")
+                        self._inflight.add(task)
+                        task.add_done_callback(self._finished)
+                    if len(jobs) == CLAIM_LIMIT:
+                        continue  # more are due
+                    if jobs:
+                        due = await self._database.read(next_due)
+                    else:
+                        due = None  # due but waiting behind an earlier page of the same ticket
+                if due is not None:
+                    wait = min(wait, max(0.0, (due - utcnow()).total_seconds()))
+            except Exception as exc:
+                log.error("could not read the page outbox; will retry", error=str(exc)[:500])
+                wait = backoff
+                backoff = min(backoff * 2, 30.0)
+            else:
+                backoff = 0.5
+            await self._pause(wait)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # a page waiting behind this one (a resolve after its trigger) may go
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        """tenacity's sleep between attempts; cut short when the daemon stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        if self._stopping.is_set():
+            raise _Stopping
+
+    async def _deliver(self, job: PageJob) -> None:
+        deadline = job.queued_at + timedelta(seconds=self._settings.give_up_after)
+        remaining = max(0.0, (deadline - utcnow()).total_seconds())
+        attempts = job.attempts
+        started = self._clock()
+
+        async def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.upcoming_sleep
+            try:
+                await self._database.write(
+                    lambda s: record_attempt(
+                        s,
+                        job.id,
+                        attempts=attempts,
+                        status=PageStatus.PENDING,
+                        error=str(error),
+                        next_attempt_at=utcnow() + timedelta(seconds=wait + self._lease),
+                    )
+                )
+            except Exception as exc:  # the retries go on; the lease keeps others off it
+                log.warning("could not record a page attempt", page=job.id, error=str(exc)[:500])
+            log.warning(
+                "page attempt failed; will retry",
+                page=job.id,
+                ticket=job.ticket_id,
+                action=job.action,
+                attempts=attempts,
+                error=str(error),
+                retry_in=round(wait, 1),
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientPageError),
+            stop=stop_before_delay(remaining),
+            wait=wait_exponential_jitter(
+                multiplier=self._settings.retry_initial,
+                max=self._settings.retry_max,
+                jitter=self._settings.retry_initial,
+            ),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    await asyncio.to_thread(self._client.send, job.event)
+        except _Stopping:
+            return
+        except asyncio.CancelledError:
+            raise
+        except PageError as exc:
+            permanent = isinstance(exc, PermanentPageError)
+            error = (
+                str(exc)
+                if permanent
+                else f"gave up after {attempts} attempts over "
+                f"{self._settings.give_up_after:g} s ([pagerduty] give_up_after): {exc}"
+            )
+            await self._record(job, attempts, PageStatus.FAILED, error)
+            log.error(
+                "page failed: PagerDuty refused it" if permanent else "page failed: gave up",
+                page=job.id,
+                ticket=job.ticket_id,
+                action=job.action,
+                attempts=attempts,
+                status=exc.status,
+                error=str(exc),
+            )
+            return
+        except Exception as exc:  # a bug of ours: keep the page for `maild pages retry`
+            await self._record(job, attempts, PageStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            log.exception("page failed: internal error", page=job.id, ticket=job.ticket_id)
+            return
+        await self._record(job, attempts, PageStatus.SENT, None)
+        log.info(
+            "page sent",
+            page=job.id,
+            ticket=job.ticket_id,
+            action=job.action,
+            dedup_key=job.dedup_key,
+            attempts=attempts,
+            send_ms=round((self._clock() - started) * 1000),
+            since_queued_ms=round((utcnow() - job.created_at).total_seconds() * 1000),
+        )
+
+    async def _record(
+        self, job: PageJob, attempts: int, status: PageStatus, error: str | None
+    ) -> None:
+        try:
+            await self._database.write(
+                lambda s: record_attempt(s, job.id, attempts=attempts, status=status, error=error)
+            )
+        except Exception as exc:  # the row stays pending and is sent again: same dedup key
+            log.error(
+                "could not record a page's outcome; it will be sent again",
+                page=job.id,
+                error=str(exc)[:500],
+            )
