@@ -85,7 +85,7 @@ def _database(settings: Settings) -> Any:
 
     try:
         database = Database(settings.database.url, settings.database.busy_timeout)
-        database.create_schema()
+        database.ensure_schema(settings.source)
     except MaildError as exc:
         _fail(str(exc), EX_CONFIG)
     except Exception as exc:
@@ -149,6 +149,8 @@ def serve(config_path: Path | None) -> None:
         _fail(f"refusing to start: {exc}", EX_CONFIG)
     try:
         asyncio.run(service.run())
+    except MaildError as exc:  # an out-of-date schema, say
+        _fail(f"refusing to start: {exc}", EX_CONFIG)
     except OSError as exc:
         _fail(f"cannot start: {exc}", 1)
     except SQLAlchemyError as exc:
@@ -213,7 +215,7 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 
     database = Database(settings.database.url, settings.database.busy_timeout)
     try:
-        database.create_schema()
+        database.ensure_schema(settings.source)
         delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
         (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
         try:
@@ -634,3 +636,67 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
         _fail(f"PagerDuty did not accept the test event: {exc}")
     finally:
         client.close()
+
+
+@main.group()
+def db() -> None:
+    """The database schema: migrations shipped with maild."""
+
+
+def _engine_database(config_path: Path | None) -> Any:
+    """The configured database without the schema check (the db commands fix the schema)."""
+    from maild.database import Database
+
+    settings = _settings(config_path, quiet=False)
+    try:
+        return Database(settings.database.url, settings.database.busy_timeout)
+    except MaildError as exc:
+        _fail(str(exc), EX_CONFIG)
+
+
+@db.command("upgrade")
+@config_option
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(config_path: Path | None, revision: str) -> None:
+    """Migrate the database to this maild's schema (creates it when empty). Safe to rerun."""
+    from maild.schema import upgrade
+
+    database = _engine_database(config_path)
+    try:
+        before, after = upgrade(database.write_engine, revision)
+    except SQLAlchemyError as exc:
+        _fail(f"migration failed, the database is unchanged: {exc}")
+    finally:
+        database.close()
+    if before == after:
+        click.echo(f"database schema already at revision {after}")
+    else:
+        click.echo(f"database schema upgraded from {before or 'empty'} to revision {after}")
+
+
+@db.command("current")
+@config_option
+@json_option
+def db_current(config_path: Path | None, as_json: bool) -> None:
+    """The database's schema revision and the one this maild needs (exit 1 if they differ)."""
+    from maild.schema import schema_state
+
+    database = _engine_database(config_path)
+    try:
+        state = schema_state(database.write_engine)
+    except SQLAlchemyError as exc:
+        _fail(f"database is not usable: {exc}")
+    finally:
+        database.close()
+    view = {"current": state.current, "head": state.head, "up_to_date": state.up_to_date}
+    if as_json:
+        _print_json(view)
+    elif state.up_to_date:
+        click.echo(f"revision {state.current} (up to date)")
+    else:
+        click.echo(
+            f"revision {state.current or 'none'}, this maild needs {state.head}: "
+            f"run `maild db upgrade`"
+        )
+    if not state.up_to_date:
+        sys.exit(1)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from maild import models  # noqa: F401  (registers the tables)
 from maild.errors import ConfigError
@@ -102,7 +102,16 @@ class Database:
         return self.write_engine.dialect.name == "sqlite"
 
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.write_engine)
+        """Bring the schema to this maild's version (Alembic migrations)."""
+        from maild.schema import upgrade
+
+        upgrade(self.write_engine)
+
+    def ensure_schema(self, config_path: object) -> None:
+        """Refuse an out-of-date schema (SchemaError names the fix); create an empty one."""
+        from maild.schema import ensure_current
+
+        ensure_current(self.write_engine, str(config_path), create_if_empty=True)
 
     def check(self) -> None:
         """Raise if the database cannot be reached."""

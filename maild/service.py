@@ -118,7 +118,7 @@ class Service:
 
     async def _start(self) -> None:
         await asyncio.to_thread(self.database.check)
-        await asyncio.to_thread(self.database.create_schema)
+        await asyncio.to_thread(self.database.ensure_schema, self.settings.source or "CONFIG")
         if self.pager is not None:
             await self.pager.start()
         self.processor.start()

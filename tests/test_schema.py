@@ -1,0 +1,132 @@
+"""The schema is managed by the Alembic migrations shipped in maild/migrations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlmodel import SQLModel
+
+from maild.database import Database
+from maild.models import metadata
+from maild.schema import SchemaError, ensure_current, head_revision, schema_state
+
+TABLES = {"inbound", "ticket", "participant", "message", "attachment", "blob", "page"}
+
+
+def maild(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "maild", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    db = Database(database_url)
+    yield db
+    db.close()
+
+
+def test_db_upgrade_creates_the_schema_from_empty_and_is_idempotent(
+    make_config: Callable[..., Path], database: Database
+) -> None:
+    """`maild db upgrade` on an empty database reaches head; again, it changes nothing."""
+    config = make_config()
+    before = maild(config, "db", "current")
+    assert (before.returncode, before.stdout) == (
+        1,
+        f"revision none, this maild needs {head_revision()}: run `maild db upgrade`\n",
+    )
+    first = maild(config, "db", "upgrade")
+    assert (first.returncode, first.stdout) == (
+        0,
+        f"database schema upgraded from empty to revision {head_revision()}\n",
+    )
+    again = maild(config, "db", "upgrade")
+    assert (again.returncode, again.stdout) == (
+        0,
+        f"database schema already at revision {head_revision()}\n",
+    )
+    after = maild(config, "db", "current", "--json")
+    assert after.returncode == 0
+    assert f'"current": "{head_revision()}"' in after.stdout
+    assert set(inspect(database.write_engine).get_table_names()) >= TABLES
+
+
+def test_the_migrations_build_exactly_the_models(database: Database) -> None:
+    """After upgrading, Alembic finds no difference between the database and the models."""
+    database.create_schema()
+    with database.write_engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, metadata)
+    assert differences == []
+
+
+def test_serve_refuses_an_unversioned_schema_until_db_upgrade(
+    make_config: Callable[..., Path], database: Database
+) -> None:
+    """Tables without a version (a development build's database) stop serve with the fix named."""
+    SQLModel.metadata.create_all(database.write_engine)
+    config = make_config()
+    refused = maild(config, "serve")
+    assert refused.returncode == 78
+    assert refused.stderr == (
+        f"maild: refusing to start: the database schema is at revision none (unversioned), "
+        f"this maild needs {head_revision()}; run `maild db upgrade --config {config}`\n"
+    )
+    listed = maild(config, "tickets", "list")
+    assert listed.returncode == 78
+    assert f"run `maild db upgrade --config {config}`" in listed.stderr
+    upgraded = maild(config, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert schema_state(database.write_engine).up_to_date
+    assert maild(config, "tickets", "list").returncode == 0
+
+
+def test_a_schema_from_a_newer_maild_is_refused(
+    make_config: Callable[..., Path], database: Database
+) -> None:
+    """A revision this maild does not know means a newer maild migrated it: refuse, say so."""
+    database.create_schema()
+    with database.write_engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaError, match="revision 9999, which this maild does not know"):
+        ensure_current(database.write_engine, str(make_config()), create_if_empty=True)
+
+
+def test_serve_and_ingest_create_the_schema_on_an_empty_database(
+    make_config: Callable[..., Path], database: Database
+) -> None:
+    """Zero setup: the first `maild ingest` on an empty database creates the schema."""
+    config = make_config()
+    raw = b"From: a@customer.example\r\nSubject: first\r\n\r\nhello\r\n"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maild",
+            "ingest",
+            "--config",
+            str(config),
+            "--recipient",
+            "support@altis-dxp.com",
+            "-",
+        ],
+        input=raw,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert schema_state(database.write_engine).up_to_date
+    assert inspect(database.write_engine).has_table("alembic_version")
