@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from maild.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/maild/config.toml"
+# systemd's LoadCredential=pagerduty-routing-key:... puts the key here, read when the
+# config names no key of its own.
+CREDENTIAL_NAME = "pagerduty-routing-key"
 MIB = 1024 * 1024
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -316,6 +319,14 @@ def _resolve_pagerduty(
     update: dict[str, Any] = {}
     if pagerduty.ca_file is not None:
         update["ca_file"] = _resolve(base, pagerduty.ca_file)  # read by `maild serve`
+    credential = Path(os.environ.get("CREDENTIALS_DIRECTORY", "")) / CREDENTIAL_NAME
+    if (
+        pagerduty.routing_key is None
+        and pagerduty.routing_key_file is None
+        and os.environ.get("CREDENTIALS_DIRECTORY")
+        and credential.is_file()
+    ):
+        pagerduty = pagerduty.model_copy(update={"routing_key_file": credential})
     if pagerduty.routing_key_file is not None:
         line = _line_of(text, "pagerduty", "routing_key_file")
         where = f"{path}:{line}: [pagerduty] routing_key_file"

@@ -18,6 +18,8 @@ QUIET_LOGGERS = {
     "mail.log": logging.WARNING,
     "mailparser": logging.ERROR,
     "asyncio": logging.WARNING,
+    "alembic": logging.WARNING,  # maild logs what it migrated itself
+    "httpx2": logging.WARNING,  # a line per request; the pager logs each page's outcome
 }
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -50,8 +49,6 @@ from maild.escalation import PageJob, claim_due, next_due, record_attempt, relea
 from maild.models import utcnow
 
 log = structlog.get_logger("maild.pager")
-# httpx2 logs every request at INFO; the pager logs each page's outcome itself.
-logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 CLAIM_LIMIT = 32
 POLL_SECONDS = 1.0  # pages queued by another process (`maild ingest`, `tickets close`)

@@ -26,8 +26,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from maild.errors import MaildError
 
-logging.getLogger("alembic").setLevel(logging.WARNING)  # maild logs what it migrated
-
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST_REVISION = "0001"
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import structlog
 from sqlalchemy.engine import make_url
 
+from maild import systemd
 from maild.config import Settings, parse_hostport
 from maild.database import Database
 from maild.errors import ConfigError, RulesError
@@ -80,9 +81,17 @@ class Service:
         self.listeners: list[Listener] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._stop = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
 
     def reload_rules(self) -> bool:
         """Swap in the rules table from disk; on any problem keep the current one."""
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        try:
+            return self._reload_rules()
+        finally:
+            systemd.notify("READY=1", f"STATUS={self._status()}")
+
+    def _reload_rules(self) -> bool:
         try:
             table = load_rules(self.settings.rules.path)
             check_paging(self.settings, table)
@@ -124,9 +133,10 @@ class Service:
         self.processor.start()
         smtp = self.settings.smtp
         hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
+        passed = systemd.passed_sockets()  # socket activation: systemd holds port 25
         wanted = [("smtp", smtp.listen)]
-        if self.settings.lmtp.listen:
-            wanted.append(("lmtp", self.settings.lmtp.listen))
+        if self.settings.lmtp.listen or "lmtp" in passed:
+            wanted.append(("lmtp", self.settings.lmtp.listen or "127.0.0.1:0"))
         for protocol, listen in wanted:
             listener = Listener(
                 protocol,
@@ -136,7 +146,7 @@ class Service:
                 timeout=smtp.timeout,
             )
             host, port = parse_hostport(listen)
-            self.addresses[protocol] = await listener.start(host, port)
+            self.addresses[protocol] = await listener.start(host, port, passed.get(protocol))
             self.listeners.append(listener)
         log.info(
             "maild started",
@@ -157,9 +167,26 @@ class Service:
                 events_url=self.settings.pagerduty.events_url,
                 source=self.policy.source,
             )
+        systemd.notify("READY=1", f"STATUS={self._status()}")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.create_task(self._heartbeat(interval), name="maild-watchdog")
+
+    def _status(self) -> str:
+        listening = ", ".join(f"{k} on {h}:{p}" for k, (h, p) in self.addresses.items())
+        return f"accepting mail: {listening}; rules {self.rules.version[:12]}"
+
+    async def _heartbeat(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a stuck loop misses it and systemd restarts us."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         log.info("maild stopping")
+        systemd.notify("STOPPING=1", "STATUS=stopping: finishing open transactions")
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # systemd stops expecting heartbeats after STOPPING=1
         for listener in self.listeners:
             listener.stop_accepting()
         timeout = self.settings.smtp.shutdown_timeout

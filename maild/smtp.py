@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -205,9 +206,16 @@ class Listener:
         self.connections.add(connection)
         return connection
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Listen on host:port, or on `sock` (a socket systemd passed in)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, host, port)  # type: ignore[arg-type]
+        if sock is not None:
+            sock.setblocking(False)
+            self._server = await loop.create_server(self._factory, sock=sock)  # type: ignore[arg-type]
+        else:
+            self._server = await loop.create_server(self._factory, host, port)  # type: ignore[arg-type]
         address = self._server.sockets[0].getsockname()
         return str(address[0]), int(address[1])
 

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +18,46 @@ from tests.conftest import wait_until
 class Daemon:
     """One `maild serve --config PATH` process whose JSON log is kept in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.log_path = log
+        self.env = env or {}
+        self.prefix = prefix or []  # e.g. systemd-socket-activate and its options
         self.process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
 
-    def start(self, timeout: float = 30) -> Daemon:
+    def start(self, timeout: float = 30, trigger: Callable[[], object] | None = None) -> Daemon:
+        """Start it and wait for "maild started"; `trigger` runs in between (a first
+        connection that systemd-socket-activate waits for before it starts maild)."""
         self.log_path.write_bytes(b"")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "maild", "serve", "--config", str(self.config)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "maild",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
-        started = wait_until(self._started, timeout, "maild serve to log 'maild started'")
+        if trigger is not None:
+            threading.Thread(target=trigger, daemon=True).start()
+        try:
+            started = wait_until(self._started, timeout, "maild serve to log 'maild started'")
+        except BaseException:
+            self.__exit__()
+            raise
         self.ports = {name: int(value.rsplit(":", 1)[1]) for name, value in started.items()}
         return self
 

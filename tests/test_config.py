@@ -412,3 +412,19 @@ def test_parse_hostport_refuses_what_is_not_host_and_port(value: str) -> None:
     """parse_hostport refuses a missing host or port and ports outside 0-65535."""
     with pytest.raises(ValueError, match='is not "host:port"'):
         parse_hostport(value)
+
+
+def test_routing_key_comes_from_the_systemd_credential_when_the_config_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadCredential=pagerduty-routing-key: the key file in $CREDENTIALS_DIRECTORY is used."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pagerduty-routing-key").write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    path = write(tmp_path, "[pagerduty]\nenabled = true\n")
+    pagerduty = load_settings(path).pagerduty
+    assert pagerduty.key() == "0123456789abcdef0123456789abcdef"
+    assert credentials / "pagerduty-routing-key" == pagerduty.routing_key_file
+    explicit = write(tmp_path, '[pagerduty]\nrouting_key = "abcdef0123456789abcdef0123456789"\n')
+    assert load_settings(explicit).pagerduty.key() == "abcdef0123456789abcdef0123456789"
