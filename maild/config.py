@@ -112,15 +112,24 @@ class SmtpSettings(_Section):
         return value
 
 
+def _optional_hostport(value: str | None) -> str | None:
+    if value is not None:
+        parse_hostport(value)
+    return value
+
+
 class LmtpSettings(_Section):
     listen: str | None = None
 
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_hostport(value)
-        return value
+    _listen = field_validator("listen")(_optional_hostport)
+
+
+class HttpSettings(_Section):
+    """The optional HTTP listener for /metrics, /healthz and /readyz."""
+
+    listen: str | None = None
+
+    _listen = field_validator("listen")(_optional_hostport)
 
 
 class DatabaseSettings(_Section):
@@ -235,6 +244,7 @@ class Settings(_Section):
     source: Path | None = None  # the file these settings came from
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     lmtp: LmtpSettings = Field(default_factory=LmtpSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)

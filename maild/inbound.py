@@ -77,3 +77,24 @@ def failed_ids(session: Session) -> list[int]:
         ).all()
         if i is not None
     ]
+
+
+def backlog(session: Session) -> dict[str, int]:
+    """Work waiting: deliveries not yet processed, failed ones kept, pages not yet sent."""
+    from sqlalchemy import func
+
+    from maild.models import Page
+
+    counts = dict(
+        session.exec(
+            select(Inbound.status, func.count(col(Inbound.id)))
+            .where(col(Inbound.status).in_(("received", "failed")))
+            .group_by(col(Inbound.status))
+        ).all()
+    )
+    pages = session.exec(select(func.count(col(Page.id))).where(Page.status == "pending")).one()
+    return {
+        "inbound": counts.get("received", 0),
+        "failed": counts.get("failed", 0),
+        "pages": pages,
+    }

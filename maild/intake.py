@@ -34,7 +34,17 @@ from maild import addresses
 from maild.addresses import Address
 from maild.enums import InboundStatus, ParticipantRole, Priority, TicketStatus
 from maild.escalation import EscalationPolicy, plan_trigger
-from maild.models import Attachment, Blob, Inbound, Message, Page, Participant, Ticket, utcnow
+from maild.models import (
+    Attachment,
+    Blob,
+    Inbound,
+    Message,
+    Page,
+    Participant,
+    Ticket,
+    as_utc,
+    utcnow,
+)
 from maild.parsing import ParsedMessage, message_id_hash
 from maild.rules import Route, RuleTable, best_route, resolve_all
 
@@ -59,6 +69,9 @@ class Filed:
     page_id: int | None = None
     page_status: str | None = None  # pending | withheld
     page_reason: str | None = None  # why it was withheld
+    ticket_type: str | None = None  # of a created ticket
+    ticket_priority: str | None = None
+    latency: float | None = None  # seconds from the 250 to filing
 
 
 def _with_page(filed: Filed, page: Page | None) -> Filed:
@@ -297,7 +310,17 @@ def file_message(
             parsed=parsed,
             now=now,
         )
-    return _with_page(Filed(inbound.id, outcome, ticket.id, route.name, how), page)
+    filed = Filed(
+        inbound.id,
+        outcome,
+        ticket.id,
+        route.name,
+        how,
+        ticket_type=ticket.type,
+        ticket_priority=ticket.priority,
+        latency=(now - as_utc(inbound.received_at)).total_seconds(),
+    )
+    return _with_page(filed, page)
 
 
 def _mark_failed(inbound: Inbound, error: str) -> Filed:

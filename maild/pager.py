@@ -42,6 +42,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from maild import metrics
 from maild.config import PagerDutySettings
 from maild.database import Database
 from maild.enums import PageStatus
@@ -272,6 +273,7 @@ class Pager:
                 )
             except Exception as exc:  # the retries go on; the lease keeps others off it
                 log.warning("could not record a page attempt", page=job.id, error=str(exc)[:500])
+            metrics.PAGES.labels(job.action, "retried").inc()
             log.warning(
                 "page attempt failed; will retry",
                 page=job.id,
@@ -312,6 +314,7 @@ class Pager:
                 f"{self._settings.give_up_after:g} s ([pagerduty] give_up_after): {exc}"
             )
             await self._record(job, attempts, PageStatus.FAILED, error)
+            metrics.PAGES.labels(job.action, "failed").inc()
             log.error(
                 "page failed: PagerDuty refused it" if permanent else "page failed: gave up",
                 page=job.id,
@@ -327,6 +330,7 @@ class Pager:
             log.exception("page failed: internal error", page=job.id, ticket=job.ticket_id)
             return
         await self._record(job, attempts, PageStatus.SENT, None)
+        metrics.PAGES.labels(job.action, "sent").inc()
         log.info(
             "page sent",
             page=job.id,

@@ -25,6 +25,7 @@ from functools import partial
 import structlog
 from sqlmodel import Session, col, select
 
+from maild import metrics
 from maild.database import Database
 from maild.enums import InboundStatus
 from maild.escalation import EscalationPolicy
@@ -72,6 +73,13 @@ def claim_received(
 
 def _log_results(results: Sequence[Filed]) -> None:
     for filed in results:
+        metrics.PROCESSED.labels(filed.outcome).inc()
+        if filed.outcome == "created" and filed.ticket_type and filed.ticket_priority:
+            metrics.TICKETS.labels(filed.ticket_type, filed.ticket_priority).inc()
+        if filed.latency is not None:
+            metrics.PROCESSING_SECONDS.observe(max(0.0, filed.latency))
+        if filed.page_status == "withheld":
+            metrics.PAGES.labels("trigger", "withheld").inc()
         if filed.outcome == "failed":
             log.error(
                 "message failed processing; kept for `maild reprocess`",

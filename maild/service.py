@@ -15,11 +15,12 @@ import asyncio
 import signal
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from sqlalchemy.engine import make_url
 
-from maild import systemd
+from maild import metrics, systemd
 from maild.config import Settings, parse_hostport
 from maild.database import Database
 from maild.errors import ConfigError, RulesError
@@ -82,6 +83,8 @@ class Service:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._stop = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
+        self._ready = False
+        self.http: metrics.HttpListener | None = None
 
     def reload_rules(self) -> bool:
         """Swap in the rules table from disk; on any problem keep the current one."""
@@ -92,6 +95,11 @@ class Service:
             systemd.notify("READY=1", f"STATUS={self._status()}")
 
     def _reload_rules(self) -> bool:
+        ok = self._load_rules()
+        metrics.RELOADS.labels("ok" if ok else "failed").inc()
+        return ok
+
+    def _load_rules(self) -> bool:
         try:
             table = load_rules(self.settings.rules.path)
             check_paging(self.settings, table)
@@ -148,6 +156,12 @@ class Service:
             host, port = parse_hostport(listen)
             self.addresses[protocol] = await listener.start(host, port, passed.get(protocol))
             self.listeners.append(listener)
+            metrics.UP.labels(protocol).set(1)
+        if self.settings.http.listen:
+            self.http = metrics.HttpListener(self._health, lambda: self._ready, self._backlog)
+            host, port = parse_hostport(self.settings.http.listen)
+            self.addresses["http"] = await self.http.start(host, port)
+        self._ready = True
         log.info(
             "maild started",
             listen={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
@@ -182,7 +196,28 @@ class Service:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    async def _backlog(self) -> dict[str, int]:
+        from maild.inbound import backlog
+
+        return await self.database.read(backlog)
+
+    async def _health(self) -> dict[str, Any]:
+        """What /healthz reports: each check, and the backlogs."""
+        checks: dict[str, str] = {}
+        for listener in self.listeners:
+            checks[f"listener_{listener.protocol}"] = "ok" if listener.serving else "closed"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.database.check), 5)
+            checks["database"] = "ok"
+            backlog: dict[str, int] | None = await asyncio.wait_for(self._backlog(), 5)
+        except Exception as exc:
+            checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
+            backlog = None
+        status = "ok" if all(v == "ok" for v in checks.values()) and self._ready else "failing"
+        return {"status": status, "checks": checks, "backlog": backlog}
+
     async def stop(self) -> None:
+        self._ready = False
         log.info("maild stopping")
         systemd.notify("STOPPING=1", "STATUS=stopping: finishing open transactions")
         if self._watchdog is not None:
@@ -199,6 +234,10 @@ class Service:
         await self.processor.stop()
         if self.pager is not None:
             await self.pager.stop(grace=self.settings.pagerduty.timeout)
+        for listener in self.listeners:
+            metrics.UP.labels(listener.protocol).set(0)
+        if self.http is not None:
+            await self.http.stop()
         await asyncio.to_thread(self.database.close)
         log.info("maild stopped")
 

@@ -24,6 +24,7 @@ import structlog
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from maild import metrics
 from maild.errors import MessageTooLarge, RecipientRefused, TemporaryFailure
 from maild.rules import RuleTable
 from maild.spool import Delivery, Spool
@@ -70,6 +71,7 @@ class _ConnectionFixes:
         """
         if isinstance(status, str) and status.startswith(_SIZE_REPLIES):
             status = MessageTooLarge.smtp_reply
+            metrics.MESSAGES_REFUSED.labels("too_large").inc()
         await super().push(status)  # type: ignore[misc]
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -112,6 +114,9 @@ class Handler:
         try:
             route = self._rules().resolve(address)
         except RecipientRefused as refused:
+            metrics.REFUSED.labels(
+                "relay" if refused.smtp_reply.startswith("550 5.7.1") else "unknown_mailbox"
+            ).inc()
             log.info(
                 "recipient refused",
                 rcpt=address,
@@ -143,11 +148,14 @@ class Handler:
         try:
             inbound_id = await self._spool.put(delivery)
         except TemporaryFailure as exc:
+            metrics.DEFERRED.labels("store_failed").inc()
             log.warning("message not stored; answered 451", error=str(exc)[:300])
             return self._reply(envelope, TEMPFAIL)
         except Exception:
+            metrics.DEFERRED.labels("internal_error").inc()
             log.exception("message not stored; answered 451")
             return self._reply(envelope, TEMPFAIL)
+        metrics.RECEIVED.labels(self.protocol).inc()
         log.info(
             "message accepted",
             inbound=inbound_id,
@@ -218,6 +226,10 @@ class Listener:
             self._server = await loop.create_server(self._factory, host, port)  # type: ignore[arg-type]
         address = self._server.sockets[0].getsockname()
         return str(address[0]), int(address[1])
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
 
     def stop_accepting(self) -> None:
         if self._server is not None:
