@@ -219,10 +219,12 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
         (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
         try:
+            from maild.acks import AckPolicy
             from maild.escalation import EscalationPolicy
 
             policy = EscalationPolicy.from_settings(settings)
-            (filed,) = process_now(database, table, [inbound_id], policy) or (None,)
+            acks = AckPolicy.from_settings(settings.outbound)
+            (filed,) = process_now(database, table, [inbound_id], policy, acks) or (None,)
         except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
             click.echo(f"maild: stored as {inbound_id}; processing deferred: {exc}", err=True)
             return EX_OK
@@ -252,7 +254,13 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
     database = _database(settings)
     try:
         wanted = list(ids) or database.run_read(failed_ids)
-        results = process_now(database, table, wanted, EscalationPolicy.from_settings(settings))
+        results = process_now(
+            database,
+            table,
+            wanted,
+            EscalationPolicy.from_settings(settings),
+            _acks(settings),
+        )
     finally:
         database.close()
     views = [
@@ -367,12 +375,23 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
     for page in view["pages"]:
         why = f": {page['reason']}" if page["reason"] else ""
         click.echo(f"  page {page['id']}: {page['action']} {page['status']}{why}")
+    for ack in view["acknowledgements"]:
+        why = (
+            f": {ack['reason'] or ack['last_error']}" if ack["reason"] or ack["last_error"] else ""
+        )
+        click.echo(f"  acknowledgement {ack['id']}: {ack['status']}{why}")
     for person in view["participants"]:
         name = f"{person['name']} " if person["name"] else ""
-        click.echo(f"  {person['role']:<9} {name}<{person['email']}>")
+        bad = f" (undeliverable: {person['undeliverable']})" if "undeliverable" in person else ""
+        click.echo(f"  {person['role']:<9} {name}<{person['email']}>{bad}")
     for number, message in enumerate(view["messages"], start=1):
         sender = message["from"]
-        click.echo(f"\n--- message {number}: {message['message_id']}")
+        flags = ""
+        if message["direction"] == "outbound":
+            flags = " (sent by maild)"
+        elif message["kind"] != "human":
+            flags = f" ({message['kind']}: {', '.join(message['auto_reasons'])})"
+        click.echo(f"\n--- message {number}: {message['message_id']}{flags}")
         click.echo(f"From: {sender['name']} <{sender['email']}>".strip())
         click.echo(f"Date: {message['date'] or message['received_at']}")
         click.echo(f"Subject: {message['subject']}")
@@ -636,6 +655,79 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
         _fail(f"PagerDuty did not accept the test event: {exc}")
     finally:
         client.close()
+
+
+def _acks(settings: Settings) -> Any:
+    from maild.acks import AckPolicy
+
+    try:
+        return AckPolicy.from_settings(settings.outbound)
+    except ConfigError as exc:
+        _fail(str(exc), EX_CONFIG)
+
+
+@main.group()
+def acks() -> None:
+    """The acknowledgement outbox: mail sent to customers, pending, failed and withheld."""
+
+
+@acks.command("list")
+@config_option
+@json_option
+@click.option("--status", type=click.Choice(["pending", "sent", "failed", "withheld"]))
+@click.option("--ticket", "ticket_id", type=int, help="Only this ticket's acknowledgements.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def acks_list(
+    config_path: Path | None,
+    as_json: bool,
+    status: str | None,
+    ticket_id: int | None,
+    limit: int,
+) -> None:
+    """Acknowledgements, newest first, with their recipients and why any was withheld."""
+    from maild.acks import list_outmail
+
+    _print_views(
+        _read(
+            config_path,
+            lambda s: list_outmail(s, status=status, ticket_id=ticket_id, limit=limit),
+        ),
+        as_json,
+        "no acknowledgements",
+        ["ID", "TICKET", "STATUS", "TRIES", "CREATED", "TO", "WHY"],
+        lambda v: [
+            v["id"],
+            v["ticket_id"],
+            v["status"],
+            v["attempts"],
+            (v["created_at"] or "")[:19].replace("T", " "),
+            _clip(", ".join(f"{r['email']} ({r['status']})" for r in v["recipients"]), 50),
+            _clip(v["reason"] or v["last_error"] or "", 60),
+        ],
+    )
+
+
+@acks.command("retry")
+@config_option
+@click.argument("outmail_id", type=int)
+def acks_retry(config_path: Path | None, outmail_id: int) -> None:
+    """Send a failed or withheld acknowledgement again to its recipients not yet reached."""
+    from maild.mailer import retry_outmail
+    from maild.models import utcnow
+
+    settings = _settings(config_path)
+    database = _database(settings)
+    try:
+        outmail = database.run_write(lambda s: retry_outmail(s, outmail_id, utcnow()))
+    except LookupError:
+        _fail(f"no acknowledgement {outmail_id}")
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        database.close()
+    click.echo(f"acknowledgement {outmail_id} (ticket {outmail.ticket_id}) is pending")
+    if not settings.outbound.enabled:
+        click.echo("note: no [outbound] smarthost; it is sent once one is set", err=True)
 
 
 @main.group()

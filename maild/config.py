@@ -7,6 +7,7 @@ is started from.
 
 from __future__ import annotations
 
+import email.utils
 import os
 import re
 import tomllib
@@ -21,6 +22,9 @@ DEFAULT_CONFIG = "/etc/maild/config.toml"
 # systemd's LoadCredential=pagerduty-routing-key:... puts the key here, read when the
 # config names no key of its own.
 CREDENTIAL_NAME = "pagerduty-routing-key"
+OUTBOUND_SECRET_CREDENTIAL = "outbound-secret"  # noqa: S105 (a file name)
+SMARTHOST_PASSWORD_CREDENTIAL = "smarthost-password"  # noqa: S105 (a file name)
+MIN_SECRET_LENGTH = 16
 MIB = 1024 * 1024
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -101,6 +105,11 @@ class SmtpSettings(_Section):
     max_message_size: int = 25 * MIB
     timeout: float = 300.0
     shutdown_timeout: float = 30.0
+    # Abuse limits, 0 for none (see maild/smtp.py). Strict ints: true, 1.5 or "100" are refused.
+    max_connections: int = Field(default=100, ge=0, strict=True)  # open, per listener
+    max_connections_per_ip: int = Field(default=20, ge=0, strict=True)  # the same, per client IP
+    max_recipients: int = Field(default=100, ge=0, strict=True)  # per transaction
+    max_errors: int = Field(default=10, ge=0, strict=True)  # 5xx replies to commands
 
     _size = field_validator("max_message_size", mode="before")(parse_size)
     _duration = field_validator("timeout", "shutdown_timeout", mode="before")(parse_duration)
@@ -238,6 +247,55 @@ class EscalationSettings(_Section):
         return result
 
 
+class OutboundSettings(_Section):
+    """Mail maild sends (acknowledgements): the smarthost, the sender, the reply-address key."""
+
+    smarthost: str | None = None  # "host:port"; unset: no acknowledgements are sent
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None  # read at load; for systemd credentials
+    from_: str = Field(default="", alias="from")  # "Altis Support <support@altis-dxp.com>"
+    secret: SecretStr | None = None  # HMAC key of the +token reply addresses
+    secret_file: Path | None = None
+    templates: Path = Path("templates")
+    message_id_domain: str = ""  # "" means the domain of `from`
+    max_acks_per_sender_per_hour: int = Field(default=5, ge=0)  # 0: no limit
+    timeout: float = 30.0  # one SMTP attempt
+    give_up_after: float = 86400.0
+    retry_initial: float = 30.0
+    retry_max: float = 1800.0
+
+    _smarthost = field_validator("smarthost")(_optional_hostport)
+    _duration = field_validator(
+        "timeout", "give_up_after", "retry_initial", "retry_max", mode="before"
+    )(parse_duration)
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str) -> str:
+        if value:
+            _, address = email.utils.parseaddr(value)
+            if "@" not in address or any(c in value for c in "\r\n"):
+                raise ValueError(f'{value!r} is not an address such as "Support <support@x.com>"')
+        return value
+
+    @field_validator("message_id_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError(f"{value!r} is not a domain name")
+        return value.lower()
+
+    @property
+    def enabled(self) -> bool:
+        return self.smarthost is not None
+
+    def from_address(self) -> str:
+        return email.utils.parseaddr(self.from_)[1].lower()
+
+
 class Settings(_Section):
     """Everything maild reads from its config file."""
 
@@ -251,6 +309,7 @@ class Settings(_Section):
     log: LogSettings = Field(default_factory=LogSettings)
     pagerduty: PagerDutySettings = Field(default_factory=PagerDutySettings)
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
 
 
 def default_config_path() -> Path:
@@ -356,6 +415,85 @@ def _resolve_pagerduty(
     return pagerduty.model_copy(update=update) if update else pagerduty
 
 
+def _credential(name: str) -> Path | None:
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if folder and (Path(folder) / name).is_file():
+        return Path(folder) / name
+    return None
+
+
+def _read_secret(
+    path: Path, text: str, base: Path, key: str, inline: SecretStr | None, file: Path | None
+) -> tuple[SecretStr | None, Path | None]:
+    """An `[outbound]` secret given inline or as `<key>_file` (read now, trimmed)."""
+    if file is None:
+        return inline, None
+    line = _line_of(text, "outbound", f"{key}_file")
+    where = f"{path}:{line}: [outbound] {key}_file" if line else f"{path}: [outbound] {key}_file"
+    if inline is not None:
+        raise ConfigError(f"{where}: set {key} or {key}_file, not both")
+    resolved = _resolve(base, file)
+    try:
+        value = resolved.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: {resolved}: {exc.strerror or exc}") from None
+    if not value:
+        raise ConfigError(f"{where}: {resolved} is empty")
+    return SecretStr(value), resolved
+
+
+def _resolve_outbound(
+    path: Path, text: str, base: Path, outbound: OutboundSettings
+) -> OutboundSettings:
+    """Paths resolved, secret files read, and what acknowledgements need checked."""
+    secret_file = outbound.secret_file
+    if outbound.secret is None and secret_file is None:
+        secret_file = _credential(OUTBOUND_SECRET_CREDENTIAL)
+    password_file = outbound.password_file
+    if outbound.password is None and password_file is None:
+        password_file = _credential(SMARTHOST_PASSWORD_CREDENTIAL)
+    secret, secret_file = _read_secret(path, text, base, "secret", outbound.secret, secret_file)
+    password, password_file = _read_secret(
+        path, text, base, "password", outbound.password, password_file
+    )
+
+    def where(key: str | None) -> str:
+        line = _line_of(text, "outbound", key) if key else _line_of(text, "outbound", None)
+        name = f"[outbound] {key}" if key else "[outbound]"
+        return f"{path}:{line}: {name}" if line else f"{path}: {name}"
+
+    if outbound.enabled:
+        if not outbound.from_:
+            raise ConfigError(
+                f"{where('smarthost')}: acknowledgements need a sender: set "
+                '[outbound] from = "Support <support@your-domain>"'
+            )
+        if secret is None:
+            raise ConfigError(
+                f"{where('smarthost')}: acknowledgements need [outbound] secret (or secret_file, "
+                f"or the systemd credential {OUTBOUND_SECRET_CREDENTIAL}): the key that signs "
+                "reply addresses; any random string of 16 characters or more"
+            )
+    if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"{where('secret_file' if secret_file else 'secret')}: too short "
+            f"({len(secret.get_secret_value())} characters; use {MIN_SECRET_LENGTH} or more)"
+        )
+    if (outbound.username is None) != (password is None):
+        key = "password" if outbound.username is not None else "username"
+        raise ConfigError(f"{where(None)}: username and password go together; set {key} too")
+    return outbound.model_copy(
+        update={
+            "secret": secret,
+            "secret_file": secret_file,
+            "password": password,
+            "password_file": password_file,
+            "templates": _resolve(base, outbound.templates),
+            "ca_file": _resolve(base, outbound.ca_file) if outbound.ca_file else None,
+        }
+    )
+
+
 def load_settings(path: Path) -> Settings:
     """Read, validate and resolve the settings in `path`; ConfigError names what is wrong."""
     try:
@@ -386,5 +524,6 @@ def load_settings(path: Path) -> Settings:
                 update={"url": _resolve_database_url(base, settings.database.url)}
             ),
             "pagerduty": pagerduty,
+            "outbound": _resolve_outbound(path, text, base, settings.outbound),
         }
     )

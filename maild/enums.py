@@ -44,6 +44,21 @@ class InboundStatus(StrEnum):
     PROCESSED = "processed"  # stored as a message of a ticket
     DUPLICATE = "duplicate"  # its Message-ID was already stored; nothing new was made
     FAILED = "failed"  # processing raised; the error is kept, `maild reprocess` retries
+    DROPPED = "dropped"  # kept, on purpose no ticket: our own mail back, an unmatched bounce
+
+
+class MessageKind(StrEnum):
+    """What a stored message is, as hygiene.classify and the acknowledgement decide."""
+
+    HUMAN = "human"  # written by a person: may open, reopen and be acknowledged
+    AUTO = "auto"  # auto-generated (out-of-office, list, monitoring): never acknowledged
+    BOUNCE = "bounce"  # a delivery status notification about mail we sent
+    ACK = "ack"  # our own acknowledgement (direction outbound)
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
 
 
 class ParticipantRole(StrEnum):
@@ -65,3 +80,22 @@ class PageStatus(StrEnum):
     SENT = "sent"  # PagerDuty answered 202
     FAILED = "failed"  # rejected (400), or still failing after [pagerduty] give_up_after
     WITHHELD = "withheld"  # never sent, for the reason recorded with it
+
+
+class MailStatus(StrEnum):
+    """Where an outgoing mail (an acknowledgement) is in its life."""
+
+    PENDING = "pending"  # to be sent (now, or at next_attempt_at after a failure)
+    SENT = "sent"  # the smarthost took it for every recipient it did not refuse
+    FAILED = "failed"  # refused, or still failing after [outbound] give_up_after
+    WITHHELD = "withheld"  # never sent, for the reason recorded with it
+
+
+class RecipientState(StrEnum):
+    """One recipient of an outgoing mail."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    REFUSED = "refused"  # the smarthost answered 5xx to RCPT
+    BOUNCED = "bounced"  # a DSN came back for it
+    WITHHELD = "withheld"  # not sent: over the hourly limit, or known undeliverable

@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild.addresses import Address
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
-from maild.models import Inbound, Page, Ticket, as_utc, utcnow
+from maild.models import Inbound, Page, Ticket, as_utc
 
 if TYPE_CHECKING:
     from maild.parsing import ParsedMessage
@@ -406,22 +406,18 @@ def record_attempt(
     now: datetime | None = None,
 ) -> None:
     """The outcome of one or more attempts: sent, failed, or pending until next_attempt_at."""
-    page = session.get(Page, page_id, with_for_update=True)
-    if page is None or page.status != PageStatus.PENDING:
-        return  # retried, withheld or sent meanwhile (another instance, the CLI)
-    page.attempts = attempts
-    page.status = status.value
-    if status == PageStatus.SENT:
-        page.sent_at = now or utcnow()
-        page.last_error = None
-        page.reason = None
-    else:
-        page.last_error = error[:4000] if error else None
-        if status == PageStatus.FAILED:
-            page.reason = page.last_error
-    if next_attempt_at is not None:
-        page.next_attempt_at = next_attempt_at
-    session.add(page)
+    from maild.outbox import record_outcome
+
+    record_outcome(
+        session,
+        Page,
+        page_id,
+        attempts=attempts,
+        status=status.value,
+        error=error,
+        next_attempt_at=next_attempt_at,
+        now=now,
+    )
 
 
 # The CLI's side.

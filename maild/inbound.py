@@ -80,10 +80,10 @@ def failed_ids(session: Session) -> list[int]:
 
 
 def backlog(session: Session) -> dict[str, int]:
-    """Work waiting: deliveries not yet processed, failed ones kept, pages not yet sent."""
+    """Work waiting: deliveries not yet processed, failed ones kept, pages and mail not sent."""
     from sqlalchemy import func
 
-    from maild.models import Page
+    from maild.models import Outmail, Page
 
     counts = dict(
         session.exec(
@@ -93,8 +93,12 @@ def backlog(session: Session) -> dict[str, int]:
         ).all()
     )
     pages = session.exec(select(func.count(col(Page.id))).where(Page.status == "pending")).one()
+    mail = session.exec(
+        select(func.count(col(Outmail.id))).where(Outmail.status == "pending")
+    ).one()
     return {
         "inbound": counts.get("received", 0),
         "failed": counts.get("failed", 0),
         "pages": pages,
+        "acknowledgements": mail,
     }

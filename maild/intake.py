@@ -15,6 +15,19 @@ The order of decisions, for one accepted delivery:
    reopens when pending, solved or closed).
 5. Page: whether on-call is paged for it (escalation.plan_trigger); the page
    row commits with the ticket or not at all.
+6. Acknowledge: a new ticket from a person gets an acknowledgement
+   (acks.plan_ack), also committed with the ticket.
+
+Before all of this, hygiene decides what kind of mail it is:
+
+- our own outgoing mail coming back (loop header, our Message-ID) is
+  dropped: kept as `dropped` with the reason, never filed;
+- a delivery status notification (a bounce) is attached to the ticket of the
+  message it reports on and marks the failed addresses undeliverable; it
+  never opens a ticket, and one about no message of ours is dropped;
+- auto-generated mail (out-of-office, lists, monitoring) is filed like a
+  person's, flagged with its reasons, but never acknowledged and never reopens
+  a ticket. A valid `+token` reply address joins its ticket whoever sends it.
 """
 
 from __future__ import annotations
@@ -25,20 +38,35 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from maild import addresses
+from maild import addresses, hygiene
+from maild.acks import AckPolicy, plan_ack
 from maild.addresses import Address
-from maild.enums import InboundStatus, ParticipantRole, Priority, TicketStatus
+from maild.dsn import DeliveryReport
+from maild.enums import (
+    Direction,
+    InboundStatus,
+    MessageKind,
+    ParticipantRole,
+    Priority,
+    RecipientState,
+    TicketStatus,
+)
+from maild.errors import RecipientRefused
 from maild.escalation import EscalationPolicy, plan_trigger
+from maild.mailer import mark_undeliverable
 from maild.models import (
     Attachment,
     Blob,
     Inbound,
     Message,
+    Outmail,
+    OutmailRecipient,
     Page,
     Participant,
     Ticket,
@@ -48,6 +76,7 @@ from maild.models import (
 from maild.parsing import ParsedMessage, message_id_hash
 from maild.rules import Route, RuleTable, best_route, resolve_all
 
+log = structlog.get_logger("maild.intake")
 SUBJECT_TAG = re.compile(r"\[#(\d{1,18})\]")
 REOPENS = frozenset({TicketStatus.PENDING, TicketStatus.SOLVED, TicketStatus.CLOSED})
 
@@ -61,10 +90,10 @@ class Filed:
     """What happened to one delivery."""
 
     inbound_id: int
-    outcome: str  # created | threaded | duplicate | failed
+    outcome: str  # created | threaded | duplicate | bounce | dropped | failed
     ticket_id: int | None = None
     route: str | None = None
-    threaded_by: str | None = None  # in-reply-to | references | subject-tag
+    threaded_by: str | None = None  # reply-address | in-reply-to | references | subject-tag
     error: str | None = None
     page_id: int | None = None
     page_status: str | None = None  # pending | withheld
@@ -72,12 +101,23 @@ class Filed:
     ticket_type: str | None = None  # of a created ticket
     ticket_priority: str | None = None
     latency: float | None = None  # seconds from the 250 to filing
+    kind: str = MessageKind.HUMAN.value  # human | auto | bounce
+    auto_reasons: tuple[str, ...] = ()
+    ack_id: int | None = None
+    ack_status: str | None = None  # pending | withheld
+    ack_reason: str | None = None
 
 
 def _with_page(filed: Filed, page: Page | None) -> Filed:
     if page is None:
         return filed
     return replace(filed, page_id=page.id, page_status=page.status, page_reason=page.reason)
+
+
+def _with_ack(filed: Filed, outmail: Outmail | None) -> Filed:
+    if outmail is None:
+        return filed
+    return replace(filed, ack_id=outmail.id, ack_status=outmail.status, ack_reason=outmail.reason)
 
 
 def _insert_ignore(session: Session, model: Any, values: dict[str, Any]) -> None:
@@ -115,9 +155,22 @@ def is_participant(session: Session, ticket_id: int, email: str) -> bool:
 
 
 def find_thread(
-    session: Session, parsed: ParsedMessage, sender: str
+    session: Session,
+    parsed: ParsedMessage,
+    sender: str,
+    recipients: Sequence[str] = (),
+    acks: AckPolicy | None = None,
 ) -> tuple[Ticket | None, str | None]:
-    """The ticket this message answers and how we know, or (None, None)."""
+    """The ticket this message answers and how we know, or (None, None).
+
+    A valid `+token` reply address comes first (it names the ticket, whoever
+    writes); an invalid one is plain mail to the base address.
+    """
+    if acks is not None:
+        by_token = acks.ticket_for(list(recipients))
+        ticket = session.get(Ticket, by_token) if by_token is not None else None
+        if ticket is not None:
+            return ticket, "reply-address"
     ticket_id = _thread_by_ids(session, parsed.in_reply_to)
     how = "in-reply-to"
     if ticket_id is None:
@@ -133,11 +186,19 @@ def find_thread(
     return None, None
 
 
+MAX_ADDRESS = 320  # RFC 5321: 64 + 1 + 255; longer is not an address (and not storable)
+
+
+def _usable(address: Address | None) -> Address | None:
+    return address if address is not None and len(address.email) <= MAX_ADDRESS else None
+
+
 def _sender(parsed: ParsedMessage, mail_from: str) -> Address | None:
-    if parsed.from_ is not None:
+    """From, else the envelope sender; None when neither is a usable address."""
+    if _usable(parsed.from_) is not None:
         return parsed.from_
     if mail_from and "@" in mail_from:
-        return Address(name="", email=addresses.normalize(mail_from))
+        return _usable(Address(name="", email=addresses.normalize(mail_from)))
     return None
 
 
@@ -153,7 +214,7 @@ def _add_participants(
     )
     for person, role in people:
         email = person.email.lower()
-        if not email or email in known or table.is_ours(email):
+        if not email or len(email) > MAX_ADDRESS or email in known or table.is_ours(email):
             continue
         known.add(email)
         session.add(Participant(ticket_id=ticket.id, email=email, name=person.name, role=role))
@@ -164,8 +225,11 @@ def _store_message(
     ticket: Ticket,
     inbound: Inbound,
     parsed: ParsedMessage,
-    route: Route,
+    route: Route | None,
     now: datetime,
+    kind: MessageKind = MessageKind.HUMAN,
+    auto_reasons: Sequence[str] = (),
+    report: DeliveryReport | None = None,
 ) -> Message:
     assert ticket.id is not None
     message = Message(
@@ -176,15 +240,19 @@ def _store_message(
         message_id_synthesized=parsed.message_id_synthesized,
         in_reply_to=parsed.in_reply_to,
         references=parsed.references,
-        from_email=parsed.from_.email if parsed.from_ else "",
+        from_email=parsed.from_.email[:MAX_ADDRESS] if parsed.from_ else "",
         from_name=parsed.from_.name if parsed.from_ else "",
         to=[a.as_dict() for a in parsed.to],
         cc=[a.as_dict() for a in parsed.cc],
         subject=parsed.subject,
         date=parsed.date,
         text=parsed.text,
-        rule=route.name,
+        rule=route.name if route else "",
         defects=parsed.defects,
+        direction=Direction.INBOUND.value,
+        kind=kind.value,
+        auto_reasons=list(auto_reasons),
+        report=report.as_dict() if report else None,
         created_at=now,
     )
     session.add(message)
@@ -213,16 +281,127 @@ def _raise_priority(ticket: Ticket, route: Route) -> None:
         ticket.priority = route.priority.value
 
 
+def _envelope_sender(inbound: Inbound) -> str | None:
+    """MAIL FROM ("" is `<>`), or None when a pipe delivery passed no sender."""
+    if inbound.protocol == "pipe" and not inbound.mail_from:
+        return None
+    return inbound.mail_from
+
+
+def _desk_address(table: RuleTable, inbound: Inbound, route: Route) -> str:
+    """The desk address (without +tag) the customer wrote to that chose the route."""
+    for recipient in inbound.rcpt_tos:
+        try:
+            if table.resolve(recipient) == route:
+                return addresses.route_key(recipient)
+        except RecipientRefused:
+            continue
+    return route.recipients[0]
+
+
+def _mark(inbound: Inbound, status: InboundStatus, now: datetime, ticket_id: int | None) -> None:
+    inbound.status = status.value
+    inbound.ticket_id = ticket_id
+    inbound.processed_at = now
+    inbound.error = None
+
+
+def _drop(inbound: Inbound, reason: str, now: datetime, kind: MessageKind) -> Filed:
+    """Keep the delivery, file nothing: the reason is its error text."""
+    assert inbound.id is not None
+    _mark(inbound, InboundStatus.DROPPED, now, None)
+    inbound.error = reason[:4000]
+    return Filed(inbound.id, "dropped", error=inbound.error, kind=kind.value)
+
+
+def _file_bounce(
+    session: Session,
+    inbound: Inbound,
+    parsed: ParsedMessage,
+    report: DeliveryReport,
+    reasons: list[str],
+    acks: AckPolicy | None,
+    now: datetime,
+) -> Filed:
+    """Attach a DSN to the ticket of the message it reports on; never a new ticket."""
+    assert inbound.id is not None
+    original: Message | None = None
+    if report.original_message_id:
+        original = session.exec(
+            select(Message).where(
+                Message.message_id_hash == message_id_hash(report.original_message_id)
+            )
+        ).first()
+    ticket: Ticket | None = session.get(Ticket, original.ticket_id) if original else None
+    if ticket is None and acks is not None:  # the report left out the original: its address
+        by_token = acks.ticket_for(list(inbound.rcpt_tos))
+        ticket = session.get(Ticket, by_token) if by_token is not None else None
+    if ticket is None:
+        about = report.original_message_id or "none given"
+        return _drop(
+            inbound,
+            f"bounce about a message that is in no ticket (original Message-ID <{about}>)",
+            now,
+            MessageKind.BOUNCE,
+        )
+    assert ticket.id is not None
+    outmail = None
+    if original is not None and original.direction == Direction.OUTBOUND:
+        outmail = session.exec(select(Outmail).where(Outmail.message_pk == original.id)).first()
+    for failed in report.failed:
+        why = f"bounced: {failed.status} {failed.diagnostic}".strip()
+        mark_undeliverable(session, ticket.id, failed.address, why, now)
+        if outmail is not None:
+            for row in session.exec(
+                select(OutmailRecipient).where(
+                    OutmailRecipient.outmail_id == outmail.id,
+                    OutmailRecipient.email == failed.address,
+                )
+            ).all():
+                row.status = RecipientState.BOUNCED.value
+                row.error = why[:1000]
+                session.add(row)
+    _store_message(
+        session,
+        ticket,
+        inbound,
+        parsed,
+        None,
+        now,
+        kind=MessageKind.BOUNCE,
+        auto_reasons=reasons,
+        report=report,
+    )
+    _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
+    return Filed(
+        inbound.id,
+        "bounce",
+        ticket.id,
+        kind=MessageKind.BOUNCE.value,
+        auto_reasons=tuple(reasons),
+    )
+
+
 def file_message(
     session: Session,
     table: RuleTable,
     inbound: Inbound,
     parsed: ParsedMessage,
     policy: EscalationPolicy | None = None,
+    acks: AckPolicy | None = None,
 ) -> Filed:
     """File one delivery; raises ProcessingError (or anything) to have it marked failed."""
     assert inbound.id is not None
     now = utcnow()
+    if acks is not None:
+        loop = hygiene.loop_reason(
+            parsed.headers,
+            parsed.message_id,
+            our_loop_id=acks.loop_id,
+            message_id_domain=acks.message_id_domain,
+        )
+        if loop is not None:
+            return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
     routes, unrouted = resolve_all(table, inbound.rcpt_tos)
     existing = session.exec(
         select(Message.ticket_id).where(
@@ -235,10 +414,7 @@ def file_message(
         assert ticket is not None
         if routes:
             _raise_priority(ticket, best_route(routes))
-        inbound.status = InboundStatus.DUPLICATE.value
-        inbound.ticket_id = ticket.id
-        inbound.processed_at = now
-        inbound.error = None
+        _mark(inbound, InboundStatus.DUPLICATE, now, ticket.id)
         page = None
         if policy is not None:  # the same message reached sysops@ in a second delivery
             page = plan_trigger(
@@ -254,6 +430,15 @@ def file_message(
                 now=now,
             )
         return _with_page(Filed(inbound.id, "duplicate", ticket.id), page)
+    reasons = hygiene.auto_reasons(
+        parsed.headers,
+        envelope_sender=_envelope_sender(inbound),
+        from_email=parsed.from_.email if parsed.from_ else "",
+    )
+    if parsed.report is not None:
+        reasons = ["delivery status notification", *reasons]
+        return _file_bounce(session, inbound, parsed, parsed.report, reasons, acks, now)
+    kind = MessageKind.AUTO if reasons else MessageKind.HUMAN
     if not routes:
         raise ProcessingError(
             f"no route for {', '.join(unrouted) or 'any recipient'} in the current rules "
@@ -261,7 +446,9 @@ def file_message(
             "`maild reprocess`"
         )
     route = best_route(routes)
-    ticket, how = find_thread(session, parsed, sender.email if sender else "")
+    ticket, how = find_thread(
+        session, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
+    )
     others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
     if ticket is None:
         ticket = Ticket(
@@ -282,7 +469,8 @@ def file_message(
         reopened = False
         people = ([(sender, ParticipantRole.REQUESTER)] if sender else []) + others
     else:
-        reopened = TicketStatus(ticket.status) in REOPENS
+        # Automatic mail (an out-of-office reply) lands in its ticket but never reopens it.
+        reopened = kind == MessageKind.HUMAN and TicketStatus(ticket.status) in REOPENS
         if reopened:
             ticket.status = TicketStatus.OPEN.value
         _raise_priority(ticket, route)
@@ -291,11 +479,8 @@ def file_message(
         outcome = "threaded"
         people = ([(sender, ParticipantRole.CC)] if sender else []) + others
     _add_participants(session, ticket, people, table)
-    _store_message(session, ticket, inbound, parsed, route, now)
-    inbound.status = InboundStatus.PROCESSED.value
-    inbound.ticket_id = ticket.id
-    inbound.processed_at = now
-    inbound.error = None
+    _store_message(session, ticket, inbound, parsed, route, now, kind=kind, auto_reasons=reasons)
+    _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     page = None
     if policy is not None:
         page = plan_trigger(
@@ -310,6 +495,29 @@ def file_message(
             parsed=parsed,
             now=now,
         )
+    outmail = None
+    if (
+        outcome == "created"
+        and kind == MessageKind.HUMAN
+        and acks is not None
+        and acks.enabled
+        and route.ack
+    ):
+        try:
+            with session.begin_nested():  # an acknowledgement problem never costs the ticket
+                outmail = plan_ack(
+                    session,
+                    acks,
+                    ticket,
+                    route=route.name,
+                    desk_address=_desk_address(table, inbound, route),
+                    in_reply_to="" if parsed.message_id_synthesized else parsed.message_id,
+                    now=now,
+                    paged=page is not None and page.status == "pending",
+                )
+        except Exception:
+            log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)
+            outmail = None
     filed = Filed(
         inbound.id,
         outcome,
@@ -319,8 +527,10 @@ def file_message(
         ticket_type=ticket.type,
         ticket_priority=ticket.priority,
         latency=(now - as_utc(inbound.received_at)).total_seconds(),
+        kind=kind.value,
+        auto_reasons=tuple(reasons),
     )
-    return _with_page(filed, page)
+    return _with_ack(_with_page(filed, page), outmail)
 
 
 def _mark_failed(inbound: Inbound, error: str) -> Filed:
@@ -336,6 +546,7 @@ def file_batch(
     table: RuleTable,
     items: Sequence[tuple[int, ParsedMessage | BaseException]],
     policy: EscalationPolicy | None = None,
+    acks: AckPolicy | None = None,
 ) -> list[Filed]:
     """File many deliveries in one transaction, each in its own savepoint.
 
@@ -359,7 +570,7 @@ def file_batch(
         for attempt in (1, 2):
             try:
                 with session.begin_nested():
-                    results.append(file_message(session, table, inbound, parsed, policy))
+                    results.append(file_message(session, table, inbound, parsed, policy, acks))
                 break
             except IntegrityError as exc:
                 if attempt == 2:

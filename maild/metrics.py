@@ -36,7 +36,7 @@ RECEIVED = Counter(
 )
 REFUSED = Counter(
     "maild_recipients_refused",
-    "Recipients refused at RCPT time, by reason (unknown_mailbox, relay).",
+    "Recipients and connections refused, by reason (unknown_mailbox, relay, too_many_*).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -68,6 +68,18 @@ PAGES = Counter(
     "maild_pages",
     "Pages (PagerDuty events) by action and result (sent, failed, withheld, retried).",
     ["action", "result"],
+    registry=REGISTRY,
+)
+ACKS = Counter(
+    "maild_acknowledgements",
+    "Acknowledgements by result (queued, withheld, sent, failed, retried).",
+    ["result"],
+    registry=REGISTRY,
+)
+HYGIENE = Counter(
+    "maild_messages_flagged",
+    "Accepted messages that are not a person's mail, by kind (auto, bounce, loop).",
+    ["kind"],
     registry=REGISTRY,
 )
 RELOADS = Counter(

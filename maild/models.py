@@ -9,6 +9,10 @@ attachment   a file of a message; its bytes are in blob, keyed by sha256
 blob         content-addressed attachment bytes, stored once however often sent
 page         the PagerDuty outbox: one row per event (trigger/resolve) to send,
              written in the transaction that made it necessary
+outmail      the mail outbox (acknowledgements): the rendered bytes and envelope,
+             written with the ticket; its message row holds its Message-ID
+outmail_rcpt one recipient of an outgoing mail: sent, refused, bounced or withheld;
+             the hourly per-address limit counts these
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class Participant(SQLModel, table=True):
     name: str = Field(default="", sa_type=Text)
     role: str = Field(max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
+    undeliverable_at: datetime | None = None  # a bounce said mail to it cannot be delivered
+    undeliverable_reason: str | None = Field(default=None, sa_type=Text)
 
 
 class Message(SQLModel, table=True):
@@ -112,6 +118,10 @@ class Message(SQLModel, table=True):
     text: str = Field(default="", sa_type=Text)
     rule: str = Field(default="", max_length=255)
     defects: list[str] = Field(default_factory=list, sa_type=JSON)
+    direction: str = Field(default="inbound", max_length=16)  # inbound | outbound
+    kind: str = Field(default="human", max_length=16)  # human | auto | bounce | ack
+    auto_reasons: list[str] = Field(default_factory=list, sa_type=JSON)  # why it is automatic
+    report: dict[str, Any] | None = Field(default=None, sa_type=JSON)  # a bounce's DSN
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -161,3 +171,40 @@ class Page(SQLModel, table=True):
     queued_at: datetime = Field(default_factory=utcnow)  # give_up_after counts from here
     created_at: datetime = Field(default_factory=utcnow)
     sent_at: datetime | None = None
+
+
+class Outmail(SQLModel, table=True):
+    """One mail to send through the smarthost, durable before it is sent."""
+
+    __tablename__ = "outmail"
+    __table_args__ = (Index("ix_outmail_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    message_pk: int = Field(foreign_key="message.id", index=True)  # its stored copy
+    kind: str = Field(default="ack", max_length=16)
+    status: str = Field(default="pending", max_length=16)
+    reason: str | None = Field(default=None, sa_type=Text)  # why withheld, or why it failed
+    mail_from: str = Field(sa_type=Text)  # envelope sender: the ticket's reply address
+    raw: bytes = Field(sa_type=LargeBinary)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=Text)
+    next_attempt_at: datetime = Field(default_factory=utcnow)  # also the claim lease
+    claimed_by: str = Field(default="", max_length=255)
+    queued_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None
+
+
+class OutmailRecipient(SQLModel, table=True):
+    """One envelope recipient of an outgoing mail and what became of it."""
+
+    __tablename__ = "outmail_rcpt"
+    __table_args__ = (Index("ix_outmail_rcpt_email_created_at", "email", "created_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    outmail_id: int = Field(foreign_key="outmail.id", index=True)
+    email: str = Field(max_length=320)
+    status: str = Field(default="pending", max_length=16)
+    error: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = Field(default_factory=utcnow)

@@ -22,25 +22,19 @@ incident.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pagerduty
 import structlog
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_before_delay,
-    wait_exponential_jitter,
-)
+from sqlmodel import Session
+from tenacity import RetryCallState
 
 from maild import metrics
 from maild.config import PagerDutySettings
@@ -48,10 +42,10 @@ from maild.database import Database
 from maild.enums import PageStatus
 from maild.escalation import PageJob, claim_due, next_due, record_attempt, release_claims
 from maild.models import utcnow
+from maild.outbox import OutboxWorker, Stopping
 
 log = structlog.get_logger("maild.pager")
 
-CLAIM_LIMIT = 32
 POLL_SECONDS = 1.0  # pages queued by another process (`maild ingest`, `tickets close`)
 
 
@@ -69,10 +63,6 @@ class TransientPageError(PageError):
 
 class PermanentPageError(PageError):
     """PagerDuty refused the event itself (400 and other 4xx): trying again cannot help."""
-
-
-class _Stopping(Exception):
-    """The daemon is stopping: leave the page pending for the next run."""
 
 
 class _OneShotEventsClient(pagerduty.EventsApiV2Client):
@@ -154,8 +144,10 @@ class EventsClient:
         self._client.close()
 
 
-class Pager:
+class Pager(OutboxWorker[PageJob]):
     """The background task that delivers the page outbox."""
+
+    noun = "pages"
 
     def __init__(
         self,
@@ -166,92 +158,29 @@ class Pager:
         poll_interval: float = POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._database = database
-        self._client = client
-        self._settings = settings
-        self._claimer = claimer
-        self._poll = poll_interval
-        self._clock = clock
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
         # A claimed page is not claimed again until this long after (an attempt
         # can take `timeout`); a crash mid-attempt delays it by at most this much.
-        self._lease = settings.timeout * 2 + 5
+        super().__init__(database, claimer, poll_interval, lease=settings.timeout * 2 + 5)
+        self._client = client
+        self._settings = settings
+        self._clock = clock
 
-    async def start(self) -> None:
-        released = await self._database.write(lambda s: release_claims(s, self._claimer, utcnow()))
-        if released:
-            log.info("pages the previous run left pending are due again", pages=released)
-        self._task = asyncio.create_task(self._run(), name="maild-pager")
+    def release(self, session: Session, claimer: str, now: datetime) -> int:
+        return release_claims(session, claimer, now)
 
-    def notify(self, *_: object) -> None:
-        """A page may have been queued: look now rather than at the next poll."""
-        self._wake.set()
+    def next_due(self, session: Session) -> datetime | None:
+        return next_due(session)
 
-    async def stop(self, grace: float) -> None:
-        """Let attempts in flight finish (up to `grace` seconds); waiting pages stay pending."""
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-        if self._inflight:
-            _, late = await asyncio.wait(self._inflight, timeout=grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
-                log.warning("pages cut at shutdown; they are sent after restart", pages=len(late))
+    def claim(self, session: Session, now: datetime, limit: int) -> list[PageJob]:
+        return claim_due(session, now, limit, self._lease, self._claimer)
+
+    def job_name(self, job: PageJob) -> str:
+        return f"maild-page-{job.id}"
+
+    async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
 
-    async def _run(self) -> None:
-        backoff = 0.5
-        while not self._stopping.is_set():
-            self._wake.clear()
-            wait = self._poll
-            try:
-                due = await self._database.read(next_due)  # a read: no write lock when idle
-                if due is not None and due <= utcnow():
-                    jobs = await self._database.write(
-                        lambda s: claim_due(s, utcnow(), CLAIM_LIMIT, self._lease, self._claimer)
-                    )
-                    for job in jobs:
-                        task = asyncio.create_task(self._deliver(job), name=f"maild-page-{job.id}")
-                        self._inflight.add(task)
-                        task.add_done_callback(self._finished)
-                    if len(jobs) == CLAIM_LIMIT:
-                        continue  # more are due
-                    if jobs:
-                        due = await self._database.read(next_due)
-                    else:
-                        due = None  # due but waiting behind an earlier page of the same ticket
-                if due is not None:
-                    wait = min(wait, max(0.0, (due - utcnow()).total_seconds()))
-            except Exception as exc:
-                log.error("could not read the page outbox; will retry", error=str(exc)[:500])
-                wait = backoff
-                backoff = min(backoff * 2, 30.0)
-            else:
-                backoff = 0.5
-            await self._pause(wait)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._wake.set()  # a page waiting behind this one (a resolve after its trigger) may go
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-
-    async def _sleep(self, seconds: float) -> None:
-        """tenacity's sleep between attempts; cut short when the daemon stops."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        if self._stopping.is_set():
-            raise _Stopping
-
-    async def _deliver(self, job: PageJob) -> None:
+    async def deliver(self, job: PageJob) -> None:
         deadline = job.queued_at + timedelta(seconds=self._settings.give_up_after)
         remaining = max(0.0, (deadline - utcnow()).total_seconds())
         attempts = job.attempts
@@ -284,24 +213,19 @@ class Pager:
                 retry_in=round(wait, 1),
             )
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientPageError),
-            stop=stop_before_delay(remaining),
-            wait=wait_exponential_jitter(
-                multiplier=self._settings.retry_initial,
-                max=self._settings.retry_max,
-                jitter=self._settings.retry_initial,
-            ),
-            sleep=self._sleep,
+        retrying = self.retrying(
+            TransientPageError,
+            remaining=remaining,
+            initial=self._settings.retry_initial,
+            longest=self._settings.retry_max,
             before_sleep=before_sleep,
-            reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
                     await asyncio.to_thread(self._client.send, job.event)
-        except _Stopping:
+        except Stopping:
             return
         except asyncio.CancelledError:
             raise

@@ -1,5 +1,13 @@
 """Raw message bytes to a `ParsedMessage`, with mail-parser, never raising.
 
+Before anything reads a header, `repair_header_line_breaks` makes every
+reader see the same header lines: in a CRLF message a bare LF or CR inside a
+header line is turned into a space (aiosmtpd passes them through, and the
+standard library's parser would start a new header at each), so text put into
+one header by a form or a script can never add headers that steer routing,
+threading or auto-reply detection. The raw bytes stored elsewhere stay as
+received.
+
 mail-parser raises its own errors and also plain AttributeError/ValueError on
 some broken MIME. `parse_message` wraps it: when mail-parser fails, a degraded
 parse from the standard library's header parser and the raw body takes over and
@@ -15,7 +23,10 @@ from __future__ import annotations
 import base64
 import binascii
 import email
+import email.feedparser
 import email.header
+import email.message
+import email.policy
 import email.utils
 import hashlib
 import logging
@@ -26,15 +37,64 @@ from datetime import UTC, datetime
 
 import mailparser
 
+from maild import dsn
 from maild.addresses import Address
 from maild.htmltext import html_to_text
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
+MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
 MAX_HEADERS = 500
 MAX_HEADER_CHARS = 8192
+MAX_ADDRESS_CHARS = 65536  # of one address field name (To, Cc): ~1,500 addresses
 SYNTHETIC_DOMAIN = "maild.invalid"
+# Charset labels read as the superset that mail clients and browsers decode them with
+# (the WHATWG Encoding Standard): GBK text labelled gb2312, Windows-1252 labelled latin-1.
+CHARSET_SUPERSETS = {
+    "gb2312": "gb18030",
+    "gb_2312-80": "gb18030",
+    "csgb2312": "gb18030",
+    "x-gbk": "gb18030",
+    "gbk": "gb18030",
+    "euc-cn": "gb18030",
+    "big5": "big5hkscs",
+    "x-x-big5": "big5hkscs",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "sjis": "cp932",
+    "x-sjis": "cp932",
+    "iso-8859-1": "cp1252",
+    "iso8859-1": "cp1252",
+    "latin1": "cp1252",
+    "iso-8859-9": "cp1254",
+    "tis-620": "cp874",
+    "iso-8859-11": "cp874",
+}
+_ISO2022_ESCAPE = re.compile("\x1b[$(]")
 _ID_TOKEN = re.compile(r"<([^<>]*)>")
+_COMMENT = re.compile(r"\([^()]*\)")
+_WINDOWS_DEVICE = re.compile(r"(?i)(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])\s*(\.|$)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+BARE_LINE_BREAK_DEFECT = "BareLineBreakInHeader"
+FEED_CHUNK = 1 << 16
+MAX_BOUNDARY_CHARS = 200  # RFC 2046 allows 70; longer ones are not looked for
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_NOT_BASE64 = bytes(b for b in range(256) if b not in _BASE64_ALPHABET)
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# what email.feedparser takes for a header line (its headerRE), and what mail-parser is asked for
+_STDLIB_HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:")
+_MAILPARSER_HEADERS = frozenset(
+    {b"message-id", b"in-reply-to", b"references", b"date", b"mime-version"}
+)
+_EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
+_CRLF_HEADER_END = re.compile(rb"\r\n(?:\r\n|\n)")
+_CRLF_PART_HEADER_END = re.compile(rb"\r\n(?:\r\n|\n|--)")
+_BOUNDARY_PARAM = re.compile(
+    rb'boundary\s*=\s*(?:"([^"\r\n]{1,%d})"|([^\s;"]{1,%d}))' % ((MAX_BOUNDARY_CHARS,) * 2),
+    re.IGNORECASE,
+)
+_DELIMITER_LINE = re.compile(rb"\r\n--([^\r\n]{1,%d})(?=\r\n)" % (MAX_BOUNDARY_CHARS + 16))
 
 logging.getLogger("mailparser").setLevel(logging.ERROR)  # it warns per unknown MIME subtype
 
@@ -68,14 +128,26 @@ class ParsedMessage:
     attachments: list[ParsedAttachment]
     headers: list[tuple[str, str]]
     defects: list[str] = field(default_factory=list)
+    report: dsn.DeliveryReport | None = None  # set when the message is a DSN (a bounce)
 
 
 def normalize_message_id(value: str) -> str:
-    """`<abc@x>` → `abc@x`: the first bracketed token, else the trimmed value."""
-    text = " ".join(value.split())
+    """`<abc@x>` → `abc@x`: the id the field starts with, leniently.
+
+    Comments in parentheses are dropped. The first bracketed token wins when
+    the field's first word has one or is not an id (`junk <a@x>` is `a@x`); a
+    first word that is a bare id (broken senders write them) wins over a
+    bracketed token after it, so `a@x To: <support@...>` (a bare CR folded into
+    the field) is `a@x`, never the desk's address shared by other messages.
+    """
+    text = " ".join(_COMMENT.sub(" ", " ".join(value.split())).split())
+    if not text:
+        return ""
+    first = text.split(" ", 1)[0]
+    if "<" not in first and "@" in first:
+        return first.strip("<>")
     match = _ID_TOKEN.search(text)
-    token = match.group(1) if match else text
-    return token.strip()
+    return match.group(1).strip() if match else first.strip("<>")
 
 
 def message_id_hash(message_id: str) -> str:
@@ -107,21 +179,165 @@ def synthesized_message_id(raw: bytes) -> str:
 
 
 def safe_filename(name: str | None) -> str:
-    """A filename that cannot name a folder, a device or anything outside its own."""
+    """A filename that cannot name a folder, a device or anything outside its own.
+
+    The last path component only (`/` and `\\` both separate), no control or
+    format characters, no `<>:"|?*`, no leading dots, no trailing dots or
+    spaces (Windows drops them), a Windows device name (CON, NUL, COM1...)
+    prefixed with `_`, at most 255 UTF-8 bytes with the extension kept.
+    """
     text = unicodedata.normalize("NFC", str(name or ""))
     text = re.split(r"[/\\]", text)[-1]
     text = "".join(c for c in text if unicodedata.category(c)[0] != "C")
-    text = re.sub(r'[<>:"|?*]', "_", text).strip().lstrip(".").strip()
+    text = re.sub(r'[<>:"|?*]', "_", text).strip().lstrip(".").rstrip(". ").strip()
     if not text:
         return "attachment"
+    if _WINDOWS_DEVICE.match(text):
+        text = "_" + text
     encoded = text.encode("utf-8")
     if len(encoded) > 255:
         stem, dot, ext = text.rpartition(".")
         ext = ext if dot and len(ext.encode()) <= 16 else ""
         room = 255 - len(ext.encode()) - (1 if ext else 0)
         stem = (stem if ext else text).encode("utf-8")[:room].decode("utf-8", "ignore")
-        text = f"{stem}.{ext}" if ext else stem
+        text = f"{stem}.{ext}" if ext else stem.rstrip(". ")
     return text
+
+
+def repair_header_line_breaks(raw: bytes) -> tuple[bytes, bool]:
+    """The message with bare line breaks inside header lines made spaces; whether any were.
+
+    A message with a CRLF in it uses CRLF line endings (every SMTP and LMTP
+    delivery does). Its header section ends at the first CRLF followed by CRLF
+    or LF (or at the end), and inside it a bare LF or bare CR is a character
+    within the line, so `Subject: a\\nBcc: x` stays one Subject. The header
+    sections of MIME parts (after a delimiter line of a boundary the message
+    declares, up to the next empty line or delimiter) are repaired the same way.
+
+    A message with LF line endings throughout (pipe delivery) keeps them, and
+    so does one whose CRLFs all come after an empty LF line with no CRLF empty
+    line anywhere (LF headers, CR-LF pairs only in its body); in its header
+    section only a bare CR becomes a space.
+
+    Nothing else changes: bodies keep their bytes, and the message's length
+    stays the same. Linear in the message's size.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf == raw.count(b"\r"):  # no bare line break anywhere
+        return raw, False
+    first_blank = raw.find(b"\n\n")
+    header_end = _crlf_header_end(raw, 0, _CRLF_HEADER_END) if crlf else None
+    if header_end is None and (not crlf or 0 <= first_blank < raw.find(b"\r\n")):
+        end = first_blank if first_blank >= 0 else len(raw)  # LF line endings
+        if raw.find(b"\r", 0, end) < 0:
+            return raw, False
+        return raw[:end].replace(b"\r", b" ") + raw[end:], True
+    if header_end is None:
+        header_end = len(raw)
+    regions = [(0, header_end)]
+    boundaries = {b or q for q, b in _BOUNDARY_PARAM.findall(raw)}
+    if boundaries:
+        for line in _DELIMITER_LINE.finditer(raw, regions[0][1]):
+            if line.group(1).rstrip(b" \t") in boundaries:
+                start = line.end() + 2
+                part_end = _crlf_header_end(raw, start, _CRLF_PART_HEADER_END)
+                regions.append((start, len(raw) if part_end is None else part_end))
+    repaired: bytearray | None = None
+    done = 0
+    for start, end in regions:
+        if start < done:
+            continue
+        done = end
+        for bare in _BARE_CR_OR_LF.finditer(raw, start, end):
+            if repaired is None:
+                repaired = bytearray(raw)
+            repaired[bare.start()] = 0x20  # a space: same length, nothing else moves
+    return (raw, False) if repaired is None else (bytes(repaired), True)
+
+
+def _crlf_header_end(raw: bytes, start: int, pattern: re.Pattern[bytes]) -> int | None:
+    """Where the CRLF header section starting at `start` ends (its last CRLF excluded).
+
+    None when no empty line (or, for a part, delimiter) follows it.
+    """
+    if raw.startswith((b"\r\n", b"\n"), start):  # no header lines at all
+        return start
+    match = pattern.search(raw, start)
+    return match.start() if match else None
+
+
+def message_from_bytes(raw: bytes, head: bytes = b"", start: int = 0) -> email.message.Message:
+    """`email.message_from_bytes(head + raw[start:])`, fed in chunks without copying.
+
+    The standard library's version reads through a StringIO that holds the
+    whole message at four bytes per character (a 25 MiB message costs over
+    250 MiB); fed in chunks the same parser needs about half of that, and a
+    large attachment a third. The result is the same compat32 Message.
+    """
+    parser = email.feedparser.BytesFeedParser(policy=email.policy.compat32)
+    if head:
+        parser.feed(head)
+    view = memoryview(raw)
+    for offset in range(start, len(raw), FEED_CHUNK):
+        parser.feed(bytes(view[offset : offset + FEED_CHUNK]))
+    return parser.close()
+
+
+def _for_mailparser(raw: bytes) -> email.message.Message:
+    """The message as mail-parser gets it: top-level headers only those read from it.
+
+    mail-parser decodes every header, and parses every address, twice; maild
+    reads names, addresses and other headers through HeaderBlock instead, so
+    mail-parser is spared a 100,000-address Cc or 200,000 X- headers. Header
+    lines end where the standard library's parser ends them (at an empty line
+    or the first line that is not a header), so the body is the same.
+    """
+    kept: list[bytes] = []
+    keep = True
+    position = 0
+    while position < len(raw):
+        newline = raw.find(b"\n", position)
+        end = len(raw) if newline < 0 else newline + 1
+        line = raw[position:end]
+        if line[:1] in (b" ", b"\t"):  # a continuation goes with its field
+            if keep:
+                kept.append(line)
+        elif _STDLIB_HEADER_LINE.match(line):
+            name = line.split(b":", 1)[0].lower()
+            keep = name in _MAILPARSER_HEADERS or name.startswith((b"content-", b"from "))
+            if keep:
+                kept.append(line)
+        else:  # the empty line, or the first body line of a message without one
+            break
+        position = end
+    message = message_from_bytes(raw, b"".join(kept), position)
+    for part in message.walk():  # mail-parser decodes bodies by the label, so relabel them
+        _relabel_charset(part)
+    return message
+
+
+def _relabel_charset(part: email.message.Message) -> None:
+    """gb2312 → gb18030 and the like (CHARSET_SUPERSETS) in a part's Content-Type."""
+    try:
+        charset = part.get_param("charset")
+        if isinstance(charset, str) and charset.lower() in CHARSET_SUPERSETS:
+            part.set_param("charset", CHARSET_SUPERSETS[charset.lower()])
+    except Exception:  # a Content-Type too broken to rewrite keeps its label
+        return
+
+
+def _iso2022_text(text: str) -> str:
+    """A 7-bit ISO-2022 body (ISO-2022-JP) decoded; any other text as it is.
+
+    mail-parser returns a 7bit part's text as it stands, which is right for
+    ASCII and wrong for the 7-bit charsets: their escape sequences mark it.
+    """
+    if "\x1b" not in text or not text.isascii() or not _ISO2022_ESCAPE.search(text):
+        return text
+    try:
+        return text.encode("ascii").decode("iso2022_jp_2")
+    except UnicodeDecodeError:
+        return text
 
 
 def decode_header_value(value: object) -> str:
@@ -148,7 +364,7 @@ def decode_header_value(value: object) -> str:
             piece = _decode_8bit(chunk)
         else:
             try:
-                piece = chunk.decode(charset, "replace")
+                piece = chunk.decode(CHARSET_SUPERSETS.get(charset.lower(), charset), "replace")
             except (LookupError, ValueError):  # unknown charset, or a NUL in its name
                 piece = _decode_8bit(chunk)
         parts.append(piece)
@@ -175,7 +391,19 @@ def _addresses(pairs: object) -> list[Address]:
 
 
 def _lenient_b64decode(text: str) -> bytes:
-    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", text.encode("ascii", "ignore"))
+    """Base64 text to bytes: line breaks and junk ignored, missing padding forgiven.
+
+    Well-formed text (padding only at the end) is decoded in one pass without
+    copies, so a 20 MiB attachment costs its decoded size; anything else is
+    cleaned first (every `=` dropped, then padded again).
+    """
+    pad = text.find("=")
+    if pad < 0 or not text[pad:].strip("= \t\r\n"):
+        try:
+            return binascii.a2b_base64(text)
+        except (binascii.Error, ValueError):  # bad padding, or not ASCII
+            pass
+    cleaned = text.encode("ascii", "ignore").translate(None, _NOT_BASE64)
     cleaned = cleaned[: len(cleaned) - (len(cleaned) % 4 == 1)]
     try:
         return base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4))
@@ -207,26 +435,48 @@ def _truncate(text: str) -> str:
     return text[:MAX_TEXT_CHARS] + f"\n[... {more} more characters; the raw message is kept]"
 
 
+def _html_text(html: str) -> str:
+    """The text of an HTML body; only its first MAX_HTML_CHARS are read (bounded time)."""
+    if len(html) <= MAX_HTML_CHARS:
+        return html_to_text(html)
+    more = len(html) - MAX_HTML_CHARS
+    return html_to_text(html[:MAX_HTML_CHARS]) + (
+        f"\n[... {more} more characters of HTML; the raw message is kept]"
+    )
+
+
 def _aware(value: object) -> datetime | None:
+    """An aware UTC datetime, or None when there is none or it cannot be one.
+
+    `Fri, 31 Dec 9999 23:59:59 -2359` parses, but is past datetime.max in UTC:
+    storing it would fail the whole message, so such a date is dropped.
+    """
     if not isinstance(value, datetime):
         return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        return None
 
 
-def _from_mailparser(raw: bytes) -> ParsedMessage:
-    parsed = mailparser.parse_from_bytes(raw)
+def _from_mailparser(raw: bytes, received: bytes) -> ParsedMessage:
+    parsed = mailparser.MailParser(_for_mailparser(raw))
     head = HeaderBlock.from_raw(raw)
     raw_id = _one_line(parsed.message_id)
     message_id = normalize_message_id(raw_id)
-    plain = [p for p in parsed.text_plain if p and p.strip()]
+    plain = [_iso2022_text(p) for p in parsed.text_plain if p and p.strip()]
+    defects = sorted(str(c) for c in parsed.defects_categories)
     if plain:
         text = "\n\n".join(plain)
+    elif parsed.text_html:
+        text = "\n\n".join(_html_text(_iso2022_text(h)) for h in parsed.text_html if h)
+    elif "NoBoundaryInMultipartDefect" in defects:  # no part can be found: the body as sent
+        text = _body_text(raw, head)
     else:
-        text = "\n\n".join(html_to_text(h) for h in parsed.text_html if h)
+        text = ""
     from_list = head.addresses("from")
-    defects = sorted(str(c) for c in parsed.defects_categories)
     return ParsedMessage(
-        message_id=message_id or synthesized_message_id(raw),
+        message_id=message_id or synthesized_message_id(received),
         message_id_synthesized=not message_id,
         in_reply_to=extract_ids(parsed.in_reply_to),
         references=extract_ids(parsed.references),
@@ -242,10 +492,9 @@ def _from_mailparser(raw: bytes) -> ParsedMessage:
     )
 
 
-def _fallback(raw: bytes, reason: str) -> ParsedMessage:
+def _fallback(raw: bytes, received: bytes, reason: str) -> ParsedMessage:
     """Headers from our own lenient reader, the body as text: enough for a ticket."""
     head = HeaderBlock.from_raw(raw)
-    body = raw.replace(b"\r\n", b"\n")[len(head.raw_head) :].lstrip(b"\n")
     try:
         date_text = head.first("date")
         date = email.utils.parsedate_to_datetime(date_text) if date_text else None
@@ -254,7 +503,7 @@ def _fallback(raw: bytes, reason: str) -> ParsedMessage:
     message_id = normalize_message_id(head.first("message-id"))
     from_list = head.addresses("from")
     return ParsedMessage(
-        message_id=message_id or synthesized_message_id(raw),
+        message_id=message_id or synthesized_message_id(received),
         message_id_synthesized=not message_id,
         in_reply_to=extract_ids(head.first("in-reply-to")),
         references=extract_ids(" ".join(head.all("references"))),
@@ -263,11 +512,17 @@ def _fallback(raw: bytes, reason: str) -> ParsedMessage:
         to=head.addresses("to"),
         cc=head.addresses("cc"),
         date=_aware(date),
-        text=_truncate(_plain_newlines(body.decode("utf-8", "replace")).strip()),
+        text=_truncate(_plain_newlines(_body_text(raw, head)).strip()),
         attachments=[],
         headers=head.decoded(),
         defects=[f"ParseFailure: {reason}"],
     )
+
+
+def _body_text(raw: bytes, head: HeaderBlock) -> str:
+    """Everything after the header section, as UTF-8 text (undecodable bytes replaced)."""
+    body = raw.replace(b"\r\n", b"\n")[len(head.raw_head) :].lstrip(b"\n")
+    return body.decode("utf-8", "replace")
 
 
 def _decode_8bit(value: bytes) -> str:
@@ -299,20 +554,22 @@ class HeaderBlock:
 
     @classmethod
     def from_raw(cls, raw: bytes) -> HeaderBlock:
-        data = raw.replace(b"\r\n", b"\n")
-        end = data.find(b"\n\n")
-        head = data if end < 0 else data[:end]
+        end = _EMPTY_LINE.search(raw)  # the first empty line, CRLF or LF
+        head = (raw if end is None else raw[: end.start()]).replace(b"\r\n", b"\n")
         fields: list[tuple[str, list[bytes]]] = []
+        length = 0  # of the field being read, so a million continuations stay linear
         for line in head.split(b"\n"):
             if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
-                if fields and sum(map(len, fields[-1][1])) < MAX_HEADER_CHARS * 4:
+                if fields and length < MAX_HEADER_CHARS * 4:
                     fields[-1][1].append(line.strip())
+                    length += len(line)
                 continue
             field_name, sep, value = line.partition(b":")
             field_name = field_name.strip()
             if not sep or not field_name or b" " in field_name or len(fields) >= MAX_HEADERS:
                 continue  # an mbox "From " line, garbage, or too many fields
             fields.append((field_name.decode("ascii", "replace"), [value.strip()]))
+            length = len(value)
         return cls(
             raw_head=head,
             fields=[(n, _decode_8bit(b" ".join(v))[:MAX_HEADER_CHARS]) for n, v in fields],
@@ -336,10 +593,18 @@ class HeaderBlock:
         Splitting before decoding keeps an encoded comma inside a name from
         splitting one address in two.
         """
-        try:
-            pairs = email.utils.getaddresses(self.all(name))
-        except Exception:  # getaddresses has raised on pathological input in some versions
-            return []
+        pairs: list[tuple[str, str]] = []
+        budget = MAX_ADDRESS_CHARS
+        for value in self.all(name):
+            if budget <= 0:  # thousands of addresses: the raw message keeps the rest
+                break
+            budget -= len(value)
+            try:
+                # One field at a time: getaddresses is quadratic in an address group
+                # spread over joined fields (`From: g:<<<...` repeated took 87 s).
+                pairs.extend(email.utils.getaddresses([value]))
+            except Exception:  # noqa: S112 (it has raised on pathological input; skip that field)
+                continue
         return _addresses([(decode_header_value(n), a) for n, a in pairs])
 
     def decoded(self) -> list[tuple[str, str]]:
@@ -385,22 +650,33 @@ def _cleaned(parsed: ParsedMessage) -> ParsedMessage:
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
-    """Parse raw message bytes; never raises for any input."""
-    return _cleaned(_parse(raw))
+    """Parse raw message bytes; never raises for any input.
+
+    Every reader below (mail-parser, HeaderBlock, the DSN reader) gets the same
+    bytes with header line breaks repaired; a synthesized Message-ID is still
+    the hash of the bytes as received.
+    """
+    received = raw
+    raw, repaired = repair_header_line_breaks(received)
+    parsed = _cleaned(_parse(raw, received))
+    if repaired:
+        parsed.defects.append(BARE_LINE_BREAK_DEFECT)
+    parsed.report = dsn.read_report(raw)
+    return parsed
 
 
-def _parse(raw: bytes) -> ParsedMessage:
+def _parse(raw: bytes, received: bytes) -> ParsedMessage:
     try:
-        return _from_mailparser(raw)
+        return _from_mailparser(raw, received)
     except RecursionError:
         reason = "RecursionError: MIME nested too deeply"
     except Exception as exc:  # mail-parser raises AttributeError/ValueError on broken MIME too
         reason = f"{type(exc).__name__}: {exc}"[:500]
     try:
-        return _fallback(raw, reason)
+        return _fallback(raw, received, reason)
     except Exception as exc:  # the last resort: an empty message that still makes a ticket
         return ParsedMessage(
-            message_id=synthesized_message_id(raw),
+            message_id=synthesized_message_id(received),
             message_id_synthesized=True,
             in_reply_to=[],
             references=[],

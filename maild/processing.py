@@ -26,6 +26,7 @@ import structlog
 from sqlmodel import Session, col, select
 
 from maild import metrics
+from maild.acks import AckPolicy
 from maild.database import Database
 from maild.enums import InboundStatus
 from maild.escalation import EscalationPolicy
@@ -80,7 +81,17 @@ def _log_results(results: Sequence[Filed]) -> None:
             metrics.PROCESSING_SECONDS.observe(max(0.0, filed.latency))
         if filed.page_status == "withheld":
             metrics.PAGES.labels("trigger", "withheld").inc()
-        if filed.outcome == "failed":
+        if filed.ack_status is not None:
+            metrics.ACKS.labels("queued" if filed.ack_status == "pending" else "withheld").inc()
+        if filed.outcome == "dropped":
+            metrics.HYGIENE.labels("loop" if filed.kind == "auto" else filed.kind).inc()
+        elif filed.kind != "human":
+            metrics.HYGIENE.labels(filed.kind).inc()
+        if filed.outcome == "dropped":
+            log.warning(
+                "message dropped; kept, not filed", inbound=filed.inbound_id, reason=filed.error
+            )
+        elif filed.outcome == "failed":
             log.error(
                 "message failed processing; kept for `maild reprocess`",
                 inbound=filed.inbound_id,
@@ -95,6 +106,9 @@ def _log_results(results: Sequence[Filed]) -> None:
                 route=filed.route,
                 threaded_by=filed.threaded_by,
                 page=filed.page_id,
+                kind=filed.kind,
+                auto_reasons=list(filed.auto_reasons) or None,
+                ack=filed.ack_id,
             )
         if filed.page_status == "withheld":
             log.warning(
@@ -103,6 +117,13 @@ def _log_results(results: Sequence[Filed]) -> None:
                 ticket=filed.ticket_id,
                 reason=filed.page_reason,
             )
+        if filed.ack_status == "withheld":
+            log.info(
+                "acknowledgement withheld",
+                outmail=filed.ack_id,
+                ticket=filed.ticket_id,
+                reason=filed.ack_reason,
+            )
 
 
 def process_now(
@@ -110,6 +131,7 @@ def process_now(
     table: RuleTable,
     ids: Sequence[int],
     policy: EscalationPolicy | None = None,
+    acks: AckPolicy | None = None,
 ) -> list[Filed]:
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
     results: list[Filed] = []
@@ -120,7 +142,9 @@ def process_now(
             (inbound_id, parse_message(raw)) for inbound_id, raw in claimed
         ]
         results.extend(
-            database.run_write(partial(file_batch, table=table, items=items, policy=policy))
+            database.run_write(
+                partial(file_batch, table=table, items=items, policy=policy, acks=acks)
+            )
         )
     _log_results(results)
     return results
@@ -144,9 +168,11 @@ class Processor:
         poll_interval: float,
         policy: EscalationPolicy | None = None,
         on_filed: Callable[[Sequence[Filed]], None] | None = None,
+        acks: Callable[[], AckPolicy | None] | None = None,
     ) -> None:
         self._database = database
         self._policy = policy
+        self._acks = acks or (lambda: None)
         self._on_filed = on_filed
         self._rules = rules
         self._workers = workers
@@ -158,6 +184,8 @@ class Processor:
         self._task: asyncio.Task[None] | None = None
         self._batch_limit = MAX_BATCH_MESSAGES
         self._failures: dict[int, int] = {}
+        self.busy = False  # a batch is in hand (claimed, not yet logged)
+        self._slots = asyncio.Semaphore(workers)
 
     def start(self) -> None:
         self._pool = _make_pool(self._workers)
@@ -212,6 +240,12 @@ class Processor:
             )
 
     async def _parse(self, raw: bytes) -> ParsedMessage:
+        # Only as many parses in the pool as it has workers, so parse_timeout counts a
+        # message's own parse, not the time it waited behind a slow one.
+        async with self._slots:
+            return await self._parse_now(raw)
+
+    async def _parse_now(self, raw: bytes) -> ParsedMessage:
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             assert self._pool is not None
@@ -248,7 +282,9 @@ class Processor:
             self._wake.clear()
             claimed: list[tuple[int, bytes]] = []
             try:
+                self.busy = False
                 claimed = await self._database.read(lambda s: claim_received(s, self._batch_limit))
+                self.busy = bool(claimed)
                 if not claimed:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
@@ -256,7 +292,13 @@ class Processor:
                 items = await self._parse_all(claimed)
                 table = self._rules()
                 results = await self._database.write(
-                    partial(file_batch, table=table, items=items, policy=self._policy)
+                    partial(
+                        file_batch,
+                        table=table,
+                        items=items,
+                        policy=self._policy,
+                        acks=self._acks(),
+                    )
                 )
             except Exception as exc:
                 log.error(
@@ -275,5 +317,7 @@ class Processor:
             backoff = 0.5
             self._batch_limit = MAX_BATCH_MESSAGES
             _log_results(results)
-            if self._on_filed is not None and any(f.page_status == "pending" for f in results):
+            if self._on_filed is not None and any(
+                f.page_status == "pending" or f.ack_status == "pending" for f in results
+            ):
                 self._on_filed(results)

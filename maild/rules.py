@@ -20,7 +20,8 @@ from maild import addresses
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
 
-ROUTE_KEYS = frozenset({"name", "recipients", "type", "priority", "page"})
+ROUTE_KEYS = frozenset({"name", "recipients", "type", "priority", "page", "ack"})
+BOOLEAN_KEYS = {"page": False, "ack": True}  # and their defaults
 _ADDRESS = re.compile(r"^[^@\s]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
@@ -36,6 +37,7 @@ class Route:
     file: str
     line: int
     position: int  # order in the whole table; the first route wins ties
+    ack: bool = True  # acknowledge new tickets from people ([outbound] must be set)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +45,7 @@ class Route:
             "type": self.type.value,
             "priority": self.priority.value,
             "page": self.page,
+            "ack": self.ack,
             "file": self.file,
             "line": self.line,
         }
@@ -186,12 +189,13 @@ def _check_route(
             )
         )
         ok = False
-    page = raw.get("page", False)
-    if not isinstance(page, bool):
-        problems.append(
-            Problem(file, where.key(index, "page"), f"page must be true or false, not {page!r}")
-        )
-        ok = False
+    for key, default in BOOLEAN_KEYS.items():
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            problems.append(
+                Problem(file, where.key(index, key), f"{key} must be true or false, not {value!r}")
+            )
+            ok = False
     recipients = raw.get("recipients")
     if not isinstance(recipients, list) or not recipients:
         problems.append(
@@ -266,7 +270,8 @@ def load_rules(folder: Path) -> RuleTable:
                 recipients=tuple(addresses.normalize(r) for r in checked["recipients"]),
                 type=TicketType(checked["type"]),
                 priority=Priority(checked["priority"]),
-                page=checked.get("page", False),
+                page=checked.get("page", BOOLEAN_KEYS["page"]),
+                ack=checked.get("ack", BOOLEAN_KEYS["ack"]),
                 file=file,
                 line=where.route(index),
                 position=len(routes),

@@ -1,12 +1,13 @@
 """The daemon: every component built from the settings and wired in one place.
 
-Start order: rules (refuse to start on a broken table, or on a paging route
-without a PagerDuty routing key), database (reachable, schema present), pager
-(sends what an earlier run left pending), processor (picks up what an earlier
-run left `received`), then the listeners. Stop order is the reverse: stop
+Start order: rules and acknowledgement templates (refuse to start on a broken
+table or template, or on a paging route without a PagerDuty routing key),
+database (reachable, schema present), pager and mailer (send what an earlier
+run left pending), processor (picks up what an earlier run left `received`),
+then the listeners. Stop order is the reverse: stop
 accepting, let open SMTP transactions finish (bounded by [smtp]
 shutdown_timeout), commit what the spool holds, let the processor finish its
-batch, let page attempts in flight finish, close the database.
+batch, let page and mail attempts in flight finish, close the database.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from maild import metrics, systemd
+from maild.acks import AckPolicy
 from maild.config import Settings, parse_hostport
 from maild.database import Database
 from maild.errors import ConfigError, RulesError
 from maild.escalation import EscalationPolicy
+from maild.mailer import Mailer, SmtpClient
 from maild.pager import EventsClient, Pager
 from maild.processing import Processor
 from maild.rules import RuleTable, load_rules
@@ -60,15 +63,23 @@ class Service:
         self.rules: RuleTable = load_rules(settings.rules.path)
         check_paging(settings, self.rules)
         self.policy = EscalationPolicy.from_settings(settings)
+        self.acks = AckPolicy.from_settings(settings.outbound)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
+        claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
         self.pager: Pager | None = None
         if settings.pagerduty.enabled and settings.pagerduty.key():
             try:
                 client = EventsClient(settings.pagerduty)
             except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
                 raise ConfigError(f"[pagerduty] ca_file: {exc}") from None
-            claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
             self.pager = Pager(self.database, client, settings.pagerduty, claimer)
+        self.mailer: Mailer | None = None
+        if self.acks.enabled:
+            try:
+                smtp_client = SmtpClient(settings.outbound, settings.smtp.hostname or None)
+            except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
+                raise ConfigError(f"[outbound] ca_file: {exc}") from None
+            self.mailer = Mailer(self.database, smtp_client, settings.outbound, claimer)
         self.processor = Processor(
             self.database,
             rules=lambda: self.rules,
@@ -76,7 +87,8 @@ class Service:
             parse_timeout=settings.processing.parse_timeout,
             poll_interval=settings.processing.poll_interval,
             policy=self.policy,
-            on_filed=self._pages_queued,
+            on_filed=self._outbox_queued,
+            acks=lambda: self.acks,
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self.listeners: list[Listener] = []
@@ -96,8 +108,18 @@ class Service:
 
     def _reload_rules(self) -> bool:
         ok = self._load_rules()
+        ok = self._load_templates() and ok
         metrics.RELOADS.labels("ok" if ok else "failed").inc()
         return ok
+
+    def _load_templates(self) -> bool:
+        try:
+            acks = AckPolicy.from_settings(self.settings.outbound)
+        except ConfigError as exc:
+            log.error("templates reload failed; keeping the previous templates", problem=str(exc))
+            return False
+        self.acks = acks
+        return True
 
     def _load_rules(self) -> bool:
         try:
@@ -121,9 +143,11 @@ class Service:
         log.info("rules reloaded", version=table.version, routes=len(table.routes))
         return True
 
-    def _pages_queued(self, *_: object) -> None:
+    def _outbox_queued(self, *_: object) -> None:
         if self.pager is not None:
             self.pager.notify()
+        if self.mailer is not None:
+            self.mailer.notify()
 
     async def start(self) -> None:
         """Bring everything up; if any step fails, take down what was started and raise."""
@@ -138,6 +162,8 @@ class Service:
         await asyncio.to_thread(self.database.ensure_schema, self.settings.source or "CONFIG")
         if self.pager is not None:
             await self.pager.start()
+        if self.mailer is not None:
+            await self.mailer.start()
         self.processor.start()
         smtp = self.settings.smtp
         hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
@@ -148,10 +174,15 @@ class Service:
         for protocol, listen in wanted:
             listener = Listener(
                 protocol,
-                Handler(protocol, lambda: self.rules, self.spool),
+                Handler(
+                    protocol, lambda: self.rules, self.spool, max_recipients=smtp.max_recipients
+                ),
                 hostname=hostname,
                 max_message_size=smtp.max_message_size,
                 timeout=smtp.timeout,
+                max_connections=smtp.max_connections,
+                max_connections_per_ip=smtp.max_connections_per_ip,
+                max_errors=smtp.max_errors,
             )
             host, port = parse_hostport(listen)
             self.addresses[protocol] = await listener.start(host, port, passed.get(protocol))
@@ -181,6 +212,15 @@ class Service:
                 events_url=self.settings.pagerduty.events_url,
                 source=self.policy.source,
             )
+        if self.mailer is not None:
+            log.info(
+                "acknowledgements on",
+                smarthost=self.settings.outbound.smarthost,
+                sender=self.acks.from_address,
+                templates=self.acks.templates.folder,
+            )
+        else:
+            log.info("acknowledgements off: no [outbound] smarthost")
         systemd.notify("READY=1", f"STATUS={self._status()}")
         interval = systemd.watchdog_interval()
         if interval is not None:
@@ -234,6 +274,8 @@ class Service:
         await self.processor.stop()
         if self.pager is not None:
             await self.pager.stop(grace=self.settings.pagerduty.timeout)
+        if self.mailer is not None:
+            await self.mailer.stop(grace=self.settings.outbound.timeout)
         for listener in self.listeners:
             metrics.UP.labels(listener.protocol).set(0)
         if self.http is not None:

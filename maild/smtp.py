@@ -9,6 +9,19 @@ LMTP answers one line per accepted recipient after DATA (RFC 2033).
 aiosmtpd fixes made here: lines longer than 1000 bytes are accepted (real mail
 has them), the per-command size limits are per connection (aiosmtpd keeps them
 in one dict shared by all connections), and the hostname is computed once.
+
+Abuse limits (aiosmtpd has none of its own), each 0 for no limit:
+- max_connections / max_connections_per_ip: connections open on one listener,
+  in all and per client IP address. One more is answered 421 4.7.0 instead of
+  the greeting and closed; no session or task is created for it.
+- max_recipients: the RCPT beyond it gets 452 4.5.3 (RFC 5321 4.5.3.1.10), so
+  the client sends the rest in another transaction; DATA goes on for the others.
+- max_errors: 5xx replies to commands per connection (aiosmtpd's syntax errors,
+  our 550 refusals); the one beyond the budget is replaced by 421 4.7.0 and the
+  connection closed. The reply to the end of DATA never counts, so a message
+  being stored is never cut.
+- The idle timeout ([smtp] timeout) says 421 4.4.2 before closing; aiosmtpd
+  itself closes without a word.
 """
 
 from __future__ import annotations
@@ -39,22 +52,44 @@ _SIZE_REPLIES = (
     "552 Error: message size exceeds",
 )
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
+TOO_MANY_CONNECTIONS = "421 4.7.0 {hostname} Too many connections, try again later"
+TOO_MANY_CONNECTIONS_PER_IP = "421 4.7.0 Too many connections from your address, try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+IDLE_TIMEOUT = "421 4.4.2 {hostname} Timeout, closing connection"
 
 
 class _ConnectionFixes:
     """Per-connection limits and bookkeeping shared by the SMTP and LMTP protocols."""
 
     envelope: Envelope | None
+    hostname: str
+    session: Session | None
     transport: asyncio.BaseTransport | None
+    _handler_coroutine: asyncio.Task[None] | None
+    _timeout_duration: float
 
     def __init__(
-        self, handler: Any, *, line_length_limit: int, on_lost: Callable[[Any], None], **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        line_length_limit: int,
+        admit: Callable[[Any, Any], bytes | None],
+        on_lost: Callable[[Any], None],
+        max_errors: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.line_length_limit = line_length_limit
         self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
             lambda: SMTP.command_size_limit
         )
+        self._admit = admit
         self._on_lost = on_lost
+        self._refused = False
+        self._max_errors = max_errors
+        self.errors = 0  # 5xx replies to commands so far
+        self._data_reply_next = False  # after 354: the next reply ends DATA
+        self.peer_ip: str | None = None  # set by the listener when it admits the connection
         super().__init__(handler, **kwargs)  # type: ignore[call-arg]
 
     @property
@@ -62,21 +97,76 @@ class _ConnectionFixes:
         """True from MAIL FROM until the reply to DATA has been decided."""
         return self.envelope is not None and self.envelope.mail_from is not None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit the connection, or answer 421 and close it before any greeting."""
+        if self.transport is None:  # not the second call that STARTTLS would make
+            refusal = self._admit(self, transport.get_extra_info("peername"))
+            if refusal is not None:
+                # aiosmtpd never sees this connection: no session, no timer, no task.
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(refusal)
+                transport.close()  # sends the reply first
+                return
+        super().connection_made(transport)  # type: ignore[misc]
+
     async def push(self, status: str | bytes) -> None:
-        """aiosmtpd's size refusals, rewritten with enhanced status codes.
+        """aiosmtpd's size refusals, rewritten with enhanced status codes; the error budget.
 
         A line longer than line_length_limit (set above max_message_size) can
         only belong to a message over the size limit, so it is answered 552
         like one, not with aiosmtpd's 500 "Line too long".
+
+        Every 5xx reply to a command counts against max_errors; the one beyond
+        it is replaced by 421 and the connection closed. The reply to the end
+        of DATA (the message's fate) never counts.
         """
         if isinstance(status, str) and status.startswith(_SIZE_REPLIES):
             status = MessageTooLarge.smtp_reply
             metrics.MESSAGES_REFUSED.labels("too_large").inc()
+        if self._data_reply_next:
+            self._data_reply_next = False
+        elif status[:1] in ("5", b"5"):
+            self.errors += 1
+            if self._max_errors and self.errors > self._max_errors:
+                await self._close_for_errors()
+                return
+        elif status[:3] in ("354", b"354"):
+            self._data_reply_next = True
         await super().push(status)  # type: ignore[misc]
+
+    async def _close_for_errors(self) -> None:
+        metrics.REFUSED.labels("too_many_errors").inc()
+        log.warning(
+            "too many errors; connection closed",
+            reason="too_many_errors",
+            peer=_peer(self.session) if self.session else "",
+            errors=self.errors,
+            limit=self._max_errors,
+        )
+        await super().push(TOO_MANY_ERRORS)  # type: ignore[misc]
+        # As aiosmtpd's QUIT does: no further command of this connection runs.
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        """The idle timeout: say 421 4.4.2 (aiosmtpd just closes), then close."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info(
+                "idle timeout; connection closed",
+                peer=_peer(self.session) if self.session else "",
+                timeout=self._timeout_duration,
+            )
+            transport.write(IDLE_TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+        super()._timeout_cb()  # type: ignore[misc]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_lost(self)
-        super().connection_lost(error)  # type: ignore[misc]
+        if not self._refused:  # a refused connection never reached aiosmtpd
+            super().connection_lost(error)  # type: ignore[misc]
 
 
 class MaildSMTP(_ConnectionFixes, SMTP):  # type: ignore[misc]
@@ -87,21 +177,40 @@ class MaildLMTP(_ConnectionFixes, LMTP):  # type: ignore[misc]
     pass
 
 
-def _peer(session: Session) -> str:
-    peer: Any = session.peer  # a (host, port) tuple, whatever aiosmtpd's annotation says
+def _format_peer(peer: Any) -> str:
+    """The peer as "host:port" or "[v6]:port"; a Unix socket's name as is."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peer or "")
 
 
+def _peer(session: Session) -> str:
+    return _format_peer(session.peer)  # a (host, port) tuple, whatever aiosmtpd's annotation says
+
+
+def _peer_ip(peer: Any) -> str | None:
+    """The IP address of a TCP peer; None for a Unix socket (no per-address limit there)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0])
+    return None
+
+
 class Handler:
     """aiosmtpd hooks: refuse at RCPT, spool at DATA, 451 for anything of ours."""
 
-    def __init__(self, protocol: str, rules: Callable[[], RuleTable], spool: Spool) -> None:
+    def __init__(
+        self,
+        protocol: str,
+        rules: Callable[[], RuleTable],
+        spool: Spool,
+        *,
+        max_recipients: int = 0,
+    ) -> None:
         self.protocol = protocol
         self._rules = rules
         self._spool = spool
+        self._max_recipients = max_recipients  # per transaction; 0: no limit
 
     async def handle_RCPT(
         self,
@@ -111,6 +220,17 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:
+            # 452, not 5xx: the client keeps the rest for another transaction.
+            metrics.REFUSED.labels("too_many_recipients").inc()
+            log.info(
+                "recipient refused",
+                rcpt=address,
+                reason="too_many_recipients",
+                limit=self._max_recipients,
+                mail_from=envelope.mail_from,
+            )
+            return TOO_MANY_RECIPIENTS
         try:
             route = self._rules().resolve(address)
         except RecipientRefused as refused:
@@ -185,14 +305,21 @@ class Listener:
         hostname: str,
         max_message_size: int,
         timeout: float,
+        max_connections: int = 0,
+        max_connections_per_ip: int = 0,
+        max_errors: int = 0,
     ) -> None:
         self.protocol = protocol
         self._handler = handler
         self._hostname = hostname
         self._max_message_size = max_message_size
         self._timeout = timeout
+        self._max_connections = max_connections  # 0: no limit
+        self._max_connections_per_ip = max_connections_per_ip  # 0: no limit
+        self._max_errors = max_errors  # 0: no limit
         self._server: asyncio.Server | None = None
-        self.connections: set[_ConnectionFixes] = set()
+        self.connections: set[_ConnectionFixes] = set()  # admitted and still open
+        self._per_ip: collections.Counter[str] = collections.Counter()
 
     def _factory(self) -> _ConnectionFixes:
         structlog.contextvars.bind_contextvars(
@@ -202,7 +329,9 @@ class Listener:
         connection: _ConnectionFixes = cls(
             self._handler,
             line_length_limit=max(1001, self._max_message_size + 2),
-            on_lost=self.connections.discard,
+            admit=self._admit,
+            on_lost=self._release,
+            max_errors=self._max_errors,
             data_size_limit=self._max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -211,8 +340,46 @@ class Listener:
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
         )
-        self.connections.add(connection)
         return connection
+
+    def _admit(self, connection: _ConnectionFixes, peer: Any) -> bytes | None:
+        """Count the new connection in, or return the 421 that refuses it."""
+        ip = _peer_ip(peer)
+        if self._max_connections and len(self.connections) >= self._max_connections:
+            reason, limit = "too_many_connections", self._max_connections
+            reply = TOO_MANY_CONNECTIONS.format(hostname=self._hostname)
+        elif (
+            self._max_connections_per_ip
+            and ip is not None
+            and self._per_ip[ip] >= self._max_connections_per_ip
+        ):
+            reason, limit = "too_many_connections_per_ip", self._max_connections_per_ip
+            reply = TOO_MANY_CONNECTIONS_PER_IP
+        else:
+            connection.peer_ip = ip
+            self.connections.add(connection)
+            if ip is not None:
+                self._per_ip[ip] += 1
+            return None
+        metrics.REFUSED.labels(reason).inc()
+        log.warning(
+            "connection refused",
+            reason=reason,
+            peer=_format_peer(peer),
+            limit=limit,
+            open=len(self.connections),
+        )
+        return reply.encode() + b"\r\n"
+
+    def _release(self, connection: _ConnectionFixes) -> None:
+        if connection not in self.connections:
+            return  # a refused connection was never counted
+        self.connections.discard(connection)
+        ip = connection.peer_ip
+        if ip is not None:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
 
     async def start(
         self, host: str, port: int, sock: socket.socket | None = None

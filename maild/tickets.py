@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
+from maild.acks import list_outmail
 from maild.enums import TicketStatus
 from maild.escalation import list_pages, queue_resolve, ticket_pages
 from maild.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
@@ -34,9 +35,10 @@ def _participants(session: Session, ticket_ids: list[int]) -> dict[int, list[dic
         .order_by(col(Participant.id))
     ).all()
     for person in rows:
-        result[person.ticket_id].append(
-            {"email": person.email, "name": person.name, "role": person.role}
-        )
+        entry = {"email": person.email, "name": person.name, "role": person.role}
+        if person.undeliverable_at is not None:  # a bounce or the smarthost said so
+            entry["undeliverable"] = person.undeliverable_reason or "undeliverable"
+        result[person.ticket_id].append(entry)
     return result
 
 
@@ -170,6 +172,7 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
         ticket_pages(session, [ticket_id]).get(ticket_id),
     )
     view["pages"] = list(reversed(list_pages(session, ticket_id=ticket_id)))
+    view["acknowledgements"] = list_outmail(session, ticket_id=ticket_id, oldest_first=True)
     view["messages"] = [
         {
             "message_id": f"<{m.message_id}>",
@@ -183,6 +186,10 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
             "text": m.text,
             "attachments": attachments.get(m.id or 0, []),
             "defects": m.defects,
+            "direction": m.direction,
+            "kind": m.kind,
+            "auto_reasons": m.auto_reasons,
+            **({"report": m.report} if m.report else {}),
         }
         for m in messages
     ]

@@ -194,6 +194,8 @@ class RunningMaild:
             )
 
         wait_until(lambda: waiting() == 0, timeout, "deliveries still unprocessed")
+        # ...and until the processor has logged and announced its last batch
+        wait_until(lambda: not self.service.processor.busy, timeout, "processor still busy")
 
     def tickets(self, status: str = "all") -> list[dict[str, Any]]:
         return self.service.database.run_read(lambda s: list_tickets(s, status=status))

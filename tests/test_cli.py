@@ -461,7 +461,7 @@ def test_tickets_show_json_adds_the_messages(maild: RunningMaild) -> None:
     maild.send(message, ["support@altis-dxp.com"])
     maild.settle()
     view = cli_json(maild.settings.source, "tickets", "show", "1")
-    assert set(view) == TICKET_KEYS | {"messages", "pages"}
+    assert set(view) == TICKET_KEYS | {"messages", "pages", "acknowledgements"}
     assert {key: view[key] for key in ("id", "type", "priority", "status", "message_count")} == {
         "id": 1,
         "type": "question",
@@ -616,6 +616,7 @@ def test_rules_test_json_for_a_paging_address(rules_config: Path, rules_dir: Pat
         "type": "incident",
         "priority": "urgent",
         "page": True,
+        "ack": True,
         "file": str(rules_dir / "desk.toml"),
         "line": 20,
     }

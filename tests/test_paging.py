@@ -659,7 +659,7 @@ def test_a_pending_page_is_sent_after_kill_9_and_restart(
     assert row["attempts"] > before["attempts"]
     assert [(t["id"], t["message_count"]) for t in tickets] == [(row["ticket_id"], 1)]
     assert every_page == [row]
-    assert [e["pages"] for e in released] == [1]
+    assert [e["count"] for e in released] == [1]
     assert ROUTING_KEY not in logged
 
 

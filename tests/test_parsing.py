@@ -12,14 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from maild import parsing
 from maild.addresses import Address
 from maild.htmltext import html_to_text
 from maild.parsing import (
+    BARE_LINE_BREAK_DEFECT,
     ParsedMessage,
     clean_text,
     extract_ids,
     normalize_message_id,
     parse_message,
+    repair_header_line_breaks,
     safe_filename,
     synthesized_message_id,
 )
@@ -97,6 +100,25 @@ def test_encoded_display_name_decodes(encoded: str, expected: str) -> None:
     """An RFC 2047 encoded From display name decodes to the right Unicode in each charset."""
     parsed = parse_message(raw_message(f"From: {encoded} <Sender@Example.COM>", "Subject: x"))
     assert Address(name=expected, email="sender@example.com") == parsed.from_
+
+
+def test_charset_labels_decode_as_their_supersets() -> None:
+    """GBK labelled gb2312 and Windows-1252 labelled latin-1 decode as mail clients show them."""
+    subject = f"{encoded_word('gbk', '赟达科技')} =?iso-8859-1?Q?=93ok=94_=80?="
+    raw = (
+        f"Subject: {subject}\r\nContent-Type: text/plain; charset=gb2312\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode("ascii") + "王镕\r\n".encode("gbk")
+    raw = raw.replace(b"=?gbk?", b"=?gb2312?")
+    parsed = parse_message(raw)
+    assert (parsed.subject, parsed.text) == ("赟达科技“ok” €", "王镕")
+
+
+def test_iso_2022_jp_7bit_body_is_decoded() -> None:
+    """A 7bit ISO-2022-JP body (escape sequences, all ASCII bytes) decodes to Japanese."""
+    body = "お世話になっております。\r\n".encode("iso-2022-jp")
+    raw = b'Subject: jp\r\nContent-Type: text/plain; charset="ISO-2022-JP"\r\n\r\n' + body
+    assert parse_message(raw).text == "お世話になっております。"
 
 
 def test_mixed_plain_and_encoded_words_in_one_subject() -> None:
@@ -253,6 +275,17 @@ def test_multipart_alternative_with_only_html_uses_html() -> None:
     assert parse_message(raw).text == "Only\n\nHTML"
 
 
+def test_html_body_is_read_up_to_max_html_chars(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first MAX_HTML_CHARS of an HTML body are read, and the text says so."""
+    monkeypatch.setattr(parsing, "MAX_HTML_CHARS", 20)
+    html = "<p>first words</p><p>" + "x" * 100 + "</p>"
+    parsed = parse_message(
+        raw_message("Subject: x", "Content-Type: text/html; charset=utf-8", body=html)
+    )
+    expected = "first words\n[... 105 more characters of HTML; the raw message is kept]"
+    assert expected == parsed.text
+
+
 def test_html_to_text_drops_scripts_and_styles() -> None:
     """Script, style and head content never reaches the text."""
     html = (
@@ -276,6 +309,66 @@ def test_html_to_text_keeps_preformatted_indentation() -> None:
 def test_html_to_text_tolerates_unclosed_tags() -> None:
     """Unclosed tags still give their text."""
     assert html_to_text("<p>unclosed <b>bold") == "unclosed bold"
+
+
+def test_html_to_text_decodes_named_and_numeric_references() -> None:
+    """Named, decimal and hex character references decode; escaped markup stays text."""
+    html = "<p>&euro;&#8364;&#x20AC; &copy; caf&eacute; &lt;script&gt;alert(1)&lt;/script&gt;</p>"
+    assert html_to_text(html) == "€€€ © café <script>alert(1)</script>"
+
+
+def test_html_to_text_drops_markup_inside_scripts_and_styles() -> None:
+    """Tags written inside a script or style, in any case, never reach the text."""
+    html = (
+        '<SCRIPT type="text/javascript">document.write("<p>injected</p>")</Script >'
+        "<style>p > a { color: red }</style><p>shown</p>"
+    )
+    assert html_to_text(html) == "shown"
+
+
+def test_html_to_text_drops_comments_and_declarations() -> None:
+    """Comments (Outlook's conditional ones too), doctypes, CDATA and PIs show nothing."""
+    html = (
+        '<!DOCTYPE html><?xml version="1.0"?><!--[if mso]><p>mso only</p><![endif]-->'
+        "<p>one</p><!-- a <p>comment</p> --><![CDATA[raw]]><p>two</p>"
+    )
+    assert html_to_text(html) == "one\n\ntwo"
+
+
+def test_html_to_text_an_unclosed_comment_hides_the_rest() -> None:
+    """As in a browser, an unclosed comment hides everything after it."""
+    assert html_to_text("<p>seen</p><!-- <p>hidden</p>") == "seen"
+
+
+def test_html_to_text_keeps_lone_less_than_signs() -> None:
+    """A "<" that starts no tag is text."""
+    assert html_to_text("1 < 2 and 3 <4 and x<") == "1 < 2 and 3 <4 and x<"
+
+
+def test_html_to_text_never_shows_urls_or_fetches_anything() -> None:
+    """Images, links and their addresses are markup: only the link text is kept."""
+    html = (
+        '<img src="https://tracker.example/p.gif" alt="pixel">'
+        '<a href="javascript:alert(1)">click</a><iframe src="https://x.example/"></iframe>'
+    )
+    assert html_to_text(html) == "click"
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        "<p>before</p>" + "<a" * 200_000,
+        "<p>before</p>" + "</" * 200_000,
+        "<p>before</p>" + "<!" * 200_000,
+        "<p>before</p>" + "<?" * 200_000,
+        "<p>before</p>" + "<![CDATA[" * 50_000,
+        "<p>before</p>" + "<!--" * 100_000,
+    ],
+    ids=["start-tags", "end-tags", "declarations", "instructions", "cdata", "comments"],
+)
+def test_html_to_text_unclosed_constructs_take_linear_time(html: str) -> None:
+    """400 KB of unclosed markup is read in one pass (html.parser took minutes on these)."""
+    assert html_to_text(html) == "before"
 
 
 # Attachments
@@ -491,6 +584,102 @@ def test_safe_filename_drops_an_overlong_extension_when_shortening() -> None:
     assert safe == "a" * 255
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../", "attachment"),
+        ("..\\..\\", "attachment"),
+        ("../../../../../../etc/shadow", "shadow"),
+        ("/etc/passwd", "passwd"),
+        ("/", "attachment"),
+        ("C:evil.exe", "C_evil.exe"),
+        ("C:\\Windows\\System32\\drivers\\etc\\hosts", "hosts"),
+        ("\\\\server\\share\\evil.exe", "evil.exe"),
+        ("\\\\?\\C:\\Windows\\evil.dll", "evil.dll"),
+        ("//server/share/x.txt", "x.txt"),
+        ("file:///etc/passwd", "passwd"),
+        ("evil.exe\x00.pdf", "evil.exe.pdf"),
+        ("\x00", "attachment"),
+        ("a\x00/\x00b", "b"),
+        ("evil.exe.", "evil.exe"),
+        ("report.pdf . .", "report.pdf"),
+        ("CON", "_CON"),
+        ("con.txt", "_con.txt"),
+        ("nul .tar.gz", "_nul .tar.gz"),
+        ("LPT1.log", "_LPT1.log"),
+        ("com9", "_com9"),
+        ("console.txt", "console.txt"),
+        ("invoice\u202etxt.exe", "invoicetxt.exe"),
+        ("zero\u200bwidth.txt", "zerowidth.txt"),
+    ],
+)
+def test_safe_filename_never_names_a_folder_or_a_device(name: str, expected: str) -> None:
+    """Traversal, absolute, drive, UNC, NUL and device names give a plain file name."""
+    assert expected == safe_filename(name)
+
+
+def test_safe_filename_cuts_a_10000_character_name_keeping_the_extension() -> None:
+    """A 10,000-character name of 3-byte characters is cut to 255 bytes, extension kept."""
+    safe = safe_filename("日" * 10_000 + ".pdf")
+    assert safe == "日" * 83 + ".pdf"
+    assert len(safe.encode("utf-8")) <= 255
+
+
+def test_safe_filename_cut_never_ends_with_a_dot_or_space() -> None:
+    """A long name without extension, cut at a dot or space, loses the trailing dot or space."""
+    assert safe_filename("a" * 253 + ". " + "b" * 100) == "a" * 253
+
+
+@pytest.mark.parametrize(
+    ("disposition", "expected"),
+    [
+        ("filename*=utf-8''..%2F..%2F..%2Fetc%2Fpasswd", "passwd"),
+        ("filename*=utf-8''..%5C..%5CWindows%5Cwin.ini", "win.ini"),
+        ("filename*=utf-8''%2Fetc%2Fcron.d%2Fx", "x"),
+        ("filename*=utf-8''C%3A%5Cevil.exe", "evil.exe"),
+        ("filename*=utf-8''evil%00.exe", "evil.exe"),
+        ("filename*0*=utf-8''..%2F..%2F;\r\n filename*1*=etc%2Fshadow", "shadow"),
+        ('filename="=?utf-8?q?..=2F..=2Fetc=2Fpasswd?="', "passwd"),
+        ("filename*=utf-8''" + "%E6%97%A5" * 200 + ".txt", "日" * 83 + ".txt"),
+    ],
+    ids=["slash", "backslash", "absolute", "drive", "nul", "continued", "rfc2047", "long"],
+)
+def test_encoded_attachment_filenames_cannot_escape(disposition: str, expected: str) -> None:
+    """RFC 2231 and RFC 2047 encoded traversal in an attachment's name decodes, then is cut."""
+    raw = with_body(
+        ["Subject: file"],
+        multipart(
+            "mixed",
+            attachment_part(
+                "Content-Type: application/octet-stream\r\n"
+                f"Content-Disposition: attachment; {disposition}\r\n"
+                "Content-Transfer-Encoding: base64",
+                "YWJj",
+            ),
+        ),
+    )
+    [attachment] = parse_message(raw).attachments
+    assert expected == attachment.filename
+    assert attachment.data == b"abc"
+
+
+def test_base64_without_padding_and_with_junk_still_decodes() -> None:
+    """An attachment whose base64 lacks its padding or carries stray characters still decodes."""
+    raw = with_body(
+        ["Subject: file"],
+        multipart(
+            "mixed",
+            attachment_part(
+                "Content-Type: application/octet-stream\r\n"
+                'Content-Disposition: attachment; filename="a.bin"\r\n'
+                "Content-Transfer-Encoding: base64",
+                "YWJj\r\nZGVm*Z2g",
+            ),
+        ),
+    )
+    assert [a.data for a in parse_message(raw).attachments] == [b"abcdefgh"]
+
+
 # Message-ID, In-Reply-To, References
 
 
@@ -584,10 +773,15 @@ def test_extract_ids(value: str | list[str] | None, expected: list[str]) -> None
         ("<a@x> <b@x>", "a@x"),
         ("<\r\n abc@x>", "abc@x"),
         ("", ""),
+        ("a@x (<y@z>)", "a@x"),  # a comment never supplies the id
+        ("(c) <a@x>", "a@x"),
+        ("first@x To: <support@altis-dxp.com>", "first@x"),  # a folded bare CR
+        ("junk <a@x>", "a@x"),
+        ("12345", "12345"),
     ],
 )
 def test_normalize_message_id(value: str, expected: str) -> None:
-    """normalize_message_id takes the first bracketed token, else the trimmed value."""
+    """The id the field starts with: a bare id first, else the first bracketed token."""
     assert expected == normalize_message_id(value)
 
 
@@ -670,10 +864,13 @@ def test_nul_in_encoded_word_charset_falls_back_and_keeps_headers() -> None:
     """When mail-parser fails (NUL in a charset), the fallback keeps the headers and body.
 
     The broken charset name is not trusted: the word's bytes are read as UTF-8.
+    (mail-parser reads only Message-ID, In-Reply-To, References, Date and Content-*
+    at the top level, so the NUL is put in In-Reply-To to make it fail.)
     """
     raw = (
         b"Subject: =?ut\x00f-8?q?abc?=\r\nFrom: Ann <Ann@B.example>\r\n"
         b"Message-ID: <kept@x.example>\r\nReferences: <r@x.example>\r\n"
+        b"In-Reply-To: =?ut\x00f-8?q?abc?=\r\n"
         b"Date: Tue, 01 Jul 2025 10:00:00 +0000\r\n\r\nthe body\r\n"
     )
     parsed = parse_message(raw)
@@ -685,6 +882,24 @@ def test_nul_in_encoded_word_charset_falls_back_and_keeps_headers() -> None:
     assert datetime(2025, 7, 1, 10, 0, tzinfo=UTC) == parsed.date
     assert parsed.text == "the body"
     assert_storable(parsed)
+
+
+def test_nul_in_subject_charset_no_longer_sends_the_message_to_the_fallback() -> None:
+    """mail-parser is not given the Subject, so a NUL in its charset costs nothing else."""
+    raw = b"Subject: =?ut\x00f-8?q?abc?=\r\nMessage-ID: <n@x.example>\r\n\r\nthe body\r\n"
+    parsed = parse_message(raw)
+    assert (parsed.defects, parsed.subject, parsed.text) == ([], "abc", "the body")
+
+
+def test_multipart_without_boundary_keeps_its_body_as_text() -> None:
+    """A multipart whose boundary parameter is missing shows its body as sent, not nothing."""
+    raw = (
+        b"Subject: nb\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n--B--\r\n"
+    )
+    parsed = parse_message(raw)
+    assert parsed.text == "--B\nContent-Type: text/plain\n\nhello\n--B--"
+    assert "NoBoundaryInMultipartDefect" in parsed.defects
 
 
 def test_deeply_nested_multiparts() -> None:
@@ -839,3 +1054,126 @@ def test_preformatted_html_keeps_indentation_but_other_blocks_are_trimmed() -> N
     """Only <pre> keeps leading spaces; paragraphs lose the spaces around their text."""
     text = html_to_text("<p>   hello  </p><pre>  def f():\n      return 1\n</pre><div>  end </div>")
     assert text == "hello\n\n  def f():\n      return 1\n\nend"
+
+
+# Bare LF and bare CR inside header lines (aiosmtpd passes them through)
+
+
+def header_names(parsed: ParsedMessage) -> list[str]:
+    return [name.lower() for name, _ in parsed.headers]
+
+
+@pytest.mark.parametrize("breaker", [b"\n", b"\r", b"\n\n", b"\r\r", b"\n\r"])
+def test_bare_line_break_in_a_header_line_is_a_space(breaker: bytes) -> None:
+    """In a CRLF message, `Subject: a<LF>X-Priority: 1` is one Subject, and a defect says so."""
+    raw = b"Subject: a" + breaker + b"X-Priority: 1\r\nFrom: b@c.example\r\n\r\nbody\r\n"
+    parsed = parse_message(raw)
+    assert parsed.subject == "a X-Priority: 1"
+    assert header_names(parsed) == ["subject", "from"]
+    assert parsed.defects == [BARE_LINE_BREAK_DEFECT]
+    assert parsed.text == "body"
+
+
+def test_bare_lf_in_a_message_without_body_is_a_space_too() -> None:
+    """A CRLF message without an empty line is all header section; a bare LF stays in its line."""
+    parsed = parse_message(b"Subject: a\nX-Priority: 1\r\nFrom: b@c.example\r\n")
+    assert (parsed.subject, header_names(parsed)) == ("a X-Priority: 1", ["subject", "from"])
+
+
+def test_bare_lf_cannot_smuggle_threading_or_message_id() -> None:
+    """Ids smuggled after a bare LF are neither the Message-ID nor In-Reply-To nor References."""
+    raw = (
+        b"Subject: x\nMessage-ID: <fake@x>\nIn-Reply-To: <victim@x>\nReferences: <victim@x>\r\n"
+        b"Message-ID: <real@x>\r\n\r\nbody\r\n"
+    )
+    parsed = parse_message(raw)
+    assert (parsed.message_id, parsed.in_reply_to, parsed.references) == ("real@x", [], [])
+
+
+def test_bare_lf_at_the_end_of_a_header_does_not_end_the_header_section() -> None:
+    """`Subject: hi<LF><CRLF>` does not turn the headers below it into body."""
+    raw = b"Subject: hi\n\r\nAuto-Submitted: auto-generated\r\nFrom: b@c.example\r\n\r\nbody\r\n"
+    parsed = parse_message(raw)
+    assert header_names(parsed) == ["subject", "auto-submitted", "from"]
+    assert (parsed.subject, parsed.text) == ("hi", "body")
+
+
+def test_bare_line_breaks_in_a_crlf_body_are_kept() -> None:
+    """Only header lines change: a body's bare LFs stay line breaks, its bytes untouched."""
+    raw = b"Subject: a\nB: c\r\n\r\nline one\nline two\r\n"
+    repaired, changed = repair_header_line_breaks(raw)
+    assert (repaired, changed) == (b"Subject: a B: c\r\n\r\nline one\nline two\r\n", True)
+    assert parse_message(raw).text == "line one\nline two"
+
+
+def test_a_bare_lf_line_after_crlf_headers_ends_them() -> None:
+    """CRLF headers followed by an LF-only empty line end there, as every reader agrees."""
+    raw = b"Subject: a\r\nFrom: b@c.example\r\n\nbody\nmore\r\n"
+    parsed = parse_message(raw)
+    expected = (["subject", "from"], "body\nmore", [])
+    assert expected == (header_names(parsed), parsed.text, parsed.defects)
+
+
+def test_lf_only_messages_keep_their_line_endings() -> None:
+    """A pipe-delivered message with LF line endings throughout is read line by line as before."""
+    raw = b"Subject: a\nX-Priority: 1\nFrom: b@c.example\n\nbody\r\nmore\n"
+    parsed = parse_message(raw)
+    assert header_names(parsed) == ["subject", "x-priority", "from"]
+    assert (parsed.subject, parsed.defects) == ("a", [])
+    assert (raw, False) == repair_header_line_breaks(raw)
+
+
+def test_bare_cr_in_an_lf_message_header_is_a_space() -> None:
+    """A bare CR, which the standard library would take for a line end, is a space in LF mail."""
+    parsed = parse_message(b"Subject: a\rIn-Reply-To: <v@x>\nFrom: b@c.example\n\nbody\n")
+    assert (parsed.subject, parsed.in_reply_to) == ("a In-Reply-To: <v@x>", [])
+    assert header_names(parsed) == ["subject", "from"]
+
+
+def test_bare_lf_in_a_mime_part_header_cannot_add_a_part_header() -> None:
+    """A bare LF in a part's header cannot make its text an attachment."""
+    raw = with_body(
+        ["Subject: part", "Message-ID: <p@x.example>"],
+        multipart(
+            "mixed",
+            'Content-Type: text/plain; x="a\nContent-Disposition: attachment; filename=e.exe"'
+            "\r\n\r\nhello",
+        ),
+    )
+    parsed = parse_message(raw)
+    expected = ("hello", [], [BARE_LINE_BREAK_DEFECT])
+    assert expected == (parsed.text, parsed.attachments, parsed.defects)
+
+
+def test_repair_keeps_the_length_and_the_synthesized_id_of_the_received_bytes() -> None:
+    """Repair swaps bytes for spaces one for one; a missing Message-ID hashes the bytes as sent."""
+    raw = b"Subject: a\nB: c\r\n\r\nbody\r\n"
+    repaired, _ = repair_header_line_breaks(raw)
+    assert len(raw) == len(repaired)
+    assert synthesized_message_id(raw) == parse_message(raw).message_id
+
+
+def test_messages_without_bare_line_breaks_are_returned_as_they_are() -> None:
+    """An ordinary CRLF message is the very same bytes object after the repair step."""
+    raw = raw_message("Subject: x", "From: a@b.example", body="one\r\ntwo\r\n")
+    repaired, changed = repair_header_line_breaks(raw)
+    assert repaired is raw
+    assert changed is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet="aZ:- \r\n", max_size=60).filter(lambda v: "\r\n" not in v),
+    st.sampled_from(["Subject", "To", "Content-Type", "X-Custom"]),
+)
+def test_no_value_without_crlf_can_add_or_remove_a_header(value: str, name: str) -> None:
+    """Whatever bare CRs and LFs a header value holds, the message keeps exactly its headers."""
+    raw = (
+        f"From: a@b.example\r\n{name}: {value}\r\nAuto-Submitted: auto-generated\r\n"
+        "Message-ID: <m@x.example>\r\n\r\nbody\r\n"
+    ).encode("ascii")
+    parsed = parse_message(raw)
+    expected = ["from", name.lower(), "auto-submitted", "message-id"]
+    assert expected == header_names(parsed)
+    assert (parsed.message_id, parsed.text) == ("m@x.example", "body")
+    assert len(raw) == len(repair_header_line_breaks(raw)[0])

@@ -350,7 +350,7 @@ def test_unknown_key_in_a_route_is_reported_at_its_line(tmp_path: Path) -> None:
     expected = Problem(
         str(folder / "a.toml"),
         6,
-        "unknown key 'paeg' in [[route]] (known: name, page, priority, recipients, type)",
+        "unknown key 'paeg' in [[route]] (known: ack, name, page, priority, recipients, type)",
     )
     assert [expected] == problems_of(folder)
 

@@ -11,11 +11,17 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
-from sqlmodel import SQLModel
 
 from maild.database import Database
 from maild.models import metadata
-from maild.schema import SchemaError, ensure_current, head_revision, schema_state
+from maild.schema import (
+    FIRST_REVISION,
+    SchemaError,
+    ensure_current,
+    head_revision,
+    schema_state,
+    upgrade,
+)
 
 TABLES = {"inbound", "ticket", "participant", "message", "attachment", "blob", "page"}
 
@@ -76,7 +82,9 @@ def test_serve_refuses_an_unversioned_schema_until_db_upgrade(
     make_config: Callable[..., Path], database: Database
 ) -> None:
     """Tables without a version (a development build's database) stop serve with the fix named."""
-    SQLModel.metadata.create_all(database.write_engine)
+    upgrade(database.write_engine, FIRST_REVISION)  # the tables those builds made
+    with database.write_engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
     config = make_config()
     refused = maild(config, "serve")
     assert refused.returncode == 78
@@ -130,3 +138,35 @@ def test_serve_and_ingest_create_the_schema_on_an_empty_database(
     assert result.returncode == 0, result.stderr
     assert schema_state(database.write_engine).up_to_date
     assert inspect(database.write_engine).has_table("alembic_version")
+
+
+def test_upgrading_from_0001_keeps_messages_and_marks_them_inbound_human(
+    database: Database,
+) -> None:
+    """Messages stored before 0002 become inbound, human, with no automatic reasons."""
+    upgrade(database.write_engine, FIRST_REVISION)
+    with database.write_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO ticket (type, priority, status, subject, requester_email, "
+                "requester_name, rule, rules_version, created_at, updated_at) VALUES "
+                "('question', 'normal', 'open', 's', 'a@x.example', '', 'support', '', "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO message (ticket_id, message_id, message_id_hash, "
+                'message_id_synthesized, in_reply_to, "references", from_email, from_name, '
+                "\"to\", cc, subject, text, rule, defects, created_at) VALUES (1, 'm@x', 'h', "
+                "false, '[]', '[]', 'a@x.example', '', '[]', '[]', 's', 'hello', 'support', "
+                "'[]', '2026-01-01 00:00:00')"
+            )
+        )
+    upgrade(database.write_engine)
+    with database.write_engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT direction, kind, auto_reasons, report FROM message")
+        ).one()
+    assert (row[0], row[1], row[3]) == ("inbound", "human", None)
+    assert row[2] in ("[]", [])  # JSON text on SQLite, decoded on PostgreSQL

@@ -1,0 +1,467 @@
+"""Acknowledgements: one mail per new ticket from a person, with the ticket number.
+
+The decision and the rendered mail are made inside the filing transaction
+(intake.file_message): the acknowledgement's `message` row (direction
+outbound, kind ack, its own Message-ID), its `outmail` row (bytes and
+envelope) and one `outmail_rcpt` row per recipient commit with the ticket or
+not at all. The mailer (maild/mailer.py) sends them later, like the pager.
+
+What goes out:
+
+- To the requester, Cc the other participants (people in To and Cc of the
+  customer's mail, never the desk's own addresses), except addresses a bounce
+  marked undeliverable and addresses that already received
+  `[outbound] max_acks_per_sender_per_hour` acknowledgements in the last hour
+  (those are recorded as withheld).
+- Subject `[#ID] original subject`; body from the route's template.
+- `Reply-To` and envelope sender: the desk address the customer wrote to with
+  a `+token` subaddress, `<token>` = ticket id and an HMAC under
+  `[outbound] secret`, so a reply (and a bounce) finds the ticket whoever sends it.
+- RFC 3834 headers: `Auto-Submitted: auto-replied`,
+  `X-Auto-Response-Suppress: All`, `Precedence: bulk`, and our loop header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import string
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.policy import SMTP, SMTPUTF8
+from email.utils import format_datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from maild import addresses, hygiene
+from maild.addresses import Address
+from maild.config import OutboundSettings
+from maild.enums import Direction, MailStatus, MessageKind, ParticipantRole, RecipientState
+from maild.errors import ConfigError
+from maild.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
+from maild.parsing import message_id_hash
+
+TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
+_TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")
+PLACEHOLDERS = frozenset(
+    {
+        "ticket_id",
+        "subject",
+        "ticket_type",
+        "priority",
+        "greeting_name",
+        "requester_name",
+        "requester_email",
+        "reply_address",
+        "desk_address",
+        "paging_note",
+    }
+)
+DEFAULT_TEMPLATE = "ack.txt"
+PAGED_NOTE = "Our on-call engineers have been paged."
+SUBJECT_CHARS = 900
+
+
+# Reply-address tokens.
+
+
+def make_token(secret: bytes, ticket_id: int) -> str:
+    mac = hmac.new(secret, f"maild-ticket:{ticket_id}".encode(), hashlib.sha256).hexdigest()
+    return f"{ticket_id}-{mac[:TOKEN_MAC_HEX]}"
+
+
+def read_token(secret: bytes, token: str) -> int | None:
+    """The ticket id a `+token` subaddress names, or None when it is not a valid token of ours."""
+    match = _TOKEN.match(token.strip().lower())
+    if match is None:
+        return None
+    ticket_id = int(match.group(1))
+    if not hmac.compare_digest(make_token(secret, ticket_id), match.group(0)):
+        return None
+    return ticket_id
+
+
+def reply_address(desk_address: str, token: str) -> str:
+    local, domain = addresses.split(addresses.route_key(desk_address))
+    return f"{local}+{token}@{domain}"
+
+
+# Templates.
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Acknowledgement bodies: one per route, a default; checked when loaded."""
+
+    default: string.Template
+    by_route: dict[str, string.Template] = field(default_factory=dict)
+    folder: str = ""
+
+    def for_route(self, route: str) -> string.Template:
+        return self.by_route.get(route, self.default)
+
+
+def _check_template(text: str, source: str) -> string.Template:
+    template = string.Template(text)
+    if not template.is_valid():
+        # Find the first stray `$` for the error's line.
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not string.Template(line).is_valid():
+                raise ConfigError(
+                    f"{source}:{number}: a stray $ (write $$ for a dollar sign, "
+                    "${name} for a placeholder)"
+                )
+        raise ConfigError(f"{source}: a stray $ (write $$ for a dollar sign)")
+    for name in template.get_identifiers():
+        if name not in PLACEHOLDERS:
+            number = next(
+                (
+                    n
+                    for n, line in enumerate(text.splitlines(), start=1)
+                    if f"${name}" in line or f"${{{name}}}" in line
+                ),
+                1,
+            )
+            raise ConfigError(
+                f"{source}:{number}: unknown placeholder ${{{name}}} "
+                f"(known: {', '.join(sorted(PLACEHOLDERS))})"
+            )
+    return template
+
+
+def load_templates(folder: Path) -> Templates:
+    """`ack.txt` and `ack-<route>.txt` from the folder; the built-in text where it has none."""
+    by_route: dict[str, string.Template] = {}
+    default: string.Template | None = None
+    if folder.is_dir():
+        for path in sorted(folder.glob("ack*.txt")):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot read: {exc}") from None
+            template = _check_template(text, str(path))
+            if path.name == DEFAULT_TEMPLATE:
+                default = template
+            elif path.name.startswith("ack-"):
+                by_route[path.name[len("ack-") : -len(".txt")]] = template
+    if default is None:
+        builtin = resources.files("maild").joinpath("templates", DEFAULT_TEMPLATE)
+        default = _check_template(builtin.read_text(encoding="utf-8"), str(builtin))
+    return Templates(default=default, by_route=by_route, folder=str(folder))
+
+
+# What the filing transaction needs.
+
+
+@dataclass(frozen=True)
+class AckPolicy:
+    """What the settings say about acknowledgements, in the form filing needs."""
+
+    enabled: bool
+    secret: bytes
+    from_header: str
+    from_address: str
+    message_id_domain: str
+    loop_id: str
+    max_per_hour: int
+    templates: Templates
+
+    @classmethod
+    def from_settings(cls, settings: OutboundSettings) -> AckPolicy:
+        """Raises ConfigError naming the template file and line at fault."""
+        secret = settings.secret.get_secret_value().encode() if settings.secret else b""
+        from_address = settings.from_address()
+        domain = settings.message_id_domain or addresses.domain_of(from_address) or "maild.invalid"
+        return cls(
+            enabled=settings.enabled and bool(secret),
+            secret=secret,
+            from_header=settings.from_,
+            from_address=from_address,
+            message_id_domain=domain,
+            loop_id=hygiene.loop_id(domain),
+            max_per_hour=settings.max_acks_per_sender_per_hour,
+            templates=load_templates(settings.templates),
+        )
+
+    def ticket_for(self, recipients: list[str]) -> int | None:
+        """The ticket a valid `+token` recipient names (the first), or None."""
+        if not self.secret:
+            return None
+        for recipient in recipients:
+            token = addresses.subaddress(recipient)
+            if token:
+                ticket_id = read_token(self.secret, token)
+                if ticket_id is not None:
+                    return ticket_id
+        return None
+
+    def is_ours(self, message_id: str) -> bool:
+        local, _, domain = message_id.rpartition("@")
+        return domain.lower() == self.message_id_domain and local.startswith(
+            hygiene.OUR_MESSAGE_ID_PREFIX
+        )
+
+
+def _one_line(text: str) -> str:
+    """No line breaks or control characters: nothing can start a header of its own."""
+    cleaned = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    return " ".join(cleaned.split())
+
+
+def ack_subject(ticket_id: int, subject: str) -> str:
+    subject = _one_line(subject)[:SUBJECT_CHARS]
+    tag = f"[#{ticket_id}]"
+    if tag in subject:
+        return subject
+    return f"{tag} {subject or '(no subject)'}"
+
+
+def _header_address(person: Address) -> HeaderAddress | str:
+    try:
+        return HeaderAddress(display_name=_one_line(person.name), addr_spec=person.email)
+    except (ValueError, IndexError, TypeError):
+        return person.email
+
+
+@dataclass(frozen=True)
+class Rendered:
+    message_id: str
+    raw: bytes
+    subject: str
+    body: str
+    smtputf8: bool
+
+
+def render_ack(
+    policy: AckPolicy,
+    *,
+    ticket: Ticket,
+    route: str,
+    desk_address: str,
+    reply_to: str,
+    to: Address,
+    cc: list[Address],
+    in_reply_to: str,
+    now: datetime,
+    paged: bool = False,
+) -> Rendered:
+    """The acknowledgement's bytes. Header values are one line: no injection through names."""
+    assert ticket.id is not None
+    subject = ack_subject(ticket.id, ticket.subject)
+    body = policy.templates.for_route(route).substitute(
+        ticket_id=ticket.id,
+        subject=_one_line(ticket.subject) or "(no subject)",
+        ticket_type=ticket.type,
+        priority=ticket.priority,
+        greeting_name=_one_line(to.name) or to.email,
+        requester_name=_one_line(to.name),
+        requester_email=to.email,
+        reply_address=reply_to,
+        desk_address=desk_address,
+        paging_note=PAGED_NOTE if paged else "",
+    )
+    everyone = [to.email, *(p.email for p in cc), reply_to, policy.from_address]
+    smtputf8 = not all(a.isascii() for a in everyone)
+    message = EmailMessage(policy=SMTPUTF8 if smtputf8 else SMTP)
+    unique = f"ack.{ticket.id}.{secrets.token_hex(8)}"
+    message_id = f"{hygiene.OUR_MESSAGE_ID_PREFIX}{unique}@{policy.message_id_domain}"
+    message["From"] = policy.from_header
+    message["To"] = _header_address(to)
+    if cc:
+        message["Cc"] = [_header_address(p) for p in cc]
+    message["Reply-To"] = reply_to
+    message["Subject"] = subject
+    message["Date"] = format_datetime(now)
+    message["Message-ID"] = f"<{message_id}>"
+    if in_reply_to:
+        message["In-Reply-To"] = f"<{in_reply_to}>"
+        message["References"] = f"<{in_reply_to}>"
+    message["Auto-Submitted"] = "auto-replied"
+    message["X-Auto-Response-Suppress"] = "All"
+    message["Precedence"] = "bulk"
+    message[hygiene.LOOP_HEADER] = policy.loop_id
+    message["X-Maild-Ticket"] = str(ticket.id)
+    message.set_content(body, cte="quoted-printable")
+    return Rendered(
+        message_id=message_id,
+        raw=message.as_bytes(),
+        subject=subject,
+        body=body,
+        smtputf8=smtputf8,
+    )
+
+
+def _recent_acks(session: Session, email: str, now: datetime) -> int:
+    counted = (RecipientState.PENDING, RecipientState.SENT, RecipientState.BOUNCED)
+    return session.exec(
+        select(func.count(col(OutmailRecipient.id))).where(
+            OutmailRecipient.email == email,
+            col(OutmailRecipient.status).in_([s.value for s in counted]),
+            OutmailRecipient.created_at >= now - timedelta(hours=1),
+        )
+    ).one()
+
+
+def undeliverable(session: Session, emails: list[str]) -> set[str]:
+    """The addresses a bounce marked undeliverable, on any ticket."""
+    if not emails:
+        return set()
+    rows = session.exec(
+        select(Participant.email).where(
+            col(Participant.email).in_(emails), col(Participant.undeliverable_at).is_not(None)
+        )
+    ).all()
+    return set(rows)
+
+
+def plan_ack(
+    session: Session,
+    policy: AckPolicy,
+    ticket: Ticket,
+    *,
+    route: str,
+    desk_address: str,
+    in_reply_to: str,
+    now: datetime,
+    paged: bool = False,
+) -> Outmail | None:
+    """The acknowledgement of a new ticket (pending or withheld), added to the session.
+
+    None when there is nobody to send it to (no requester address).
+    """
+    assert ticket.id is not None
+    people = session.exec(
+        select(Participant).where(Participant.ticket_id == ticket.id).order_by(col(Participant.id))
+    ).all()
+    requester = next((p for p in people if p.role == ParticipantRole.REQUESTER), None)
+    if requester is None:
+        return None
+    others = [p for p in people if p is not requester]
+    bad = undeliverable(session, [p.email for p in people])
+    states: dict[str, tuple[RecipientState, str | None]] = {}
+    for person in [requester, *others]:
+        if person.email in bad:
+            states[person.email] = (RecipientState.WITHHELD, "undeliverable (a bounce said so)")
+        elif hygiene.robot_address(person.email):
+            states[person.email] = (RecipientState.WITHHELD, "an automatic address")
+        elif (
+            policy.max_per_hour and _recent_acks(session, person.email, now) >= policy.max_per_hour
+        ):
+            states[person.email] = (
+                RecipientState.WITHHELD,
+                f"already acknowledged {policy.max_per_hour} times in the last hour "
+                f"([outbound] max_acks_per_sender_per_hour = {policy.max_per_hour})",
+            )
+        else:
+            states[person.email] = (RecipientState.PENDING, None)
+    reply_to = reply_address(desk_address, make_token(policy.secret, ticket.id))
+    rendered = render_ack(
+        policy,
+        ticket=ticket,
+        route=route,
+        desk_address=addresses.route_key(desk_address),
+        reply_to=reply_to,
+        to=Address(requester.name, requester.email),
+        cc=[Address(p.name, p.email) for p in others],
+        in_reply_to=in_reply_to,
+        now=now,
+        paged=paged,
+    )
+    message = Message(
+        ticket_id=ticket.id,
+        message_id=rendered.message_id,
+        message_id_hash=message_id_hash(rendered.message_id),
+        from_email=policy.from_address,
+        to=[{"name": requester.name, "email": requester.email}],
+        cc=[{"name": p.name, "email": p.email} for p in others],
+        subject=rendered.subject,
+        date=now,
+        text=rendered.body,
+        rule=route,
+        direction=Direction.OUTBOUND.value,
+        kind=MessageKind.ACK.value,
+        created_at=now,
+    )
+    session.add(message)
+    session.flush()
+    assert message.id is not None
+    sending = [email for email, (state, _) in states.items() if state == RecipientState.PENDING]
+    reasons = sorted({why for state, why in states.values() if why})
+    outmail = Outmail(
+        ticket_id=ticket.id,
+        message_pk=message.id,
+        status=MailStatus.PENDING.value if sending else MailStatus.WITHHELD.value,
+        reason=None if sending else "; ".join(reasons),
+        mail_from=reply_to,
+        raw=rendered.raw,
+        next_attempt_at=now,
+        queued_at=now,
+        created_at=now,
+    )
+    session.add(outmail)
+    session.flush()
+    assert outmail.id is not None
+    for email, (state, why) in states.items():
+        session.add(
+            OutmailRecipient(
+                outmail_id=outmail.id, email=email, status=state.value, error=why, created_at=now
+            )
+        )
+    session.flush()
+    return outmail
+
+
+def outmail_view(session: Session, outmail: Outmail) -> dict[str, Any]:
+    recipients = session.exec(
+        select(OutmailRecipient)
+        .where(OutmailRecipient.outmail_id == outmail.id)
+        .order_by(col(OutmailRecipient.id))
+    ).all()
+    message = session.get(Message, outmail.message_pk)
+    return {
+        "id": outmail.id,
+        "ticket_id": outmail.ticket_id,
+        "kind": outmail.kind,
+        "status": outmail.status,
+        "reason": outmail.reason,
+        "subject": message.subject if message else "",
+        "message_id": message.message_id if message else "",
+        "recipients": [
+            {"email": r.email, "status": r.status, "error": r.error} for r in recipients
+        ],
+        "attempts": outmail.attempts,
+        "last_error": outmail.last_error,
+        "next_attempt_at": as_utc(outmail.next_attempt_at).isoformat()
+        if outmail.status == MailStatus.PENDING
+        else None,
+        "created_at": as_utc(outmail.created_at).isoformat(),
+        "sent_at": as_utc(outmail.sent_at).isoformat() if outmail.sent_at else None,
+    }
+
+
+def list_outmail(
+    session: Session,
+    *,
+    status: str | None = None,
+    ticket_id: int | None = None,
+    limit: int | None = None,
+    oldest_first: bool = False,
+) -> list[dict[str, Any]]:
+    query = select(Outmail)
+    if status:
+        query = query.where(Outmail.status == status)
+    if ticket_id is not None:
+        query = query.where(Outmail.ticket_id == ticket_id)
+    query = query.order_by(col(Outmail.id) if oldest_first else col(Outmail.id).desc())
+    if limit:
+        query = query.limit(limit)
+    return [outmail_view(session, o) for o in session.exec(query).all()]

@@ -1,0 +1,506 @@
+"""The mailer: sends the mail outbox (acknowledgements) through the smarthost.
+
+It claims due `pending` outmail rows and sends each with aiosmtplib to
+`[outbound] smarthost` (STARTTLS or implicit TLS and login when configured),
+one SMTP transaction per row, to the recipients still pending.
+
+Replies decide what happens, per recipient:
+
+- accepted → the recipient is `sent` (never sent to again, even when another
+  recipient of the same mail is retried);
+- 5xx to RCPT → `refused`, and the participant is marked undeliverable;
+- 4xx to RCPT → stays pending, and the row is retried.
+
+For the whole transaction: a network error, a timeout, a 4xx greeting,
+MAIL, DATA or login failure is retried with exponential backoff and jitter
+until `[outbound] give_up_after` has passed since it was queued (a login
+failure is a configuration mistake an operator can fix meanwhile, so it is
+retried too, and logged at error level); a 5xx to MAIL FROM or DATA fails the
+row at once. Every failed attempt is written to the row before the wait.
+
+A crash between the smarthost's 250 and our record sends the mail again after
+restart: a customer may see a second copy of an acknowledgement, never none.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiosmtplib
+import structlog
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+from tenacity import RetryCallState
+
+from maild import metrics
+from maild.config import OutboundSettings, parse_hostport
+from maild.database import Database
+from maild.enums import MailStatus, RecipientState
+from maild.models import Outmail, OutmailRecipient, Participant, as_utc, utcnow
+from maild.outbox import OutboxWorker, Stopping, record_outcome
+
+log = structlog.get_logger("maild.mailer")
+
+POLL_SECONDS = 1.0
+
+
+class MailError(Exception):
+    """A failed attempt to send an outgoing mail."""
+
+
+class TransientMailError(MailError):
+    """Worth trying again: network, timeout, 4xx, a login the operator may fix."""
+
+
+class PermanentMailError(MailError):
+    """The smarthost refused the mail itself (5xx to MAIL FROM or DATA)."""
+
+
+@dataclass(frozen=True)
+class MailJob:
+    """A claimed outgoing mail, detached from its session."""
+
+    id: int
+    ticket_id: int
+    mail_from: str
+    recipients: tuple[str, ...]  # those still pending
+    raw: bytes
+    attempts: int
+    queued_at: datetime
+    created_at: datetime
+    none_reached_before: bool = True  # no recipient was sent to by an earlier claim
+
+    @property
+    def smtputf8(self) -> bool:
+        return not (
+            self.raw.isascii()
+            and self.mail_from.isascii()
+            and all(r.isascii() for r in self.recipients)
+        )
+
+
+# The outbox rows.
+
+
+def next_due(session: Session) -> datetime | None:
+    value = session.exec(
+        select(func.min(col(Outmail.next_attempt_at))).where(
+            Outmail.status == MailStatus.PENDING.value
+        )
+    ).one()
+    return as_utc(value) if value is not None else None
+
+
+def claim_due(
+    session: Session, now: datetime, limit: int, lease: float, claimer: str
+) -> list[MailJob]:
+    """Pending mail that is due, oldest first, leased for `lease` seconds (SKIP LOCKED on PG)."""
+    query = (
+        select(Outmail)
+        .where(Outmail.status == MailStatus.PENDING.value, col(Outmail.next_attempt_at) <= now)
+        .order_by(col(Outmail.id))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=Outmail)
+    jobs = []
+    for outmail in session.exec(query).all():
+        assert outmail.id is not None
+        pending = session.exec(
+            select(OutmailRecipient.email)
+            .where(
+                OutmailRecipient.outmail_id == outmail.id,
+                OutmailRecipient.status == RecipientState.PENDING.value,
+            )
+            .order_by(col(OutmailRecipient.id))
+        ).all()
+        if not pending:  # every recipient was settled by an attempt whose final record was lost
+            reached = session.exec(
+                select(OutmailRecipient.id).where(
+                    OutmailRecipient.outmail_id == outmail.id,
+                    OutmailRecipient.status == RecipientState.SENT.value,
+                )
+            ).first()
+            if reached is not None:
+                outmail.status = MailStatus.SENT.value
+                outmail.sent_at = outmail.sent_at or now
+            else:
+                outmail.status = MailStatus.FAILED.value
+                outmail.reason = "every recipient was refused"
+            session.add(outmail)
+            continue
+        reached_before = session.exec(
+            select(OutmailRecipient.id).where(
+                OutmailRecipient.outmail_id == outmail.id,
+                OutmailRecipient.status == RecipientState.SENT.value,
+            )
+        ).first()
+        outmail.next_attempt_at = now + timedelta(seconds=lease)
+        outmail.claimed_by = claimer
+        session.add(outmail)
+        jobs.append(
+            MailJob(
+                id=outmail.id,
+                ticket_id=outmail.ticket_id,
+                mail_from=outmail.mail_from,
+                recipients=tuple(pending),
+                raw=outmail.raw,
+                attempts=outmail.attempts,
+                queued_at=as_utc(outmail.queued_at),
+                created_at=as_utc(outmail.created_at),
+                none_reached_before=reached_before is None,
+            )
+        )
+    return jobs
+
+
+def release_claims(session: Session, claimer: str, now: datetime) -> int:
+    rows = session.exec(
+        select(Outmail).where(
+            Outmail.status == MailStatus.PENDING.value,
+            Outmail.claimed_by == claimer,
+            col(Outmail.next_attempt_at) > now,
+        )
+    ).all()
+    for outmail in rows:
+        outmail.next_attempt_at = now
+        session.add(outmail)
+    return len(rows)
+
+
+def record_recipients(
+    session: Session,
+    outmail_id: int,
+    results: dict[str, tuple[RecipientState, str | None]],
+    now: datetime,
+) -> None:
+    """Settle recipients; a refused one is marked undeliverable on the ticket."""
+    outmail = session.get(Outmail, outmail_id)
+    if outmail is None:
+        return
+    rows = session.exec(
+        select(OutmailRecipient).where(
+            OutmailRecipient.outmail_id == outmail_id,
+            col(OutmailRecipient.email).in_(list(results)),
+            OutmailRecipient.status == RecipientState.PENDING.value,
+        )
+    ).all()
+    for row in rows:
+        state, error = results[row.email]
+        row.status = state.value
+        row.error = error[:1000] if error else None
+        session.add(row)
+        if state == RecipientState.REFUSED:
+            mark_undeliverable(session, outmail.ticket_id, row.email, error or "refused", now)
+
+
+def mark_undeliverable(
+    session: Session, ticket_id: int, email: str, reason: str, now: datetime
+) -> None:
+    participant = session.exec(
+        select(Participant).where(Participant.ticket_id == ticket_id, Participant.email == email)
+    ).first()
+    if participant is not None:
+        participant.undeliverable_at = now
+        participant.undeliverable_reason = reason[:1000]
+        session.add(participant)
+
+
+def record_attempt(
+    session: Session,
+    outmail_id: int,
+    *,
+    attempts: int,
+    status: MailStatus,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    now: datetime | None = None,
+) -> None:
+    record_outcome(
+        session,
+        Outmail,
+        outmail_id,
+        attempts=attempts,
+        status=status.value,
+        error=error,
+        next_attempt_at=next_attempt_at,
+        now=now,
+    )
+
+
+def retry_outmail(session: Session, outmail_id: int, now: datetime) -> Outmail:
+    """Send a failed or withheld mail again to its unsettled recipients, with a new window."""
+    outmail = session.get(Outmail, outmail_id, with_for_update=True)
+    if outmail is None:
+        raise LookupError(outmail_id)
+    if outmail.status == MailStatus.SENT:
+        raise ValueError(f"mail {outmail_id} was already sent at {outmail.sent_at}")
+    rows = session.exec(
+        select(OutmailRecipient).where(
+            OutmailRecipient.outmail_id == outmail_id,
+            col(OutmailRecipient.status).in_(
+                [RecipientState.WITHHELD.value, RecipientState.PENDING.value]
+            ),
+        )
+    ).all()
+    for row in rows:
+        row.status = RecipientState.PENDING.value
+        row.error = None
+        session.add(row)
+    outmail.status = MailStatus.PENDING.value
+    outmail.reason = None
+    outmail.next_attempt_at = now
+    outmail.queued_at = now
+    session.add(outmail)
+    return outmail
+
+
+# Sending.
+
+
+def _tls_context(settings: OutboundSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if settings.ca_file is not None:
+        context.load_verify_locations(cafile=str(settings.ca_file))
+    return context
+
+
+def _reply(code: int, message: str) -> str:
+    return f"{code} {' '.join(str(message).split())}"[:1000]
+
+
+class SmtpClient:
+    """One SMTP transaction per call to the smarthost; failures classified."""
+
+    def __init__(self, settings: OutboundSettings, local_hostname: str | None = None) -> None:
+        assert settings.smarthost is not None
+        self._host, self._port = parse_hostport(settings.smarthost)
+        self._settings = settings
+        self._local_hostname = local_hostname
+        self._context = _tls_context(settings) if settings.tls != "none" else None
+
+    async def send(
+        self, job: MailJob, recipients: list[str]
+    ) -> dict[str, tuple[RecipientState, str | None]]:
+        """Send to `recipients`; each one's outcome (sent, refused, or pending after a 4xx)."""
+        settings = self._settings
+        password = settings.password.get_secret_value() if settings.password else None
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            local_hostname=self._local_hostname,
+            timeout=settings.timeout,
+            use_tls=settings.tls == "implicit",
+            start_tls=settings.tls == "starttls",
+            tls_context=self._context,
+            username=settings.username,
+            password=password,
+        )
+        options = ["SMTPUTF8"] if job.smtputf8 else []
+        outcome: dict[str, tuple[RecipientState, str | None]] = {}
+        try:
+            async with client:
+                try:
+                    errors, _ = await client.sendmail(
+                        job.mail_from, recipients, job.raw, mail_options=options
+                    )
+                except aiosmtplib.SMTPRecipientsRefused as refused:
+                    for r in refused.recipients:
+                        outcome[r.recipient] = _rcpt_state(r.code, r.message)
+                    return outcome
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise TransientMailError(
+                f"login refused by {settings.smarthost} ({_reply(exc.code, exc.message)}); "
+                "check [outbound] username and password"
+            ) from None
+        except aiosmtplib.SMTPNotSupported as exc:
+            raise PermanentMailError(f"{settings.smarthost}: {exc}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            what = _reply(exc.code, exc.message)
+            if 500 <= exc.code < 600:
+                raise PermanentMailError(f"{settings.smarthost} refused the mail: {what}") from None
+            raise TransientMailError(f"{settings.smarthost}: {what}") from None
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransientMailError(
+                f"{settings.smarthost}: {type(exc).__name__}: {detail}"
+            ) from None
+        for address in recipients:
+            if address in errors:
+                code, text = errors[address]
+                outcome[address] = _rcpt_state(code, text)
+            else:
+                outcome[address] = (RecipientState.SENT, None)
+        return outcome
+
+
+def _rcpt_state(code: int, text: str) -> tuple[RecipientState, str | None]:
+    reply = _reply(code, text)
+    if 500 <= code < 600:
+        return RecipientState.REFUSED, reply
+    return RecipientState.PENDING, reply
+
+
+class Mailer(OutboxWorker[MailJob]):
+    """The background task that delivers the mail outbox."""
+
+    noun = "acknowledgements"
+
+    def __init__(
+        self,
+        database: Database,
+        client: SmtpClient,
+        settings: OutboundSettings,
+        claimer: str,
+        poll_interval: float = POLL_SECONDS,
+    ) -> None:
+        super().__init__(database, claimer, poll_interval, lease=settings.timeout * 4 + 5)
+        self._client = client
+        self._settings = settings
+
+    def release(self, session: Session, claimer: str, now: datetime) -> int:
+        return release_claims(session, claimer, now)
+
+    def next_due(self, session: Session) -> datetime | None:
+        return next_due(session)
+
+    def claim(self, session: Session, now: datetime, limit: int) -> list[MailJob]:
+        return claim_due(session, now, limit, self._lease, self._claimer)
+
+    def job_name(self, job: MailJob) -> str:
+        return f"maild-mail-{job.id}"
+
+    async def _write(self, what: str, job: MailJob, fn: Any) -> bool:
+        try:
+            await self._database.write(fn)
+            return True
+        except Exception as exc:  # the row stays pending: it is sent again (a second copy)
+            log.error(what, outmail=job.id, error=str(exc)[:500])
+            return False
+
+    async def deliver(self, job: MailJob) -> None:
+        deadline = job.queued_at + timedelta(seconds=self._settings.give_up_after)
+        remaining = max(0.0, (deadline - utcnow()).total_seconds())
+        attempts = job.attempts
+        pending = list(job.recipients)
+
+        async def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.upcoming_sleep
+            await self._write(
+                "could not record an acknowledgement attempt",
+                job,
+                lambda s: record_attempt(
+                    s,
+                    job.id,
+                    attempts=attempts,
+                    status=MailStatus.PENDING,
+                    error=str(error),
+                    next_attempt_at=utcnow() + timedelta(seconds=wait + self._lease),
+                ),
+            )
+            metrics.ACKS.labels("retried").inc()
+            log.warning(
+                "acknowledgement attempt failed; will retry",
+                outmail=job.id,
+                ticket=job.ticket_id,
+                attempts=attempts,
+                error=str(error),
+                retry_in=round(wait, 1),
+            )
+
+        retrying = self.retrying(
+            TransientMailError,
+            remaining=remaining,
+            initial=self._settings.retry_initial,
+            longest=self._settings.retry_max,
+            before_sleep=before_sleep,
+        )
+        refused: list[str] = []
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    outcome = await self._client.send(job, pending)
+                    settled = {a: r for a, r in outcome.items() if r[0] != RecipientState.PENDING}
+                    if settled:
+                        await self._write(
+                            "could not record acknowledgement recipients",
+                            job,
+                            lambda s, settled=settled: record_recipients(
+                                s, job.id, settled, utcnow()
+                            ),
+                        )
+                        refused += [a for a, r in settled.items() if r[0] == RecipientState.REFUSED]
+                    pending = [a for a in pending if a not in settled]
+                    if pending:
+                        errors = "; ".join(f"{a}: {outcome[a][1]}" for a in pending)
+                        raise TransientMailError(f"recipients deferred: {errors}")
+        except Stopping:
+            return
+        except MailError as exc:
+            permanent = isinstance(exc, PermanentMailError)
+            error = (
+                str(exc)
+                if permanent
+                else f"gave up after {attempts} attempts over "
+                f"{self._settings.give_up_after:g} s ([outbound] give_up_after): {exc}"
+            )
+            await self._write(
+                "could not record a failed acknowledgement",
+                job,
+                lambda s: record_attempt(
+                    s, job.id, attempts=attempts, status=MailStatus.FAILED, error=error
+                ),
+            )
+            metrics.ACKS.labels("failed").inc()
+            log.error(
+                "acknowledgement failed",
+                outmail=job.id,
+                ticket=job.ticket_id,
+                attempts=attempts,
+                error=error,
+            )
+            return
+        except Exception as exc:  # a bug of ours: keep it for `maild acks retry`
+            internal = f"{type(exc).__name__}: {exc}"
+            await self._write(
+                "could not record a failed acknowledgement",
+                job,
+                lambda s: record_attempt(
+                    s,
+                    job.id,
+                    attempts=attempts,
+                    status=MailStatus.FAILED,
+                    error=internal,
+                ),
+            )
+            log.exception("acknowledgement failed: internal error", outmail=job.id)
+            return
+        # Failed only when every recipient was refused and no earlier claim reached anyone.
+        all_refused = len(refused) == len(job.recipients) and job.none_reached_before
+        status = MailStatus.FAILED if all_refused else MailStatus.SENT
+        await self._write(
+            "could not record a sent acknowledgement; it will be sent again",
+            job,
+            lambda s: record_attempt(
+                s,
+                job.id,
+                attempts=attempts,
+                status=status,
+                error="every recipient was refused" if all_refused else None,
+            ),
+        )
+        metrics.ACKS.labels("failed" if all_refused else "sent").inc()
+        log.info(
+            "acknowledgement sent" if not all_refused else "acknowledgement refused",
+            outmail=job.id,
+            ticket=job.ticket_id,
+            recipients=len(job.recipients) - len(refused),
+            refused=refused,
+            attempts=attempts,
+            since_queued_ms=round((utcnow() - job.created_at).total_seconds() * 1000),
+        )

@@ -1,0 +1,210 @@
+"""The loop every outbox sender shares (pages to PagerDuty, mail to the smarthost).
+
+An outbox is a table of rows written in the transaction that made them
+necessary. A worker claims due rows (leasing them by moving `next_attempt_at`
+ahead, on PostgreSQL FOR UPDATE SKIP LOCKED so several daemons share the
+work), delivers each in its own task, and writes the outcome back. It wakes
+when told something was queued, when a delivery finishes, when the next row
+falls due, and every poll interval (rows queued by another process).
+
+At start it takes back the rows its previous run had claimed (a daemon is its
+host and config file), so a restart sends them at once instead of after the
+lease. On stop, deliveries in flight get `grace` seconds; waits between
+retries are cut short (`sleep` raises `Stopping`) and the rows stay pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import structlog
+from sqlmodel import Session
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from maild.database import Database
+from maild.models import utcnow
+
+log = structlog.get_logger("maild.outbox")
+
+CLAIM_LIMIT = 32
+Job = TypeVar("Job")
+
+
+class Stopping(Exception):
+    """The daemon is stopping: leave the row pending for the next run."""
+
+
+class OutboxWorker(Generic[Job]):
+    """Claims due rows and delivers them; subclasses say how."""
+
+    noun = "rows"  # for log lines: "pages", "acknowledgements"
+
+    def __init__(self, database: Database, claimer: str, poll_interval: float, lease: float):
+        self._database = database
+        self._claimer = claimer
+        self._poll = poll_interval
+        # A claimed row is not claimed again until this long after: an attempt must fit in it.
+        self._lease = lease
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    # What a subclass provides.
+
+    def release(self, session: Session, claimer: str, now: datetime) -> int:
+        raise NotImplementedError
+
+    def next_due(self, session: Session) -> datetime | None:
+        raise NotImplementedError
+
+    def claim(self, session: Session, now: datetime, limit: int) -> list[Job]:
+        raise NotImplementedError
+
+    async def deliver(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def job_name(self, job: Job) -> str:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the sender holds (a client, connections)."""
+
+    # The loop.
+
+    async def start(self) -> None:
+        released = await self._database.write(lambda s: self.release(s, self._claimer, utcnow()))
+        if released:
+            log.info(f"{self.noun} the previous run left pending are due again", count=released)
+        self._task = asyncio.create_task(self._run(), name=f"maild-{self.noun}")
+
+    def notify(self, *_: object) -> None:
+        """Something may have been queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Let deliveries in flight finish (up to `grace` seconds); the rest stay pending."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            _, late = await asyncio.wait(self._inflight, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                log.warning(
+                    f"{self.noun} cut at shutdown; they are sent after restart", count=len(late)
+                )
+        await self.close()
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            self._wake.clear()
+            wait = self._poll
+            try:
+                due = await self._database.read(self.next_due)  # a read: no write lock when idle
+                if due is not None and due <= utcnow():
+                    jobs = await self._database.write(
+                        lambda s: self.claim(s, utcnow(), CLAIM_LIMIT)
+                    )
+                    for job in jobs:
+                        task = asyncio.create_task(self.deliver(job), name=self.job_name(job))
+                        self._inflight.add(task)
+                        task.add_done_callback(self._finished)
+                    if len(jobs) == CLAIM_LIMIT:
+                        continue  # more are due
+                    if jobs:
+                        due = await self._database.read(self.next_due)
+                    else:
+                        due = None  # due but waiting behind an earlier row (or claimed elsewhere)
+                if due is not None:
+                    wait = min(wait, max(0.0, (due - utcnow()).total_seconds()))
+            except Exception as exc:
+                log.error(
+                    f"could not read the {self.noun} outbox; will retry", error=str(exc)[:500]
+                )
+                wait = backoff
+                backoff = min(backoff * 2, 30.0)
+            else:
+                backoff = 0.5
+            await self._pause(wait)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # a row waiting behind this one (a resolve after its trigger) may go
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def retrying(
+        self,
+        transient: type[BaseException],
+        *,
+        remaining: float,
+        initial: float,
+        longest: float,
+        before_sleep: Callable[[RetryCallState], Awaitable[Any]],
+    ) -> AsyncRetrying:
+        """tenacity for one delivery: `transient` errors retried with exponential backoff and
+        jitter until `remaining` seconds have passed; every other error raised at once."""
+        return AsyncRetrying(
+            retry=retry_if_exception_type(transient),
+            stop=stop_before_delay(remaining),
+            wait=wait_exponential_jitter(multiplier=initial, max=longest, jitter=initial),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        """tenacity's sleep between attempts; cut short when the daemon stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        if self._stopping.is_set():
+            raise Stopping
+
+
+def record_outcome(
+    session: Session,
+    model: Any,
+    row_id: int,
+    *,
+    attempts: int,
+    status: str,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    now: datetime | None = None,
+) -> None:
+    """The outcome of one or more attempts on an outbox row (a Page or an Outmail):
+    sent, failed, or pending until next_attempt_at. A row no longer pending (retried,
+    withheld or sent meanwhile by another instance or the CLI) is left alone."""
+    row = session.get(model, row_id, with_for_update=True)
+    if row is None or row.status != "pending":
+        return
+    row.attempts = attempts
+    row.status = status
+    if status == "sent":
+        row.sent_at = now or utcnow()
+        row.last_error = None
+        row.reason = None
+    else:
+        row.last_error = error[:4000] if error else None
+        if status == "failed":
+            row.reason = row.last_error
+    if next_attempt_at is not None:
+        row.next_attempt_at = next_attempt_at
+    session.add(row)
