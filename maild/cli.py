@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from maild import __version__
 from maild.config import Settings, default_config_path, load_settings
+from maild.enums import InboundStatus
 from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
 from maild.logs import configure_logging
 
@@ -495,7 +496,7 @@ def inbound() -> None:
 @inbound.command("list")
 @config_option
 @json_option
-@click.option("--status", type=click.Choice(["received", "processed", "duplicate", "failed"]))
+@click.option("--status", type=click.Choice([s.value for s in InboundStatus]))
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def inbound_list(config_path: Path | None, as_json: bool, status: str | None, limit: int) -> None:
     """Accepted deliveries, newest first."""

@@ -776,3 +776,29 @@ def test_a_sysops_acknowledgement_says_on_call_was_paged_only_when_it_was(
             (ack,) = sink.wait_for(1)
     assert "We have opened urgent incident #1:" in ack.body
     assert "Our on-call engineers have been paged." in ack.body
+
+
+@pytest.mark.usefixtures("quiet_logging")
+def test_inbound_list_shows_dropped_deliveries_with_their_reason(
+    desk: RunningMaild, sink: SmtpSink
+) -> None:
+    """`maild inbound list --status dropped` lists our own mail that came back, and why."""
+    from click.testing import CliRunner
+
+    from maild.cli import main
+
+    desk.send(mail("Backups missing"), ["support@altis-dxp.com"])
+    (ack,) = sink.wait_for(1)
+    send_raw(desk, ack.raw, ["support@altis-dxp.com"], sender=ack.mail_from)
+    desk.settle()
+    config = str(desk.settings.source)
+    listed = CliRunner().invoke(
+        main, ["inbound", "list", "--status", "dropped", "--json", "--config", config]
+    )
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.stdout)
+    assert (row["id"], row["status"], row["error"]) == (
+        2,
+        "dropped",
+        "loop: our own X-Maild-Loop header; our own mail came back",
+    )
