@@ -150,6 +150,7 @@ class DatabaseSettings(_Section):
 
 class RulesSettings(_Section):
     path: Path = Path("rules")
+    watch: bool = True  # reload when a *.toml in the folder changes (SIGHUP always does)
 
 
 class ProcessingSettings(_Section):

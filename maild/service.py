@@ -16,6 +16,7 @@ import asyncio
 import signal
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,6 +36,7 @@ from maild.smtp import Handler, Listener
 from maild.spool import Spool
 
 log = structlog.get_logger("maild.service")
+WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes
 
 
 def check_paging(settings: Settings, table: RuleTable) -> None:
@@ -97,6 +99,9 @@ class Service:
         self._watchdog: asyncio.Task[None] | None = None
         self._ready = False
         self.http: metrics.HttpListener | None = None
+        self.rules_problems: list[str] = []  # of the last reload that failed, until one works
+        self._watch_stop = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
 
     def reload_rules(self) -> bool:
         """Swap in the rules table from disk; on any problem keep the current one."""
@@ -125,23 +130,39 @@ class Service:
         try:
             table = load_rules(self.settings.rules.path)
             check_paging(self.settings, table)
-        except RulesError as exc:
+        except (RulesError, ConfigError) as exc:
+            problems = [str(p) for p in exc.problems] if isinstance(exc, RulesError) else [str(exc)]
+            self.rules_problems = problems
             log.error(
                 "rules reload failed; keeping the previous table",
-                problems=[str(p) for p in exc.problems],
-                version=self.rules.version,
-            )
-            return False
-        except ConfigError as exc:
-            log.error(
-                "rules reload failed; keeping the previous table",
-                problems=[str(exc)],
+                problems=problems,
                 version=self.rules.version,
             )
             return False
         self.rules = table
+        self.rules_problems = []
         log.info("rules reloaded", version=table.version, routes=len(table.routes))
         return True
+
+    async def _watch_rules(self) -> None:
+        """Reload when a rules file changes; a broken file keeps the table in force."""
+        import watchfiles
+
+        folder = self.settings.rules.path
+        try:
+            async for changes in watchfiles.awatch(
+                folder,
+                stop_event=self._watch_stop,
+                debounce=WATCH_DEBOUNCE_MS,
+                recursive=False,
+                watch_filter=lambda _change, path: path.endswith(".toml"),
+            ):
+                log.info("rules files changed", files=sorted({Path(p).name for _, p in changes}))
+                self.reload_rules()
+        except Exception as exc:  # the folder vanished, inotify limits: SIGHUP still works
+            log.error(
+                "rules watcher stopped; reload with SIGHUP", folder=str(folder), error=str(exc)
+            )
 
     def _outbox_queued(self, *_: object) -> None:
         if self.pager is not None:
@@ -221,6 +242,8 @@ class Service:
             )
         else:
             log.info("acknowledgements off: no [outbound] smarthost")
+        if self.settings.rules.watch:
+            self._watcher = asyncio.create_task(self._watch_rules(), name="maild-rules-watch")
         systemd.notify("READY=1", f"STATUS={self._status()}")
         interval = systemd.watchdog_interval()
         if interval is not None:
@@ -254,7 +277,14 @@ class Service:
             checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
             backlog = None
         status = "ok" if all(v == "ok" for v in checks.values()) and self._ready else "failing"
-        return {"status": status, "checks": checks, "backlog": backlog}
+        rules = {
+            "version": self.rules.version,
+            "routes": len(self.rules.routes),
+            # A broken file does not stop mail (the last good table routes it), so it
+            # does not fail the check; it is shown until a reload succeeds.
+            "reload_problems": list(self.rules_problems),
+        }
+        return {"status": status, "checks": checks, "backlog": backlog, "rules": rules}
 
     async def stop(self) -> None:
         self._ready = False
@@ -262,6 +292,9 @@ class Service:
         systemd.notify("STOPPING=1", "STATUS=stopping: finishing open transactions")
         if self._watchdog is not None:
             self._watchdog.cancel()  # systemd stops expecting heartbeats after STOPPING=1
+        if self._watcher is not None:
+            self._watch_stop.set()
+            await self._watcher
         for listener in self.listeners:
             listener.stop_accepting()
         timeout = self.settings.smtp.shutdown_timeout

@@ -101,10 +101,11 @@ def make_config(tmp_path: Path, rules_dir: Path, database_url: str) -> Callable[
     """Write a config on port 0 with the test database and rules; extra TOML appended.
 
     Paging is off (pages recorded as withheld) unless `extra` has a [pagerduty]
-    section: the paging tests bring their own HTTPS Events API.
+    section: the paging tests bring their own HTTPS Events API. The rules
+    watcher is off unless `watch`: tests that reload by SIGHUP count reloads.
     """
 
-    def make(extra: str = "", *, lmtp: bool = False) -> Path:
+    def make(extra: str = "", *, lmtp: bool = False, watch: bool = False) -> Path:
         if "[pagerduty]" not in extra:
             extra += "\n[pagerduty]\nenabled = false\n"
         return write_config(
@@ -121,6 +122,7 @@ busy_timeout = "2s"
 
 [rules]
 path = "{rules_dir}"
+watch = {"true" if watch else "false"}
 
 [processing]
 workers = 1
