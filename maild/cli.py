@@ -455,37 +455,205 @@ def rules_check(config_path: Path | None) -> None:
     )
 
 
+def _header_option(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip():
+            _fail(f"--header {value!r}: write NAME=VALUE, for example --header X-Priority=1", 2)
+        headers.append((name.strip(), text))
+    return tuple(headers)
+
+
+def _routing_view(table: Any, recipients: Sequence[str], context: Any) -> dict[str, Any]:
+    """How the table routes a message: per recipient every route tried, and the decision."""
+    from maild.rules import best_decision
+
+    per_recipient = []
+    decisions = []
+    for recipient in recipients:
+        entry: dict[str, Any] = {"recipient": recipient}
+        try:
+            decision = table.decide(recipient, context)
+        except RecipientRefused as refused:
+            entry.update(accepted=False, reason=refused.reason, smtp_reply=refused.smtp_reply)
+        else:
+            decisions.append(decision)
+            route = table.route_named(decision.name)
+            entry.update(
+                accepted=True,
+                decision={**decision.as_dict(), "file": route.file, "line": route.line},
+                steps=[
+                    {"route": st.route, "file": st.file, "line": st.line, "outcome": st.outcome}
+                    for st in table.explain(recipient, context)
+                ],
+            )
+        per_recipient.append(entry)
+    chosen = best_decision(decisions).as_dict() if decisions else None
+    return {
+        "rules_version": table.version,
+        "sender": context.sender,
+        "subject": context.subject,
+        "recipients": per_recipient,
+        "decision": chosen,
+    }
+
+
+def _echo_routing(view: dict[str, Any], steps: bool) -> None:
+    for entry in view["recipients"]:
+        recipient = entry["recipient"]
+        if not entry["accepted"]:
+            click.echo(f"{recipient}: refused at RCPT ({entry['reason']}): {entry['smtp_reply']}")
+            continue
+        d = entry["decision"]
+        extra = "".join(
+            [
+                ", pages on-call" if d["page"] else "",
+                f", application {d['application']}" if d["application"] else "",
+                f", tags {', '.join(d['tags'])}" if d["tags"] else "",
+                ", dropped (stored, no ticket)" if d["drop"] else "",
+            ]
+        )
+        click.echo(
+            f"{recipient}: route {d['route']!r} ({d['file']}:{d['line']}) -> "
+            f"{d['type']}, {d['priority']}{extra}"
+        )
+        if steps:
+            for step in entry["steps"]:
+                click.echo(f"  {step['route']} ({step['file']}:{step['line']}): {step['outcome']}")
+    if steps and view["decision"] is not None and len(view["recipients"]) > 1:
+        d = view["decision"]
+        click.echo(f"decision: route {d['route']!r} -> {d['type']}, {d['priority']}")
+
+
 @rules.command("test")
 @config_option
 @json_option
+@click.option("--from", "sender", default="", help="The sender (From) to route as.")
+@click.option("--subject", default="", help="The subject to route as.")
+@click.option("--header", "headers", multiple=True, help="A header NAME=VALUE (repeatable).")
 @click.argument("address")
-def rules_test(config_path: Path | None, as_json: bool, address: str) -> None:
+def rules_test(
+    config_path: Path | None,
+    as_json: bool,
+    sender: str,
+    subject: str,
+    headers: tuple[str, ...],
+    address: str,
+) -> None:
     """Where mail to ADDRESS goes: route, type, priority, page (exit 1 if refused)."""
+    from maild.rules import MessageContext
+
     settings = _settings(config_path)
     table = _rules(settings)
-    try:
-        route = table.resolve(address)
-    except RecipientRefused as refused:
-        result: dict[str, Any] = {
-            "address": address,
-            "accepted": False,
-            "reason": refused.reason,
-            "smtp_reply": refused.smtp_reply,
-        }
-        if as_json:
-            _print_json(result)
-        else:
-            click.echo(f"{address}: refused at RCPT ({refused.reason}): {refused.smtp_reply}")
-        sys.exit(1)
-    result = {"address": address, "accepted": True, **route.as_dict()}
+    context = MessageContext(sender=sender, subject=subject, headers=_header_option(headers))
+    view = _routing_view(table, [address], context)
+    (entry,) = view["recipients"]
     if as_json:
+        result = {"address": address, "accepted": entry["accepted"]}
+        if entry["accepted"]:
+            result.update(entry["decision"])
+            result["steps"] = entry["steps"]
+        else:
+            result.update(reason=entry["reason"], smtp_reply=entry["smtp_reply"])
         _print_json(result)
     else:
-        click.echo(
-            f"{address}: route {route.name!r} ({route.file}:{route.line}) -> "
-            f"{route.type.value}, {route.priority.value}"
-            f"{', pages on-call' if route.page else ''}"
-        )
+        _echo_routing(view, steps=False)
+    if not entry["accepted"]:
+        sys.exit(1)
+
+
+@rules.command("explain")
+@config_option
+@json_option
+@click.option("--message", "inbound_id", type=int, help="A stored delivery (maild inbound list).")
+@click.option("--rcpt", "rcpts", multiple=True, help="Envelope recipient for FILE (repeatable).")
+@click.argument(
+    "file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+def rules_explain(
+    config_path: Path | None,
+    as_json: bool,
+    inbound_id: int | None,
+    rcpts: tuple[str, ...],
+    file: Path | None,
+) -> None:
+    """Which routes were tried for a message, which matched, why others did not, the decision.
+
+    Give a stored delivery (--message ID) or a FILE.eml; for a file the
+    recipients are --rcpt, else the message's To and Cc.
+    """
+    from maild.parsing import parse_message
+    from maild.rules import MessageContext
+
+    if (inbound_id is None) == (file is None):
+        _fail("give either --message ID or FILE.eml", 2)
+    settings = _settings(config_path)
+    table = _rules(settings)
+    mail_from = ""
+    if inbound_id is not None:
+        from maild.models import Inbound
+
+        row = _read(config_path, lambda s: s.get(Inbound, inbound_id))
+        if row is None:
+            _fail(f"no inbound delivery {inbound_id}")
+        raw, recipients, mail_from = row.raw, list(row.rcpt_tos), row.mail_from
+    else:
+        assert file is not None
+        raw = file.read_bytes()
+        recipients = list(rcpts)
+    parsed = parse_message(raw)
+    if not recipients:
+        recipients = [a.email for a in [*parsed.to, *parsed.cc]]
+    sender = parsed.from_.email if parsed.from_ else mail_from
+    context = MessageContext(sender=sender, subject=parsed.subject, headers=tuple(parsed.headers))
+    view = _routing_view(table, recipients, context)
+    if as_json:
+        _print_json(view)
+    else:
+        _echo_routing(view, steps=True)
+
+
+@rules.command("replay")
+@config_option
+@json_option
+@click.option("--since", default="7d", show_default=True, help="How far back: 30m, 12h, 7d.")
+@click.option("--changed", is_flag=True, help="Only the messages whose routing would change.")
+def rules_replay(config_path: Path | None, as_json: bool, since: str, changed: bool) -> None:
+    """How the current table would route recent stored messages, and which would change."""
+    from datetime import timedelta
+
+    from maild.config import parse_duration
+    from maild.models import utcnow
+    from maild.replay import replay
+
+    try:
+        seconds = parse_duration(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}", 2)
+    settings = _settings(config_path)
+    table = _rules(settings)
+    rows = _read(config_path, lambda s: replay(s, table, utcnow() - timedelta(seconds=seconds)))
+    if changed:
+        rows = [r for r in rows if r["changed"]]
+    if as_json:
+        _print_json(rows)
+        return
+    _print_views(
+        rows,
+        False,
+        "no messages in that time",
+        ["INBOUND", "TICKET", "WAS", "NOW", "TYPE", "PRIORITY", "CHANGED"],
+        lambda v: [
+            v["inbound"],
+            v["ticket_id"] or "",
+            v["was"] or "-",
+            v["now"] or "-",
+            v["type"] or "",
+            v["priority"] or "",
+            "yes" if v["changed"] else "",
+        ],
+    )
 
 
 @main.group()

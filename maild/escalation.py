@@ -46,7 +46,7 @@ from maild.models import Inbound, Page, Ticket, as_utc
 
 if TYPE_CHECKING:
     from maild.parsing import ParsedMessage
-    from maild.rules import Route
+    from maild.rules import Decision
 
 SUMMARY_LIMIT = 1024
 DEDUP_LIMIT = 255
@@ -217,7 +217,7 @@ def plan_trigger(
     policy: EscalationPolicy,
     ticket: Ticket,
     *,
-    routes: list[Route],
+    routes: list[Decision],
     created: bool,
     reopened: bool,
     sender: Address | None,

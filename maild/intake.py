@@ -57,7 +57,6 @@ from maild.enums import (
     RecipientState,
     TicketStatus,
 )
-from maild.errors import RecipientRefused
 from maild.escalation import EscalationPolicy, plan_trigger
 from maild.mailer import mark_undeliverable
 from maild.models import (
@@ -74,7 +73,7 @@ from maild.models import (
     utcnow,
 )
 from maild.parsing import ParsedMessage, message_id_hash
-from maild.rules import Route, RuleTable, best_route, resolve_all
+from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")
 SUBJECT_TAG = re.compile(r"\[#(\d{1,18})\]")
@@ -225,7 +224,7 @@ def _store_message(
     ticket: Ticket,
     inbound: Inbound,
     parsed: ParsedMessage,
-    route: Route | None,
+    route: Decision | None,
     now: datetime,
     kind: MessageKind = MessageKind.HUMAN,
     auto_reasons: Sequence[str] = (),
@@ -276,7 +275,7 @@ def _store_message(
     return message
 
 
-def _raise_priority(ticket: Ticket, route: Route) -> None:
+def _raise_priority(ticket: Ticket, route: Decision) -> None:
     if route.priority.rank > Priority(ticket.priority).rank:
         ticket.priority = route.priority.value
 
@@ -286,17 +285,6 @@ def _envelope_sender(inbound: Inbound) -> str | None:
     if inbound.protocol == "pipe" and not inbound.mail_from:
         return None
     return inbound.mail_from
-
-
-def _desk_address(table: RuleTable, inbound: Inbound, route: Route) -> str:
-    """The desk address (without +tag) the customer wrote to that chose the route."""
-    for recipient in inbound.rcpt_tos:
-        try:
-            if table.resolve(recipient) == route:
-                return addresses.route_key(recipient)
-        except RecipientRefused:
-            continue
-    return route.recipients[0]
 
 
 def _mark(inbound: Inbound, status: InboundStatus, now: datetime, ticket_id: int | None) -> None:
@@ -402,18 +390,23 @@ def file_message(
         )
         if loop is not None:
             return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
-    routes, unrouted = resolve_all(table, inbound.rcpt_tos)
+    sender = _sender(parsed, inbound.mail_from)
+    context = MessageContext(
+        sender=sender.email if sender else "",
+        subject=parsed.subject,
+        headers=tuple(parsed.headers),
+    )
+    routes, unrouted = table.decide_all(inbound.rcpt_tos, context)
     existing = session.exec(
         select(Message.ticket_id).where(
             Message.message_id_hash == message_id_hash(parsed.message_id)
         )
     ).first()
-    sender = _sender(parsed, inbound.mail_from)
     if existing is not None:
         ticket = session.get(Ticket, existing)
         assert ticket is not None
         if routes:
-            _raise_priority(ticket, best_route(routes))
+            _raise_priority(ticket, best_decision(routes))
         _mark(inbound, InboundStatus.DUPLICATE, now, ticket.id)
         page = None
         if policy is not None:  # the same message reached sysops@ in a second delivery
@@ -445,7 +438,9 @@ def file_message(
             "(they changed after the message was accepted); fix the rules, then "
             "`maild reprocess`"
         )
-    route = best_route(routes)
+    route = best_decision(routes)
+    if route.drop:
+        return _drop(inbound, f"dropped by route {route.name}", now, kind)
     ticket, how = find_thread(
         session, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
     )
@@ -460,6 +455,8 @@ def file_message(
             requester_name=sender.name if sender else "",
             rule=route.name,
             rules_version=table.version,
+            application=route.application,
+            tags=list(route.tags),
             created_at=now,
             updated_at=now,
         )
@@ -510,7 +507,7 @@ def file_message(
                     acks,
                     ticket,
                     route=route.name,
-                    desk_address=_desk_address(table, inbound, route),
+                    desk_address=addresses.route_key(route.recipient),
                     in_reply_to="" if parsed.message_id_synthesized else parsed.message_id,
                     now=now,
                     paged=page is not None and page.status == "pending",

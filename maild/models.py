@@ -80,6 +80,8 @@ class Ticket(SQLModel, table=True):
     requester_name: str = Field(default="", sa_type=Text)
     rule: str = Field(default="", max_length=255)
     rules_version: str = Field(default="", max_length=64)
+    application: str = Field(default="", sa_type=Text)  # the application/environment concerned
+    tags: list[str] = Field(default_factory=list, sa_type=JSON)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

@@ -1,15 +1,23 @@
-"""The routing table: `rules/*.toml` mapping recipient addresses to ticket kinds.
+"""The routing table: `rules/*.toml`, which mail makes which ticket (see rules/README.md).
 
 A table is loaded whole and checked whole: every problem is reported with its
-file and line, and a table with any problem is refused (the daemon keeps or
-refuses to start, it never routes by half a table). A loaded `RuleTable` is
-immutable, so a reload can swap it atomically while sessions use the old one.
+file and line, and a table with any problem is refused (the daemon keeps the
+last good one or refuses to start; it never routes by half a table). A loaded
+`RuleTable` is immutable, so a reload swaps it atomically while sessions use
+the old one.
+
+Routing happens twice. At RCPT only the recipient is known: the first route
+*without conditions* (recipients only) that matches it accepts or rejects it.
+At filing the sender, subject and headers are known too: the first route in
+table order whose every condition holds wins, and what it leaves unset comes
+from that base route (`RuleTable.decide`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import string
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,35 +28,171 @@ from maild import addresses
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
 
-ROUTE_KEYS = frozenset({"name", "recipients", "type", "priority", "page", "ack"})
+MATCH_KEYS = frozenset({"recipients", "senders", "sender_domains", "subject", "headers"})
+SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
+ROUTE_KEYS = frozenset({"name", "drop", "reject"}) | MATCH_KEYS | SET_KEYS
 BOOLEAN_KEYS = {"page": False, "ack": True}  # and their defaults
-_ADDRESS = re.compile(r"^[^@\s]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+APPLICATION_FIELDS = frozenset({"subaddress", "local", "domain", "recipient"})
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_LOCAL = re.compile(r"^[^@\s+*]+$")
+_REPLY = re.compile(r"^5\d\d [245]\.\d{1,3}\.\d{1,3} \S")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A `recipients` entry: `box@d`, `*@d`, `box+*@d` or `box+tag@d` (lower-case)."""
+
+    text: str
+    local: str  # "*" for any mailbox
+    tag: str | None  # None: any or no +tag; "*": any non-empty +tag; else exactly that tag
+    domain: str
+
+    @classmethod
+    def parse(cls, written: str) -> Pattern | None:
+        text = addresses.normalize(written)
+        local, at, domain = text.rpartition("@")
+        if not at or not _DOMAIN.match(domain) or not local:
+            return None
+        if local == "*":
+            return cls(text, "*", None, domain)
+        box, plus, tag = local.partition("+")
+        if not _LOCAL.match(box) or (plus and (not tag or ("*" in tag and tag != "*"))):
+            return None
+        return cls(text, box, tag if plus else None, domain)
+
+    def matches(self, address: str) -> bool:
+        domain = addresses.domain_of(address)
+        if domain != self.domain:
+            return False
+        if self.local == "*":
+            return True
+        box = addresses.route_key(address).rpartition("@")[0]
+        if box != self.local:
+            return False
+        tag = addresses.subaddress(address)
+        if self.tag is None:
+            return True
+        return bool(tag) if self.tag == "*" else tag == self.tag
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """What filing knows of a message besides its recipient."""
+
+    sender: str = ""  # From, else MAIL FROM
+    subject: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class Route:
-    """One `[[route]]`: which recipients it takes and what ticket they make."""
+    """One `[[route]]`: its conditions, what it sets, where it is."""
 
     name: str
-    recipients: tuple[str, ...]
-    type: TicketType
-    priority: Priority
-    page: bool
+    recipients: tuple[str, ...]  # the patterns as written, normalised
+    type: TicketType | None
+    priority: Priority | None
+    page: bool | None
     file: str
     line: int
-    position: int  # order in the whole table; the first route wins ties
-    ack: bool = True  # acknowledge new tickets from people ([outbound] must be set)
+    position: int  # order in the whole table: the first route that applies wins
+    ack: bool | None = None
+    application: str | None = None
+    tags: tuple[str, ...] | None = None
+    senders: tuple[str, ...] = ()
+    sender_domains: tuple[str, ...] = ()
+    subject: re.Pattern[str] | None = None
+    headers: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    drop: bool = False
+    reject: str | None = None
+    patterns: tuple[Pattern, ...] = field(default=(), repr=False)
+
+    @property
+    def unconditional(self) -> bool:
+        """Recipients and nothing else: decided at RCPT time."""
+        return bool(self.patterns) and not (
+            self.senders or self.sender_domains or self.subject or self.headers
+        )
+
+    def takes(self, address: str) -> bool:
+        return any(p.matches(address) for p in self.patterns)
+
+    def why_not(self, recipient: str, context: MessageContext) -> str | None:
+        """None when every condition holds; else the first that does not, in words."""
+        if self.patterns and not self.takes(recipient):
+            return "recipient not in recipients"
+        sender = addresses.normalize(context.sender)
+        if self.senders and not any(_sender_matches(s, sender) for s in self.senders):
+            return f"sender {sender or '(none)'} is not in senders"
+        if self.sender_domains:
+            domain = addresses.domain_of(sender)
+            if not any(domain == d or domain.endswith("." + d) for d in self.sender_domains):
+                return f"sender domain {domain or '(none)'} is not in sender_domains"
+        if self.subject is not None and not self.subject.search(context.subject):
+            return f"subject does not match /{self.subject.pattern}/"
+        for name, regex in self.headers:
+            values = [v for k, v in context.headers if k.lower() == name]
+            if not any(regex.search(v) for v in values):
+                return f"no {name} header matches /{regex.pattern}/"
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "route": self.name,
+            "type": self.type.value if self.type else None,
+            "priority": self.priority.value if self.priority else None,
+            "page": bool(self.page),
+            "ack": self.ack if self.ack is not None else True,
+            "file": self.file,
+            "line": self.line,
+        }
+
+
+def _sender_matches(written: str, sender: str) -> bool:
+    if written.startswith("*@"):
+        return addresses.domain_of(sender) == written[2:]
+    return sender == written
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How one recipient of one message is routed: the winner's sets over the base's."""
+
+    name: str  # the route that won
+    type: TicketType
+    priority: Priority
+    page: bool
+    ack: bool
+    application: str
+    tags: tuple[str, ...]
+    drop: bool
+    position: int
+    base: str  # the route without conditions that took the recipient at RCPT
+    recipient: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "route": self.name,
+            "base": self.base,
+            "recipient": self.recipient,
             "type": self.type.value,
             "priority": self.priority.value,
             "page": self.page,
             "ack": self.ack,
-            "file": self.file,
-            "line": self.line,
+            "application": self.application,
+            "tags": list(self.tags),
+            "drop": self.drop,
         }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One route tried by `explain`, and what came of it."""
+
+    route: str
+    file: str
+    line: int
+    outcome: str  # wins | applies (an earlier route won) | skipped: <why>
 
 
 @dataclass(frozen=True)
@@ -58,13 +202,14 @@ class RuleTable:
     routes: tuple[Route, ...]
     version: str  # sha256 over the files' names and bytes, recorded with what it routed
     folder: str
-    _by_recipient: dict[str, Route] = field(repr=False)
     domains: frozenset[str]
 
+    def _base(self, address: str) -> Route | None:
+        return next((r for r in self.routes if r.unconditional and r.takes(address)), None)
+
     def resolve(self, address: str) -> Route:
-        """The route for an envelope recipient, or RecipientRefused with the SMTP reply."""
-        key = addresses.route_key(address)
-        _, domain = addresses.split(key)
+        """The RCPT decision: the base route, or RecipientRefused with the SMTP reply."""
+        domain = addresses.domain_of(addresses.route_key(address))
         if domain not in self.domains:
             raise RecipientRefused(
                 address,
@@ -72,24 +217,103 @@ class RuleTable:
                 "is not a domain of this desk",
                 "not our domain",
             )
-        route = self._by_recipient.get(key)
+        route = self._base(address)
         if route is None:
             raise RecipientRefused(
                 address, f"550 5.1.1 <{address}>: no such mailbox here", "no route"
             )
+        if route.reject is not None:
+            raise RecipientRefused(address, route.reject, f"rejected by route {route.name}")
         return route
 
+    def decide(self, recipient: str, context: MessageContext) -> Decision:
+        """The route for one recipient of a message; RecipientRefused as at RCPT."""
+        base = self.resolve(recipient)
+        winner = next(r for r in self.routes if r.why_not(recipient, context) is None)
+        if winner.position > base.position:  # cannot happen: the base always applies
+            winner = base
+        return _decision(winner, base, recipient)
+
+    def decide_all(
+        self, recipients: Sequence[str], context: MessageContext
+    ) -> tuple[list[Decision], list[str]]:
+        """Decisions for the recipients that have a route, and the recipients that have none."""
+        decisions: list[Decision] = []
+        unrouted: list[str] = []
+        for recipient in recipients:
+            try:
+                decisions.append(self.decide(recipient, context))
+            except RecipientRefused:
+                unrouted.append(recipient)
+        return decisions, unrouted
+
+    def explain(self, recipient: str, context: MessageContext) -> list[Step]:
+        """Every route tried for the recipient, in order: which won, why others did not."""
+        steps = []
+        won = False
+        for route in self.routes:
+            why = route.why_not(recipient, context)
+            if why is None:
+                outcome = "applies (an earlier route won)" if won else "wins"
+                won = True
+            else:
+                outcome = f"skipped: {why}"
+            steps.append(Step(route.name, route.file, route.line, outcome))
+        return steps
+
     def is_ours(self, address: str) -> bool:
-        """True when the address is one of the desk's own routed addresses."""
-        return addresses.route_key(address) in self._by_recipient
+        """True when an address is one of the desk's own (a route takes it)."""
+        try:
+            self.resolve(address)
+        except RecipientRefused as refused:
+            return refused.reason.startswith("rejected")
+        return True
 
     def route_named(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)
 
 
+def _decision(winner: Route, base: Route, recipient: str) -> Decision:
+    def pick(value: Any, fallback: Any) -> Any:
+        return value if value is not None else fallback
+
+    template = pick(winner.application, base.application) or ""
+    local, domain = addresses.split(addresses.route_key(recipient))
+    application = template.format(
+        subaddress=addresses.subaddress(recipient),
+        local=local,
+        domain=domain,
+        recipient=addresses.normalize(recipient),
+    )
+    kind = pick(winner.type, base.type)
+    priority = pick(winner.priority, base.priority)
+    assert kind is not None  # checked at load: routes with recipients set both
+    assert priority is not None
+    return Decision(
+        name=winner.name,
+        type=kind,
+        priority=priority,
+        page=bool(pick(winner.page, base.page)),
+        ack=bool(pick(winner.ack, pick(base.ack, True))),
+        application=application,
+        tags=tuple(pick(winner.tags, base.tags) or ()),
+        drop=winner.drop,
+        position=winner.position,
+        base=base.name,
+        recipient=recipient,
+    )
+
+
+def best_decision(decisions: Iterable[Decision]) -> Decision:
+    """Highest priority among those that do not drop; ties: the earlier route; all drop: first."""
+    chosen = list(decisions)
+    keep = [d for d in chosen if not d.drop] or chosen
+    return min(keep, key=lambda d: (-d.priority.rank, d.position))
+
+
 def best_route(routes: Iterable[Route]) -> Route:
     """Highest priority wins; ties go to the route that comes first in the table."""
-    return min(routes, key=lambda r: (-r.priority.rank, r.position))
+    return min(routes, key=lambda r: (-(r.priority.rank if r.priority else -1), r.position))
 
 
 def _header_lines(text: str) -> list[int]:
@@ -138,14 +362,41 @@ def _toml_line(error: tomllib.TOMLDecodeError) -> int:
     return int(match.group(1)) if match else 1
 
 
+def _string_list(
+    raw: dict[str, Any], key: str, index: int, where: _Locator, file: str, problems: list[Problem]
+) -> list[str] | None:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        problems.append(
+            Problem(file, where.key(index, key), f"{key} must be a list of non-empty strings")
+        )
+        return None
+    return [v.strip() for v in value]
+
+
+def _regex(
+    text: Any, label: str, line: int, file: str, problems: list[Problem]
+) -> re.Pattern[str] | None:
+    if not isinstance(text, str):
+        problems.append(Problem(file, line, f"{label} must be a regular expression in a string"))
+        return None
+    try:
+        return re.compile(text, re.IGNORECASE)
+    except re.error as exc:
+        problems.append(Problem(file, line, f"{label}: not a valid regular expression: {exc}"))
+        return None
+
+
 def _check_route(
-    raw: Any, index: int, where: _Locator, file: str, problems: list[Problem]
-) -> dict[str, Any] | None:
+    raw: Any, index: int, position: int, where: _Locator, file: str, problems: list[Problem]
+) -> Route | None:
     line = where.route(index)
     if not isinstance(raw, dict):
         problems.append(Problem(file, line, "[[route]] must be a table"))
         return None
-    ok = True
+    before = len(problems)
     for key in sorted(set(raw) - ROUTE_KEYS):
         problems.append(
             Problem(
@@ -154,7 +405,6 @@ def _check_route(
                 f"unknown key {key!r} in [[route]] (known: {', '.join(sorted(ROUTE_KEYS))})",
             )
         )
-        ok = False
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append(
@@ -164,69 +414,197 @@ def _check_route(
                 "route needs a name (a non-empty string)",
             )
         )
-        ok = False
+    drop = raw.get("drop", False)
+    if not isinstance(drop, bool):
+        problems.append(
+            Problem(file, where.key(index, "drop"), f"drop must be true or false, not {drop!r}")
+        )
+        drop = False
+    reject = raw.get("reject")
+    if reject is not None and (not isinstance(reject, str) or not _REPLY.match(reject)):
+        problems.append(
+            Problem(
+                file,
+                where.key(index, "reject"),
+                'reject must be an SMTP reply such as "550 5.7.1 This address is retired", '
+                f"not {reject!r}",
+            )
+        )
+    patterns: list[Pattern] = []
+    if "recipients" in raw:
+        recipients = raw["recipients"]
+        if not isinstance(recipients, list) or not recipients:
+            problems.append(
+                Problem(
+                    file,
+                    where.key(index, "recipients"),
+                    "recipients must be a non-empty list of addresses",
+                )
+            )
+        else:
+            for recipient in recipients:
+                pattern = Pattern.parse(recipient) if isinstance(recipient, str) else None
+                if pattern is None:
+                    problems.append(
+                        Problem(
+                            file,
+                            where.value(index, str(recipient)),
+                            f"{recipient!r} is not an address like support@example.com, "
+                            "*@example.com or sysops+*@example.com",
+                        )
+                    )
+                else:
+                    patterns.append(pattern)
+    senders = _string_list(raw, "senders", index, where, file, problems) or []
+    for sender in senders:
+        local, at, domain = sender.lower().rpartition("@")
+        if not at or not local or not _DOMAIN.match(domain) or (local != "*" and "*" in local):
+            problems.append(
+                Problem(
+                    file,
+                    where.value(index, sender),
+                    f"{sender!r} in senders is not an address or *@domain",
+                )
+            )
+    sender_domains = _string_list(raw, "sender_domains", index, where, file, problems) or []
+    for domain in sender_domains:
+        if not _DOMAIN.match(domain):
+            problems.append(
+                Problem(
+                    file,
+                    where.value(index, domain),
+                    f"{domain!r} in sender_domains is not a domain",
+                )
+            )
+    subject = None
+    if "subject" in raw:
+        subject = _regex(raw["subject"], "subject", where.key(index, "subject"), file, problems)
+    headers: list[tuple[str, re.Pattern[str]]] = []
+    if "headers" in raw:
+        table = raw["headers"]
+        if not isinstance(table, dict) or not table:
+            problems.append(
+                Problem(
+                    file,
+                    where.key(index, "headers"),
+                    "headers must be a table of header name = regular expression",
+                )
+            )
+        else:
+            for header, text in table.items():
+                regex = _regex(
+                    text, f"headers.{header}", where.key(index, "headers"), file, problems
+                )
+                if regex is not None:
+                    headers.append((str(header).lower(), regex))
     kind = raw.get("type")
-    if kind not in {t.value for t in TicketType}:
+    if kind is not None and kind not in {t.value for t in TicketType}:
         problems.append(
             Problem(
                 file,
-                where.key(index, "type") if "type" in raw else line,
-                f"type must be one of {', '.join(t.value for t in TicketType)}, not {kind!r}"
-                if "type" in raw
-                else "route needs a type",
+                where.key(index, "type"),
+                f"type must be one of {', '.join(t.value for t in TicketType)}, not {kind!r}",
             )
         )
-        ok = False
     priority = raw.get("priority")
-    if priority not in {p.value for p in Priority}:
+    if priority is not None and priority not in {p.value for p in Priority}:
         problems.append(
             Problem(
                 file,
-                where.key(index, "priority") if "priority" in raw else line,
-                f"priority must be one of {', '.join(p.value for p in Priority)}, not {priority!r}"
-                if "priority" in raw
-                else "route needs a priority",
+                where.key(index, "priority"),
+                f"priority must be one of {', '.join(p.value for p in Priority)}, not {priority!r}",
             )
         )
-        ok = False
-    for key, default in BOOLEAN_KEYS.items():
-        value = raw.get(key, default)
-        if not isinstance(value, bool):
+    for key in BOOLEAN_KEYS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, bool):
             problems.append(
                 Problem(file, where.key(index, key), f"{key} must be true or false, not {value!r}")
             )
-            ok = False
-    recipients = raw.get("recipients")
-    if not isinstance(recipients, list) or not recipients:
-        problems.append(
-            Problem(
-                file,
-                where.key(index, "recipients") if "recipients" in raw else line,
-                "recipients must be a non-empty list of addresses",
+    application = raw.get("application")
+    if application is not None:
+        if not isinstance(application, str):
+            problems.append(
+                Problem(file, where.key(index, "application"), "application must be a string")
             )
-        )
+        else:
+            try:
+                fields = {
+                    f for _, f, _, _ in string.Formatter().parse(application) if f is not None
+                }
+            except ValueError as exc:
+                problems.append(
+                    Problem(file, where.key(index, "application"), f"application: {exc}")
+                )
+                fields = set()
+            for unknown in sorted(fields - APPLICATION_FIELDS):
+                problems.append(
+                    Problem(
+                        file,
+                        where.key(index, "application"),
+                        f"application: unknown placeholder {{{unknown}}} "
+                        f"(known: {', '.join(sorted(APPLICATION_FIELDS))})",
+                    )
+                )
+    tags = _string_list(raw, "tags", index, where, file, problems) if "tags" in raw else None
+    conditions = bool(senders or sender_domains or "subject" in raw or "headers" in raw)
+    sets = [k for k in SET_KEYS if k in raw]
+    if reject is not None:
+        if drop:
+            problems.append(
+                Problem(file, where.key(index, "reject"), "reject and drop cannot be combined")
+            )
+        if not patterns or conditions:
+            problems.append(
+                Problem(
+                    file,
+                    where.key(index, "reject"),
+                    "reject only works on a route with recipients and no other conditions "
+                    "(it is decided at RCPT time)",
+                )
+            )
+        if sets:
+            problems.append(
+                Problem(file, where.key(index, sorted(sets)[0]), "a rejecting route sets nothing")
+            )
+    elif "recipients" not in raw:
+        if not conditions:
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    "a route without recipients needs at least one of senders, sender_domains, "
+                    "subject, headers",
+                )
+            )
+    elif not drop:
+        if kind is None:
+            problems.append(Problem(file, line, "route needs a type"))
+        if priority is None:
+            problems.append(Problem(file, line, "route needs a priority"))
+    if len(problems) > before:
         return None
-    for recipient in recipients:
-        if not isinstance(recipient, str) or not _ADDRESS.match(recipient.strip()):
-            problems.append(
-                Problem(
-                    file,
-                    where.value(index, str(recipient)),
-                    f"{recipient!r} is not an address like support@example.com",
-                )
-            )
-            ok = False
-        elif "+" in addresses.split(recipient.strip())[0]:
-            problems.append(
-                Problem(
-                    file,
-                    where.value(index, recipient),
-                    f"{recipient!r} has a +subaddress; routing ignores subaddresses, "
-                    "list the base address",
-                )
-            )
-            ok = False
-    return raw if ok else None
+    return Route(
+        name=str(name).strip(),
+        recipients=tuple(p.text for p in patterns),
+        type=TicketType(kind) if kind else None,
+        priority=Priority(priority) if priority else None,
+        # A route with recipients is complete; one without (refining) leaves unset to the base.
+        page=raw.get("page", BOOLEAN_KEYS["page"] if patterns else None),
+        ack=raw.get("ack", BOOLEAN_KEYS["ack"] if patterns else None),
+        application=application,
+        tags=tuple(tags) if tags is not None else None,
+        senders=tuple(s.lower() for s in senders),
+        sender_domains=tuple(d.lower() for d in sender_domains),
+        subject=subject,
+        headers=tuple(headers),
+        drop=drop,
+        reject=reject,
+        patterns=tuple(patterns),
+        file=file,
+        line=line,
+        position=position,
+    )
 
 
 def load_rules(folder: Path) -> RuleTable:
@@ -239,8 +617,8 @@ def load_rules(folder: Path) -> RuleTable:
         raise RulesError([Problem(str(folder), 0, "no *.toml rules files in the folder")])
     digest = hashlib.sha256()
     routes: list[Route] = []
-    by_recipient: dict[str, Route] = {}
     names: dict[str, Route] = {}
+    taken: dict[str, Route] = {}  # patterns of routes without conditions, first one
     for path in files:
         file = str(path)
         try:
@@ -262,20 +640,9 @@ def load_rules(folder: Path) -> RuleTable:
             problems.append(Problem(file, 1, "route must be an array of tables: [[route]]"))
             continue
         for index, raw in enumerate(raw_routes):
-            checked = _check_route(raw, index, where, file, problems)
-            if checked is None:
+            route = _check_route(raw, index, len(routes), where, file, problems)
+            if route is None:
                 continue
-            route = Route(
-                name=checked["name"].strip(),
-                recipients=tuple(addresses.normalize(r) for r in checked["recipients"]),
-                type=TicketType(checked["type"]),
-                priority=Priority(checked["priority"]),
-                page=checked.get("page", BOOLEAN_KEYS["page"]),
-                ack=checked.get("ack", BOOLEAN_KEYS["ack"]),
-                file=file,
-                line=where.route(index),
-                position=len(routes),
-            )
             if route.name in names:
                 first = names[route.name]
                 problems.append(
@@ -287,35 +654,57 @@ def load_rules(folder: Path) -> RuleTable:
                 )
                 continue
             names[route.name] = route
-            for written, recipient in zip(checked["recipients"], route.recipients, strict=True):
-                if recipient in by_recipient:
-                    first = by_recipient[recipient]
-                    problems.append(
-                        Problem(
-                            file,
-                            where.value(index, written),
-                            f"duplicate recipient {recipient!r}: already routed by "
-                            f"{first.name!r} at {first.file}:{first.line}",
+            if route.unconditional:
+                for written, pattern in zip(raw["recipients"], route.patterns, strict=True):
+                    if pattern.text in taken:
+                        first = taken[pattern.text]
+                        problems.append(
+                            Problem(
+                                file,
+                                where.value(index, written),
+                                f"duplicate recipient {pattern.text!r}: already routed by "
+                                f"{first.name!r} at {first.file}:{first.line}",
+                            )
                         )
-                    )
-                else:
-                    by_recipient[recipient] = route
+                    else:
+                        taken[pattern.text] = route
             routes.append(route)
     if not problems and not routes:
         problems.append(Problem(str(folder), 0, "the rules table has no [[route]]"))
+    unconditional = [r for r in routes if r.unconditional]
+    for route in routes:
+        if route.unconditional or not route.patterns:
+            continue
+        for pattern in route.patterns:
+            probe = _probe(pattern)
+            if not any(u.takes(probe) for u in unconditional):
+                problems.append(
+                    Problem(
+                        route.file,
+                        route.line,
+                        f"recipient {pattern.text!r} of route {route.name!r} has conditions but "
+                        "no route without conditions takes it: mail to it would be refused",
+                    )
+                )
     if problems:
         raise RulesError(problems)
     return RuleTable(
         routes=tuple(routes),
         version=digest.hexdigest(),
         folder=str(folder),
-        _by_recipient=by_recipient,
-        domains=frozenset(addresses.split(r)[1] for r in by_recipient),
+        domains=frozenset(p.domain for r in routes for p in r.patterns),
     )
 
 
+def _probe(pattern: Pattern) -> str:
+    """An address the pattern matches, to ask whether a route without conditions takes it."""
+    local = "probe" if pattern.local == "*" else pattern.local
+    tag = "" if pattern.tag is None else "+" + ("probe" if pattern.tag == "*" else pattern.tag)
+    return f"{local}{tag}@{pattern.domain}"
+
+
 def resolve_all(table: RuleTable, recipients: Sequence[str]) -> tuple[list[Route], list[str]]:
-    """Routes for the recipients that have one, and the recipients that have none."""
+    """RCPT-time routes for the recipients that have one, and the recipients that have none."""
     routes: list[Route] = []
     unrouted: list[str] = []
     for recipient in recipients:

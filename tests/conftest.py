@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import os
 import shutil
 import smtplib
@@ -21,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 from maild.config import Settings, load_settings
+from maild.logs import configure_logging
 from maild.service import Service
 from maild.tickets import list_tickets, show_ticket
 
@@ -80,6 +84,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     with postgres_schema(PG_URL) as url:
         yield url
+
+
+@pytest.fixture
+def quiet_logging() -> Iterator[None]:
+    """The CLI reconfigures process-wide logging; keep an in-process daemon off stdout."""
+    configure_logging("json", "info", stream=io.StringIO())
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    structlog.reset_defaults()
 
 
 @pytest.fixture

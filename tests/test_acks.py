@@ -686,24 +686,6 @@ def test_recipients_of_withheld_acknowledgements_do_not_count_toward_the_limit(
         ]
 
 
-@pytest.fixture
-def quiet_logging() -> Iterator[None]:
-    """The CLI reconfigures process-wide logging; keep the in-process daemon off stdout."""
-    import io
-    import logging
-
-    import structlog
-
-    from maild.logs import configure_logging
-
-    configure_logging("json", "info", stream=io.StringIO())
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    structlog.reset_defaults()
-
-
 @pytest.mark.usefixtures("quiet_logging")
 def test_acks_list_and_retry_from_the_cli(make_config: Callable[..., Path], sink: SmtpSink) -> None:
     """`maild acks list --json` shows a withheld acknowledgement; `acks retry` gets it sent."""

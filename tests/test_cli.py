@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 from sqlalchemy.engine import make_url
 
 from maild.cli import main
 from maild.config import load_settings
 from maild.database import Database
-from maild.logs import configure_logging
 from maild.rules import load_rules
 from maild.spool import Delivery, insert_deliveries
 from tests.conftest import BILLING, RunningMaild, mail, write_config
@@ -38,6 +34,9 @@ TICKET_KEYS = {
     "requester",
     "participants",
     "rule",
+    "rules_version",
+    "application",
+    "tags",
     "created_at",
     "updated_at",
     "message_count",
@@ -55,14 +54,8 @@ NO_ROUTE = (
 
 
 @pytest.fixture(autouse=True)
-def quiet_logging() -> Iterator[None]:
-    """The CLI reconfigures process-wide logging; keep the in-process daemon off stdout."""
-    configure_logging("json", "info", stream=io.StringIO())
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    structlog.reset_defaults()
+def _quiet(quiet_logging: None) -> None:
+    """Every CLI test keeps the in-process daemon's logs off stdout (see conftest)."""
 
 
 @pytest.fixture
@@ -269,6 +262,9 @@ def test_tickets_list_json_has_the_contract_shape(maild: RunningMaild) -> None:
     views = cli_json(maild.settings.source, "tickets", "list")
     assert [set(view) for view in views] == [TICKET_KEYS] * 3
     stamps = [(view.pop("created_at"), view.pop("updated_at")) for view in views]
+    version = maild.service.rules.version
+    assert [view.pop("rules_version") for view in views] == [version] * 3
+    assert [(view.pop("application"), view.pop("tags")) for view in views] == [("", [])] * 3
     assert views == [
         {
             "id": 3,
@@ -609,16 +605,37 @@ def test_rules_test_json_for_a_paging_address(rules_config: Path, rules_dir: Pat
     """rules test --json shows the route, type, priority, paging and where the route is."""
     result = cli(rules_config, "rules", "test", "sysops@humanmade.com", "--json")
     assert (result.exit_code, result.stderr) == (0, "")
+    desk = str(rules_dir / "desk.toml")
     assert json.loads(result.stdout) == {
         "address": "sysops@humanmade.com",
         "accepted": True,
         "route": "sysops",
+        "base": "sysops",
+        "recipient": "sysops@humanmade.com",
         "type": "incident",
         "priority": "urgent",
         "page": True,
         "ack": True,
-        "file": str(rules_dir / "desk.toml"),
+        "application": "",
+        "tags": [],
+        "drop": False,
+        "file": desk,
         "line": 20,
+        "steps": [
+            {
+                "route": "support",
+                "file": desk,
+                "line": 6,
+                "outcome": "skipped: recipient not in recipients",
+            },
+            {
+                "route": "hosting",
+                "file": desk,
+                "line": 13,
+                "outcome": "skipped: recipient not in recipients",
+            },
+            {"route": "sysops", "file": desk, "line": 20, "outcome": "wins"},
+        ],
     }
 
 
