@@ -103,6 +103,22 @@ def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
         database.close()
 
 
+def _retry(settings: Settings, noun: str, row_id: int, retry: Callable[..., T]) -> T:
+    """An outbox row made due again (`pages retry`, `acks retry`); exit 1 naming the problem."""
+    from maild.models import utcnow
+    from maild.outbox import NotFound, NotRetryable
+
+    database = _database(settings)
+    try:
+        return database.run_write(lambda s: retry(s, row_id, utcnow()))  # type: ignore[no-any-return]
+    except NotFound:
+        _fail(f"no {noun} {row_id}")
+    except NotRetryable as exc:
+        _fail(str(exc))
+    finally:
+        database.close()
+
+
 def _print_views(
     views: list[dict[str, Any]],
     as_json: bool,
@@ -757,19 +773,10 @@ def pages_list(
 @click.argument("page_id", type=int)
 def pages_retry(config_path: Path | None, page_id: int) -> None:
     """Send a failed or withheld page (again); the running daemon sends it within a second."""
-    from maild.escalation import PageNotFound, PageNotRetryable, retry_page
-    from maild.models import utcnow
+    from maild.escalation import retry_page
 
     settings = _settings(config_path)
-    database = _database(settings)
-    try:
-        page = database.run_write(lambda s: retry_page(s, page_id, utcnow()))
-    except PageNotFound:
-        _fail(f"no page {page_id}")
-    except PageNotRetryable as exc:
-        _fail(str(exc))
-    finally:
-        database.close()
+    page = _retry(settings, "page", page_id, retry_page)
     click.echo(f"page {page_id} ({page.action}, ticket {page.ticket_id}) is pending")
     if not settings.pagerduty.enabled:
         click.echo("note: [pagerduty] enabled = false; it is sent once paging is enabled", err=True)
@@ -882,18 +889,9 @@ def acks_list(
 def acks_retry(config_path: Path | None, outmail_id: int) -> None:
     """Send a failed or withheld acknowledgement again to its recipients not yet reached."""
     from maild.mailer import retry_outmail
-    from maild.models import utcnow
 
     settings = _settings(config_path)
-    database = _database(settings)
-    try:
-        outmail = database.run_write(lambda s: retry_outmail(s, outmail_id, utcnow()))
-    except LookupError:
-        _fail(f"no acknowledgement {outmail_id}")
-    except ValueError as exc:
-        _fail(str(exc))
-    finally:
-        database.close()
+    outmail = _retry(settings, "acknowledgement", outmail_id, retry_outmail)
     click.echo(f"acknowledgement {outmail_id} (ticket {outmail.ticket_id}) is pending")
     if not settings.outbound.enabled:
         click.echo("note: no [outbound] smarthost; it is sent once one is set", err=True)

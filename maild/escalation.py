@@ -43,6 +43,7 @@ from maild.addresses import Address
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.models import Inbound, Page, Ticket, as_utc
+from maild.outbox import reopen
 
 if TYPE_CHECKING:
     from maild.parsing import ParsedMessage
@@ -53,14 +54,6 @@ DEDUP_LIMIT = 255
 BODY_LINES = 20
 BODY_CHARS = 2000
 CLOSED_BEFORE_SENT = "the ticket was closed before the page was sent"
-
-
-class PageNotFound(LookupError):
-    pass
-
-
-class PageNotRetryable(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -372,54 +365,6 @@ def claim_due(
     return jobs
 
 
-def release_claims(session: Session, claimer: str, now: datetime) -> int:
-    """At start: pages this daemon's previous run held (in flight, or waiting to retry) are
-    due now. A daemon is its host and config file; two cannot run with the same pair."""
-    rows = session.exec(
-        select(Page).where(
-            Page.status == PageStatus.PENDING.value,
-            Page.claimed_by == claimer,
-            col(Page.next_attempt_at) > now,
-        )
-    ).all()
-    for page in rows:
-        page.next_attempt_at = now
-        session.add(page)
-    return len(rows)
-
-
-def next_due(session: Session) -> datetime | None:
-    value = session.exec(
-        select(func.min(col(Page.next_attempt_at))).where(Page.status == PageStatus.PENDING.value)
-    ).one()
-    return as_utc(value) if value is not None else None
-
-
-def record_attempt(
-    session: Session,
-    page_id: int,
-    *,
-    attempts: int,
-    status: PageStatus,
-    error: str | None = None,
-    next_attempt_at: datetime | None = None,
-    now: datetime | None = None,
-) -> None:
-    """The outcome of one or more attempts: sent, failed, or pending until next_attempt_at."""
-    from maild.outbox import record_outcome
-
-    record_outcome(
-        session,
-        Page,
-        page_id,
-        attempts=attempts,
-        status=status.value,
-        error=error,
-        next_attempt_at=next_attempt_at,
-        now=now,
-    )
-
-
 # The CLI's side.
 
 
@@ -481,14 +426,5 @@ def ticket_pages(session: Session, ticket_ids: list[int]) -> dict[int, dict[str,
 
 def retry_page(session: Session, page_id: int, now: datetime) -> Page:
     """Send a failed or withheld page again (or a pending one now), with a new give-up window."""
-    page = session.get(Page, page_id, with_for_update=True)
-    if page is None:
-        raise PageNotFound(page_id)
-    if page.status == PageStatus.SENT:
-        raise PageNotRetryable(f"page {page_id} was already sent at {page.sent_at}")
-    page.status = PageStatus.PENDING.value
-    page.reason = None
-    page.next_attempt_at = now
-    page.queued_at = now
-    session.add(page)
+    page: Page = reopen(session, Page, page_id, now)
     return page

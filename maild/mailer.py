@@ -31,7 +31,6 @@ from typing import Any
 
 import aiosmtplib
 import structlog
-from sqlalchemy import func
 from sqlmodel import Session, col, select
 from tenacity import RetryCallState
 
@@ -40,7 +39,7 @@ from maild.config import OutboundSettings, parse_hostport
 from maild.database import Database
 from maild.enums import MailStatus, RecipientState
 from maild.models import Outmail, OutmailRecipient, Participant, as_utc, utcnow
-from maild.outbox import OutboxWorker, Stopping, record_outcome
+from maild.outbox import OutboxWorker, Stopping, record_outcome, reopen, tls_context
 
 log = structlog.get_logger("maild.mailer")
 
@@ -83,15 +82,6 @@ class MailJob:
 
 
 # The outbox rows.
-
-
-def next_due(session: Session) -> datetime | None:
-    value = session.exec(
-        select(func.min(col(Outmail.next_attempt_at))).where(
-            Outmail.status == MailStatus.PENDING.value
-        )
-    ).one()
-    return as_utc(value) if value is not None else None
 
 
 def claim_due(
@@ -157,20 +147,6 @@ def claim_due(
     return jobs
 
 
-def release_claims(session: Session, claimer: str, now: datetime) -> int:
-    rows = session.exec(
-        select(Outmail).where(
-            Outmail.status == MailStatus.PENDING.value,
-            Outmail.claimed_by == claimer,
-            col(Outmail.next_attempt_at) > now,
-        )
-    ).all()
-    for outmail in rows:
-        outmail.next_attempt_at = now
-        session.add(outmail)
-    return len(rows)
-
-
 def record_recipients(
     session: Session,
     outmail_id: int,
@@ -209,35 +185,9 @@ def mark_undeliverable(
         session.add(participant)
 
 
-def record_attempt(
-    session: Session,
-    outmail_id: int,
-    *,
-    attempts: int,
-    status: MailStatus,
-    error: str | None = None,
-    next_attempt_at: datetime | None = None,
-    now: datetime | None = None,
-) -> None:
-    record_outcome(
-        session,
-        Outmail,
-        outmail_id,
-        attempts=attempts,
-        status=status.value,
-        error=error,
-        next_attempt_at=next_attempt_at,
-        now=now,
-    )
-
-
 def retry_outmail(session: Session, outmail_id: int, now: datetime) -> Outmail:
     """Send a failed or withheld mail again to its unsettled recipients, with a new window."""
-    outmail = session.get(Outmail, outmail_id, with_for_update=True)
-    if outmail is None:
-        raise LookupError(outmail_id)
-    if outmail.status == MailStatus.SENT:
-        raise ValueError(f"mail {outmail_id} was already sent at {outmail.sent_at}")
+    outmail: Outmail = reopen(session, Outmail, outmail_id, now)
     rows = session.exec(
         select(OutmailRecipient).where(
             OutmailRecipient.outmail_id == outmail_id,
@@ -250,22 +200,10 @@ def retry_outmail(session: Session, outmail_id: int, now: datetime) -> Outmail:
         row.status = RecipientState.PENDING.value
         row.error = None
         session.add(row)
-    outmail.status = MailStatus.PENDING.value
-    outmail.reason = None
-    outmail.next_attempt_at = now
-    outmail.queued_at = now
-    session.add(outmail)
     return outmail
 
 
 # Sending.
-
-
-def _tls_context(settings: OutboundSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if settings.ca_file is not None:
-        context.load_verify_locations(cafile=str(settings.ca_file))
-    return context
 
 
 def _reply(code: int, message: str) -> str:
@@ -280,7 +218,7 @@ class SmtpClient:
         self._host, self._port = parse_hostport(settings.smarthost)
         self._settings = settings
         self._local_hostname = local_hostname
-        self._context = _tls_context(settings) if settings.tls != "none" else None
+        self._context = tls_context(settings.ca_file) if settings.tls != "none" else None
 
     async def send(
         self, job: MailJob, recipients: list[str]
@@ -348,6 +286,7 @@ class Mailer(OutboxWorker[MailJob]):
     """The background task that delivers the mail outbox."""
 
     noun = "acknowledgements"
+    model = Outmail
 
     def __init__(
         self,
@@ -360,12 +299,6 @@ class Mailer(OutboxWorker[MailJob]):
         super().__init__(database, claimer, poll_interval, lease=settings.timeout * 4 + 5)
         self._client = client
         self._settings = settings
-
-    def release(self, session: Session, claimer: str, now: datetime) -> int:
-        return release_claims(session, claimer, now)
-
-    def next_due(self, session: Session) -> datetime | None:
-        return next_due(session)
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[MailJob]:
         return claim_due(session, now, limit, self._lease, self._claimer)
@@ -393,8 +326,9 @@ class Mailer(OutboxWorker[MailJob]):
             await self._write(
                 "could not record an acknowledgement attempt",
                 job,
-                lambda s: record_attempt(
+                lambda s: record_outcome(
                     s,
+                    Outmail,
                     job.id,
                     attempts=attempts,
                     status=MailStatus.PENDING,
@@ -452,8 +386,8 @@ class Mailer(OutboxWorker[MailJob]):
             await self._write(
                 "could not record a failed acknowledgement",
                 job,
-                lambda s: record_attempt(
-                    s, job.id, attempts=attempts, status=MailStatus.FAILED, error=error
+                lambda s: record_outcome(
+                    s, Outmail, job.id, attempts=attempts, status=MailStatus.FAILED, error=error
                 ),
             )
             metrics.ACKS.labels("failed").inc()
@@ -470,8 +404,9 @@ class Mailer(OutboxWorker[MailJob]):
             await self._write(
                 "could not record a failed acknowledgement",
                 job,
-                lambda s: record_attempt(
+                lambda s: record_outcome(
                     s,
+                    Outmail,
                     job.id,
                     attempts=attempts,
                     status=MailStatus.FAILED,
@@ -486,8 +421,9 @@ class Mailer(OutboxWorker[MailJob]):
         await self._write(
             "could not record a sent acknowledgement; it will be sent again",
             job,
-            lambda s: record_attempt(
+            lambda s: record_outcome(
                 s,
+                Outmail,
                 job.id,
                 attempts=attempts,
                 status=status,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import structlog
-from sqlmodel import Session
+from sqlalchemy import func
+from sqlmodel import Session, col, select
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -32,7 +34,7 @@ from tenacity import (
 )
 
 from maild.database import Database
-from maild.models import utcnow
+from maild.models import as_utc, utcnow
 
 log = structlog.get_logger("maild.outbox")
 
@@ -44,10 +46,19 @@ class Stopping(Exception):
     """The daemon is stopping: leave the row pending for the next run."""
 
 
+class NotFound(LookupError):
+    """No outbox row with that id."""
+
+
+class NotRetryable(ValueError):
+    """The row was already sent."""
+
+
 class OutboxWorker(Generic[Job]):
     """Claims due rows and delivers them; subclasses say how."""
 
     noun = "rows"  # for log lines: "pages", "acknowledgements"
+    model: Any  # the outbox table: Page or Outmail
 
     def __init__(self, database: Database, claimer: str, poll_interval: float, lease: float):
         self._database = database
@@ -63,10 +74,10 @@ class OutboxWorker(Generic[Job]):
     # What a subclass provides.
 
     def release(self, session: Session, claimer: str, now: datetime) -> int:
-        raise NotImplementedError
+        return release_claims(session, self.model, claimer, now)
 
     def next_due(self, session: Session) -> datetime | None:
-        raise NotImplementedError
+        return next_due(session, self.model)
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Job]:
         raise NotImplementedError
@@ -184,7 +195,7 @@ def record_outcome(
     row_id: int,
     *,
     attempts: int,
-    status: str,
+    status: str,  # a PageStatus or MailStatus value
     error: str | None = None,
     next_attempt_at: datetime | None = None,
     now: datetime | None = None,
@@ -208,3 +219,50 @@ def record_outcome(
     if next_attempt_at is not None:
         row.next_attempt_at = next_attempt_at
     session.add(row)
+
+
+def release_claims(session: Session, model: Any, claimer: str, now: datetime) -> int:
+    """At start: rows this daemon's previous run held (in flight, or waiting to retry) are
+    due now. A daemon is its host and config file; two cannot run with the same pair."""
+    rows = session.exec(
+        select(model).where(
+            model.status == "pending",
+            model.claimed_by == claimer,
+            col(model.next_attempt_at) > now,
+        )
+    ).all()
+    for row in rows:
+        row.next_attempt_at = now
+        session.add(row)
+    return len(rows)
+
+
+def next_due(session: Session, model: Any) -> datetime | None:
+    """When the earliest pending row falls due (a read: no write lock while idle)."""
+    value = session.exec(
+        select(func.min(col(model.next_attempt_at))).where(model.status == "pending")
+    ).one()
+    return as_utc(value) if value is not None else None
+
+
+def reopen(session: Session, model: Any, row_id: int, now: datetime) -> Any:
+    """Make a failed or withheld row (or a pending one) due now, with a new give-up window."""
+    row = session.get(model, row_id, with_for_update=True)
+    if row is None:
+        raise NotFound(row_id)
+    if row.status == "sent":
+        raise NotRetryable(f"{model.__tablename__} {row_id} was already sent at {row.sent_at}")
+    row.status = "pending"
+    row.reason = None
+    row.next_attempt_at = now
+    row.queued_at = now
+    session.add(row)
+    return row
+
+
+def tls_context(ca_file: Any) -> ssl.SSLContext:
+    """The system's trust store, plus an extra CA file when one is configured."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context

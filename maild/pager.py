@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -40,9 +38,9 @@ from maild import metrics
 from maild.config import PagerDutySettings
 from maild.database import Database
 from maild.enums import PageStatus
-from maild.escalation import PageJob, claim_due, next_due, record_attempt, release_claims
-from maild.models import utcnow
-from maild.outbox import OutboxWorker, Stopping
+from maild.escalation import PageJob, claim_due
+from maild.models import Page, utcnow
+from maild.outbox import OutboxWorker, Stopping, record_outcome, tls_context
 
 log = structlog.get_logger("maild.pager")
 
@@ -100,14 +98,6 @@ def _describe_response(response: httpx2.Response) -> str:
     return f"HTTP {response.status_code}: {text or response.reason_phrase}"
 
 
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """The system's trust store, plus `[pagerduty] ca_file` when set."""
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
-
-
 class EventsClient:
     """Sends one event per call, classifying every failure as transient or permanent."""
 
@@ -116,7 +106,7 @@ class EventsClient:
         if not key:
             raise ValueError("no [pagerduty] routing key")
         self._client = _OneShotEventsClient(
-            key, base_url=settings.events_url, verify=_tls_context(settings.ca_file)
+            key, base_url=settings.events_url, verify=tls_context(settings.ca_file)
         )
         self._client.timeout = settings.timeout  # type: ignore[assignment]  # any httpx timeout
 
@@ -148,6 +138,7 @@ class Pager(OutboxWorker[PageJob]):
     """The background task that delivers the page outbox."""
 
     noun = "pages"
+    model = Page
 
     def __init__(
         self,
@@ -164,12 +155,6 @@ class Pager(OutboxWorker[PageJob]):
         self._client = client
         self._settings = settings
         self._clock = clock
-
-    def release(self, session: Session, claimer: str, now: datetime) -> int:
-        return release_claims(session, claimer, now)
-
-    def next_due(self, session: Session) -> datetime | None:
-        return next_due(session)
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[PageJob]:
         return claim_due(session, now, limit, self._lease, self._claimer)
@@ -191,8 +176,9 @@ class Pager(OutboxWorker[PageJob]):
             wait = state.upcoming_sleep
             try:
                 await self._database.write(
-                    lambda s: record_attempt(
+                    lambda s: record_outcome(
                         s,
+                        Page,
                         job.id,
                         attempts=attempts,
                         status=PageStatus.PENDING,
@@ -271,7 +257,9 @@ class Pager(OutboxWorker[PageJob]):
     ) -> None:
         try:
             await self._database.write(
-                lambda s: record_attempt(s, job.id, attempts=attempts, status=status, error=error)
+                lambda s: record_outcome(
+                    s, Page, job.id, attempts=attempts, status=status, error=error
+                )
             )
         except Exception as exc:  # the row stays pending and is sent again: same dedup key
             log.error(
