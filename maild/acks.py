@@ -204,12 +204,6 @@ class AckPolicy:
                     return ticket_id
         return None
 
-    def is_ours(self, message_id: str) -> bool:
-        local, _, domain = message_id.rpartition("@")
-        return domain.lower() == self.message_id_domain and local.startswith(
-            hygiene.OUR_MESSAGE_ID_PREFIX
-        )
-
 
 def _one_line(text: str) -> str:
     """No line breaks or control characters: nothing can start a header of its own."""
@@ -238,7 +232,6 @@ class Rendered:
     raw: bytes
     subject: str
     body: str
-    smtputf8: bool
 
 
 def render_ack(
@@ -296,7 +289,6 @@ def render_ack(
         raw=message.as_bytes(),
         subject=subject,
         body=body,
-        smtputf8=smtputf8,
     )
 
 

@@ -185,6 +185,7 @@ def find_thread(
     return None, None
 
 
+DROPPED_BY_ROUTE = "dropped by route "  # and its name: the reason `rules replay` reads back
 MAX_ADDRESS = 320  # RFC 5321: 64 + 1 + 255; longer is not an address (and not storable)
 
 
@@ -440,7 +441,7 @@ def file_message(
         )
     route = best_decision(routes)
     if route.drop:
-        return _drop(inbound, f"dropped by route {route.name}", now, kind)
+        return _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
     ticket, how = find_thread(
         session, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
     )

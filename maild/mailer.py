@@ -39,11 +39,9 @@ from maild.config import OutboundSettings, parse_hostport
 from maild.database import Database
 from maild.enums import MailStatus, RecipientState
 from maild.models import Outmail, OutmailRecipient, Participant, as_utc, utcnow
-from maild.outbox import OutboxWorker, Stopping, record_outcome, reopen, tls_context
+from maild.outbox import POLL_SECONDS, OutboxWorker, Stopping, record_outcome, reopen, tls_context
 
 log = structlog.get_logger("maild.mailer")
-
-POLL_SECONDS = 1.0
 
 
 class MailError(Exception):

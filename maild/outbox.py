@@ -39,6 +39,7 @@ from maild.models import as_utc, utcnow
 log = structlog.get_logger("maild.outbox")
 
 CLAIM_LIMIT = 32
+POLL_SECONDS = 1.0  # rows queued by another process (`maild ingest`, the CLI, another host)
 Job = TypeVar("Job")
 
 

@@ -40,11 +40,9 @@ from maild.database import Database
 from maild.enums import PageStatus
 from maild.escalation import PageJob, claim_due
 from maild.models import Page, utcnow
-from maild.outbox import OutboxWorker, Stopping, record_outcome, tls_context
+from maild.outbox import POLL_SECONDS, OutboxWorker, Stopping, record_outcome, tls_context
 
 log = structlog.get_logger("maild.pager")
-
-POLL_SECONDS = 1.0  # pages queued by another process (`maild ingest`, `tickets close`)
 
 
 class PageError(Exception):

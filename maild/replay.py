@@ -15,17 +15,16 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
+from maild.intake import DROPPED_BY_ROUTE
 from maild.models import Inbound, Message, Ticket, as_utc
 from maild.parsing import parse_message
 from maild.rules import MessageContext, RuleTable, best_decision
 
-DROPPED_BY = "dropped by route "
-
 
 def _was(session: Session, row: Inbound) -> str | None:
     """The route a delivery was filed by, or None when it was not routed (failed, a loop)."""
-    if row.status == InboundStatus.DROPPED and (row.error or "").startswith(DROPPED_BY):
-        return (row.error or "")[len(DROPPED_BY) :]
+    if row.status == InboundStatus.DROPPED and (row.error or "").startswith(DROPPED_BY_ROUTE):
+        return (row.error or "")[len(DROPPED_BY_ROUTE) :]
     message = session.exec(select(Message.rule).where(Message.inbound_id == row.id)).first()
     if message:
         return message

@@ -136,17 +136,6 @@ class Route:
                 return f"no {name} header matches /{regex.pattern}/"
         return None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "route": self.name,
-            "type": self.type.value if self.type else None,
-            "priority": self.priority.value if self.priority else None,
-            "page": bool(self.page),
-            "ack": self.ack if self.ack is not None else True,
-            "file": self.file,
-            "line": self.line,
-        }
-
 
 def _sender_matches(written: str, sender: str) -> bool:
     if written.startswith("*@"):
@@ -229,9 +218,8 @@ class RuleTable:
     def decide(self, recipient: str, context: MessageContext) -> Decision:
         """The route for one recipient of a message; RecipientRefused as at RCPT."""
         base = self.resolve(recipient)
+        # The base applies whatever the message says, so some route always does.
         winner = next(r for r in self.routes if r.why_not(recipient, context) is None)
-        if winner.position > base.position:  # cannot happen: the base always applies
-            winner = base
         return _decision(winner, base, recipient)
 
     def decide_all(
@@ -311,11 +299,6 @@ def best_decision(decisions: Iterable[Decision]) -> Decision:
     return min(keep, key=lambda d: (-d.priority.rank, d.position))
 
 
-def best_route(routes: Iterable[Route]) -> Route:
-    """Highest priority wins; ties go to the route that comes first in the table."""
-    return min(routes, key=lambda r: (-(r.priority.rank if r.priority else -1), r.position))
-
-
 def _header_lines(text: str) -> list[int]:
     return [
         number
@@ -362,31 +345,49 @@ def _toml_line(error: tomllib.TOMLDecodeError) -> int:
     return int(match.group(1)) if match else 1
 
 
-def _string_list(
-    raw: dict[str, Any], key: str, index: int, where: _Locator, file: str, problems: list[Problem]
-) -> list[str] | None:
-    value = raw.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        problems.append(
-            Problem(file, where.key(index, key), f"{key} must be a list of non-empty strings")
-        )
-        return None
-    return [v.strip() for v in value]
+@dataclass
+class _Checker:
+    """The problems of one [[route]], each reported at the line of the key or value at fault."""
 
+    raw: dict[str, Any]
+    index: int
+    where: _Locator
+    file: str
+    problems: list[Problem]
 
-def _regex(
-    text: Any, label: str, line: int, file: str, problems: list[Problem]
-) -> re.Pattern[str] | None:
-    if not isinstance(text, str):
-        problems.append(Problem(file, line, f"{label} must be a regular expression in a string"))
-        return None
-    try:
-        return re.compile(text, re.IGNORECASE)
-    except re.error as exc:
-        problems.append(Problem(file, line, f"{label}: not a valid regular expression: {exc}"))
-        return None
+    def report(self, message: str, key: str | None = None, value: str | None = None) -> None:
+        if value is not None:
+            line = self.where.value(self.index, value)
+        elif key is not None and key in self.raw:
+            line = self.where.key(self.index, key)
+        else:
+            line = self.where.route(self.index)
+        self.problems.append(Problem(self.file, line, message))
+
+    def strings(self, key: str) -> list[str] | None:
+        """A list of non-empty strings ([] when absent), or None after reporting it."""
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            self.report(f"{key} must be a list of non-empty strings", key)
+            return None
+        return [v.strip() for v in value]
+
+    def regex(self, text: Any, label: str, key: str) -> re.Pattern[str] | None:
+        if not isinstance(text, str):
+            self.report(f"{label} must be a regular expression in a string", key)
+            return None
+        try:
+            return re.compile(text, re.IGNORECASE)
+        except re.error as exc:
+            self.report(f"{label}: not a valid regular expression: {exc}", key)
+            return None
+
+    def choice(self, key: str, values: Iterable[str]) -> str | None:
+        value = self.raw.get(key)
+        known = list(values)
+        if value is not None and value not in known:
+            self.report(f"{key} must be one of {', '.join(known)}, not {value!r}", key)
+        return value if isinstance(value, str) else None
 
 
 def _check_route(
@@ -396,192 +397,106 @@ def _check_route(
     if not isinstance(raw, dict):
         problems.append(Problem(file, line, "[[route]] must be a table"))
         return None
+    check = _Checker(raw, index, where, file, problems)
     before = len(problems)
     for key in sorted(set(raw) - ROUTE_KEYS):
-        problems.append(
-            Problem(
-                file,
-                where.key(index, key),
-                f"unknown key {key!r} in [[route]] (known: {', '.join(sorted(ROUTE_KEYS))})",
-            )
+        check.report(
+            f"unknown key {key!r} in [[route]] (known: {', '.join(sorted(ROUTE_KEYS))})", key
         )
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
-        problems.append(
-            Problem(
-                file,
-                where.key(index, "name") if "name" in raw else line,
-                "route needs a name (a non-empty string)",
-            )
-        )
-    drop = raw.get("drop", False)
-    if not isinstance(drop, bool):
-        problems.append(
-            Problem(file, where.key(index, "drop"), f"drop must be true or false, not {drop!r}")
-        )
-        drop = False
+        check.report("route needs a name (a non-empty string)", "name")
+    for key in ("drop", *BOOLEAN_KEYS):
+        if key in raw and not isinstance(raw[key], bool):
+            check.report(f"{key} must be true or false, not {raw[key]!r}", key)
+    drop = raw.get("drop") is True
     reject = raw.get("reject")
     if reject is not None and (not isinstance(reject, str) or not _REPLY.match(reject)):
-        problems.append(
-            Problem(
-                file,
-                where.key(index, "reject"),
-                'reject must be an SMTP reply such as "550 5.7.1 This address is retired", '
-                f"not {reject!r}",
-            )
+        check.report(
+            'reject must be an SMTP reply such as "550 5.7.1 This address is retired", '
+            f"not {reject!r}",
+            "reject",
         )
+    # Matches.
     patterns: list[Pattern] = []
     if "recipients" in raw:
         recipients = raw["recipients"]
         if not isinstance(recipients, list) or not recipients:
-            problems.append(
-                Problem(
-                    file,
-                    where.key(index, "recipients"),
-                    "recipients must be a non-empty list of addresses",
+            check.report("recipients must be a non-empty list of addresses", "recipients")
+            recipients = []
+        for recipient in recipients:
+            pattern = Pattern.parse(recipient) if isinstance(recipient, str) else None
+            if pattern is None:
+                check.report(
+                    f"{recipient!r} is not an address like support@example.com, "
+                    "*@example.com or sysops+*@example.com",
+                    value=str(recipient),
                 )
-            )
-        else:
-            for recipient in recipients:
-                pattern = Pattern.parse(recipient) if isinstance(recipient, str) else None
-                if pattern is None:
-                    problems.append(
-                        Problem(
-                            file,
-                            where.value(index, str(recipient)),
-                            f"{recipient!r} is not an address like support@example.com, "
-                            "*@example.com or sysops+*@example.com",
-                        )
-                    )
-                else:
-                    patterns.append(pattern)
-    senders = _string_list(raw, "senders", index, where, file, problems) or []
+            else:
+                patterns.append(pattern)
+    senders = check.strings("senders") or []
     for sender in senders:
         local, at, domain = sender.lower().rpartition("@")
         if not at or not local or not _DOMAIN.match(domain) or (local != "*" and "*" in local):
-            problems.append(
-                Problem(
-                    file,
-                    where.value(index, sender),
-                    f"{sender!r} in senders is not an address or *@domain",
-                )
-            )
-    sender_domains = _string_list(raw, "sender_domains", index, where, file, problems) or []
+            check.report(f"{sender!r} in senders is not an address or *@domain", value=sender)
+    sender_domains = check.strings("sender_domains") or []
     for domain in sender_domains:
         if not _DOMAIN.match(domain):
-            problems.append(
-                Problem(
-                    file,
-                    where.value(index, domain),
-                    f"{domain!r} in sender_domains is not a domain",
-                )
-            )
-    subject = None
-    if "subject" in raw:
-        subject = _regex(raw["subject"], "subject", where.key(index, "subject"), file, problems)
+            check.report(f"{domain!r} in sender_domains is not a domain", value=domain)
+    subject = check.regex(raw["subject"], "subject", "subject") if "subject" in raw else None
     headers: list[tuple[str, re.Pattern[str]]] = []
-    if "headers" in raw:
-        table = raw["headers"]
-        if not isinstance(table, dict) or not table:
-            problems.append(
-                Problem(
-                    file,
-                    where.key(index, "headers"),
-                    "headers must be a table of header name = regular expression",
-                )
-            )
-        else:
-            for header, text in table.items():
-                regex = _regex(
-                    text, f"headers.{header}", where.key(index, "headers"), file, problems
-                )
-                if regex is not None:
-                    headers.append((str(header).lower(), regex))
-    kind = raw.get("type")
-    if kind is not None and kind not in {t.value for t in TicketType}:
-        problems.append(
-            Problem(
-                file,
-                where.key(index, "type"),
-                f"type must be one of {', '.join(t.value for t in TicketType)}, not {kind!r}",
-            )
-        )
-    priority = raw.get("priority")
-    if priority is not None and priority not in {p.value for p in Priority}:
-        problems.append(
-            Problem(
-                file,
-                where.key(index, "priority"),
-                f"priority must be one of {', '.join(p.value for p in Priority)}, not {priority!r}",
-            )
-        )
-    for key in BOOLEAN_KEYS:
-        value = raw.get(key)
-        if value is not None and not isinstance(value, bool):
-            problems.append(
-                Problem(file, where.key(index, key), f"{key} must be true or false, not {value!r}")
-            )
+    table = raw.get("headers", {})
+    if not isinstance(table, dict) or ("headers" in raw and not table):
+        check.report("headers must be a table of header name = regular expression", "headers")
+        table = {}
+    for header, text in table.items():
+        regex = check.regex(text, f"headers.{header}", "headers")
+        if regex is not None:
+            headers.append((str(header).lower(), regex))
+    # Sets.
+    kind = check.choice("type", (t.value for t in TicketType))
+    priority = check.choice("priority", (p.value for p in Priority))
     application = raw.get("application")
-    if application is not None:
-        if not isinstance(application, str):
-            problems.append(
-                Problem(file, where.key(index, "application"), "application must be a string")
+    if application is not None and not isinstance(application, str):
+        check.report("application must be a string", "application")
+    elif application is not None:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(application) if f is not None}
+        except ValueError as exc:
+            check.report(f"application: {exc}", "application")
+            fields = set()
+        for unknown in sorted(fields - APPLICATION_FIELDS):
+            check.report(
+                f"application: unknown placeholder {{{unknown}}} "
+                f"(known: {', '.join(sorted(APPLICATION_FIELDS))})",
+                "application",
             )
-        else:
-            try:
-                fields = {
-                    f for _, f, _, _ in string.Formatter().parse(application) if f is not None
-                }
-            except ValueError as exc:
-                problems.append(
-                    Problem(file, where.key(index, "application"), f"application: {exc}")
-                )
-                fields = set()
-            for unknown in sorted(fields - APPLICATION_FIELDS):
-                problems.append(
-                    Problem(
-                        file,
-                        where.key(index, "application"),
-                        f"application: unknown placeholder {{{unknown}}} "
-                        f"(known: {', '.join(sorted(APPLICATION_FIELDS))})",
-                    )
-                )
-    tags = _string_list(raw, "tags", index, where, file, problems) if "tags" in raw else None
+    tags = check.strings("tags") if "tags" in raw else None
+    # What the route is, as a whole.
     conditions = bool(senders or sender_domains or "subject" in raw or "headers" in raw)
-    sets = [k for k in SET_KEYS if k in raw]
     if reject is not None:
         if drop:
-            problems.append(
-                Problem(file, where.key(index, "reject"), "reject and drop cannot be combined")
-            )
+            check.report("reject and drop cannot be combined", "reject")
         if not patterns or conditions:
-            problems.append(
-                Problem(
-                    file,
-                    where.key(index, "reject"),
-                    "reject only works on a route with recipients and no other conditions "
-                    "(it is decided at RCPT time)",
-                )
+            check.report(
+                "reject only works on a route with recipients and no other conditions "
+                "(it is decided at RCPT time)",
+                "reject",
             )
+        sets = sorted(k for k in SET_KEYS if k in raw)
         if sets:
-            problems.append(
-                Problem(file, where.key(index, sorted(sets)[0]), "a rejecting route sets nothing")
-            )
+            check.report("a rejecting route sets nothing", sets[0])
     elif "recipients" not in raw:
         if not conditions:
-            problems.append(
-                Problem(
-                    file,
-                    line,
-                    "a route without recipients needs at least one of senders, sender_domains, "
-                    "subject, headers",
-                )
+            check.report(
+                "a route without recipients needs at least one of senders, sender_domains, "
+                "subject, headers"
             )
     elif not drop:
         if kind is None:
-            problems.append(Problem(file, line, "route needs a type"))
+            check.report("route needs a type")
         if priority is None:
-            problems.append(Problem(file, line, "route needs a priority"))
+            check.report("route needs a priority")
     if len(problems) > before:
         return None
     return Route(
@@ -701,15 +616,3 @@ def _probe(pattern: Pattern) -> str:
     local = "probe" if pattern.local == "*" else pattern.local
     tag = "" if pattern.tag is None else "+" + ("probe" if pattern.tag == "*" else pattern.tag)
     return f"{local}{tag}@{pattern.domain}"
-
-
-def resolve_all(table: RuleTable, recipients: Sequence[str]) -> tuple[list[Route], list[str]]:
-    """RCPT-time routes for the recipients that have one, and the recipients that have none."""
-    routes: list[Route] = []
-    unrouted: list[str] = []
-    for recipient in recipients:
-        try:
-            routes.append(table.resolve(recipient))
-        except RecipientRefused:
-            unrouted.append(recipient)
-    return routes, unrouted

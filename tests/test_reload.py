@@ -16,16 +16,9 @@ from maild.models import Ticket
 from maild.rules import load_rules
 from tests.conftest import BILLING, RunningMaild, mail, wait_until
 from tests.test_metrics import get
+from tests.test_service import rcpt_code
 
 SUPPORT_AS_TASK = ('type = "question"\npriority = "normal"', 'type = "task"\npriority = "low"')
-
-
-def rcpt_code(port: int, address: str) -> int:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo("client.test")
-        client.mail("alice@customer.example")
-        code, _ = client.rcpt(address)
-    return code
 
 
 def test_a_new_rules_file_takes_effect_without_a_signal(

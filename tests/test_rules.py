@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from maild import addresses
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
-from maild.rules import Route, RuleTable, best_route, load_rules, resolve_all
+from maild.rules import Decision, MessageContext, Route, RuleTable, best_decision, load_rules
 from tests.conftest import REPO
 
 DOMAINS = ("altis-dxp.com", "humanmade.com")
@@ -154,16 +154,23 @@ def test_a_leading_plus_is_not_a_subaddress(rules_dir: Path) -> None:
     assert info.value.reason == "no route"
 
 
-def test_resolve_all_splits_routed_and_unrouted(rules_dir: Path) -> None:
-    """resolve_all returns the routes found, in order, and the recipients without one."""
-    routes, unrouted = resolve_all(
-        load_rules(rules_dir),
+def decisions(table: RuleTable, recipients: list[str]) -> list[Decision]:
+    """The decision for each recipient (all routable), for a message with no other features."""
+    found, unrouted = table.decide_all(recipients, MessageContext())
+    assert unrouted == []
+    return found
+
+
+def test_decide_all_splits_routed_and_unrouted(rules_dir: Path) -> None:
+    """decide_all returns the routes found, in order, and the recipients without one."""
+    routes, unrouted = load_rules(rules_dir).decide_all(
         [
             "sysops+db@humanmade.com",
             "alice@example.com",
             "SUPPORT@altis-dxp.com",
             "x@altis-dxp.com",
         ],
+        MessageContext(),
     )
     assert [r.name for r in routes] == ["sysops", "support"]
     assert unrouted == ["alice@example.com", "x@altis-dxp.com"]
@@ -180,10 +187,10 @@ def test_is_ours_and_route_named(rules_dir: Path) -> None:
     assert table.route_named("nope") is None
 
 
-# best_route
+# best_decision
 
 
-def test_best_route_highest_priority_wins(tmp_path: Path) -> None:
+def test_best_decision_highest_priority_wins(tmp_path: Path) -> None:
     """Among several routes the one with the highest priority wins, wherever it is."""
     folder = make_rules(
         tmp_path / "rules",
@@ -194,25 +201,26 @@ def test_best_route_highest_priority_wins(tmp_path: Path) -> None:
             + route_toml("high", ["high@d.example"], priority="high"),
         },
     )
-    table = load_rules(folder)
-    assert best_route(table.routes).name == "urgent"
-    assert best_route(reversed(table.routes)).name == "urgent"
-    high_or_less = [r for r in table.routes if r.name != "urgent"]
-    assert best_route(high_or_less).name == "high"
+    every = decisions(load_rules(folder), [f"{p}@d.example" for p in Priority])
+    assert best_decision(every).name == "urgent"
+    assert best_decision(reversed(every)).name == "urgent"
+    high_or_less = [d for d in every if d.name != "urgent"]
+    assert best_decision(high_or_less).name == "high"
 
 
-def test_best_route_tie_goes_to_the_earlier_file(tmp_path: Path) -> None:
+def test_best_decision_tie_goes_to_the_earlier_file(tmp_path: Path) -> None:
     """With equal priorities the route in the file earlier by name wins, whatever the order."""
     folder = make_rules(tmp_path / "rules", {})
     (folder / "b.toml").write_text(route_toml("from-b", ["b@d.example"], priority="high"))
     (folder / "a.toml").write_text(route_toml("from-a", ["a@d.example"], priority="high"))
     table = load_rules(folder)
     assert [r.name for r in table.routes] == ["from-a", "from-b"]
-    assert best_route(table.routes).name == "from-a"
-    assert best_route(reversed(table.routes)).name == "from-a"
+    both = decisions(table, ["a@d.example", "b@d.example"])
+    assert best_decision(both).name == "from-a"
+    assert best_decision(reversed(both)).name == "from-a"
 
 
-def test_best_route_tie_goes_to_the_earlier_route_in_a_file(tmp_path: Path) -> None:
+def test_best_decision_tie_goes_to_the_earlier_route_in_a_file(tmp_path: Path) -> None:
     """With equal priorities in one file the route written first wins."""
     folder = make_rules(
         tmp_path / "rules",
@@ -222,8 +230,8 @@ def test_best_route_tie_goes_to_the_earlier_route_in_a_file(tmp_path: Path) -> N
         },
     )
     table = load_rules(folder)
-    routes = [table.resolve("second@d.example"), table.resolve("first@d.example")]
-    assert best_route(routes).name == "first"
+    both = decisions(table, ["second@d.example", "first@d.example"])
+    assert best_decision(both).name == "first"
 
 
 def test_files_are_read_in_name_order_not_numeric_order(tmp_path: Path) -> None:
@@ -239,10 +247,10 @@ def test_files_are_read_in_name_order_not_numeric_order(tmp_path: Path) -> None:
     assert [r.position for r in load_rules(folder).routes] == [0, 1]
 
 
-def test_best_route_of_nothing_is_an_error() -> None:
-    """best_route needs at least one route."""
+def test_best_decision_of_nothing_is_an_error() -> None:
+    """best_decision needs at least one decision."""
     with pytest.raises(ValueError, match="empty"):
-        best_route([])
+        best_decision([])
 
 
 # Load errors, each with its file and line
