@@ -382,38 +382,11 @@ def _resolve_database_url(base: Path, url: str) -> str:
     return url
 
 
-def _resolve_pagerduty(
-    path: Path, text: str, base: Path, pagerduty: PagerDutySettings
-) -> PagerDutySettings:
-    """Paths resolved against the config folder; the routing key file read now."""
-    update: dict[str, Any] = {}
-    if pagerduty.ca_file is not None:
-        update["ca_file"] = _resolve(base, pagerduty.ca_file)  # read by `maild serve`
-    credential = Path(os.environ.get("CREDENTIALS_DIRECTORY", "")) / CREDENTIAL_NAME
-    if (
-        pagerduty.routing_key is None
-        and pagerduty.routing_key_file is None
-        and os.environ.get("CREDENTIALS_DIRECTORY")
-        and credential.is_file()
-    ):
-        pagerduty = pagerduty.model_copy(update={"routing_key_file": credential})
-    if pagerduty.routing_key_file is not None:
-        line = _line_of(text, "pagerduty", "routing_key_file")
-        where = f"{path}:{line}: [pagerduty] routing_key_file"
-        if pagerduty.routing_key is not None:
-            raise ConfigError(f"{where}: set routing_key or routing_key_file, not both")
-        key_file = _resolve(base, pagerduty.routing_key_file)
-        try:
-            key = key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: {key_file}: {exc.strerror or exc}") from None
-        try:
-            _check_routing_key(key)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {key_file}: {exc}") from None
-        update["routing_key_file"] = key_file
-        update["routing_key"] = SecretStr(key)
-    return pagerduty.model_copy(update=update) if update else pagerduty
+def _where(path: Path, text: str, section: str, key: str | None = None) -> str:
+    """`FILE:LINE: [section] key`, for an error about that key (the line when it is written)."""
+    line = _line_of(text, section, key)
+    name = f"[{section}] {key}" if key else f"[{section}]"
+    return f"{path}:{line}: {name}" if line else f"{path}: {name}"
 
 
 def _credential(name: str) -> Path | None:
@@ -424,13 +397,24 @@ def _credential(name: str) -> Path | None:
 
 
 def _read_secret(
-    path: Path, text: str, base: Path, key: str, inline: SecretStr | None, file: Path | None
+    path: Path,
+    text: str,
+    base: Path,
+    section: str,
+    key: str,
+    inline: SecretStr | None,
+    file: Path | None,
+    credential: str,
 ) -> tuple[SecretStr | None, Path | None]:
-    """An `[outbound]` secret given inline or as `<key>_file` (read now, trimmed)."""
+    """A secret given inline, as `<key>_file`, or as the systemd credential (read now, trimmed).
+
+    Returns the secret and the file it came from; ConfigError names the key at fault.
+    """
+    if inline is None and file is None:
+        file = _credential(credential)
     if file is None:
         return inline, None
-    line = _line_of(text, "outbound", f"{key}_file")
-    where = f"{path}:{line}: [outbound] {key}_file" if line else f"{path}: [outbound] {key}_file"
+    where = _where(path, text, section, f"{key}_file")
     if inline is not None:
         raise ConfigError(f"{where}: set {key} or {key}_file, not both")
     resolved = _resolve(base, file)
@@ -443,25 +427,63 @@ def _read_secret(
     return SecretStr(value), resolved
 
 
+def _resolve_pagerduty(
+    path: Path, text: str, base: Path, pagerduty: PagerDutySettings
+) -> PagerDutySettings:
+    """Paths resolved against the config folder; the routing key file read now."""
+    key, key_file = _read_secret(
+        path,
+        text,
+        base,
+        "pagerduty",
+        "routing_key",
+        pagerduty.routing_key,
+        pagerduty.routing_key_file,
+        CREDENTIAL_NAME,
+    )
+    if key_file is not None and key is not None:
+        try:
+            _check_routing_key(key.get_secret_value())
+        except ValueError as exc:
+            where = _where(path, text, "pagerduty", "routing_key_file")
+            raise ConfigError(f"{where}: {key_file}: {exc}") from None
+    return pagerduty.model_copy(
+        update={
+            "routing_key": key,
+            "routing_key_file": key_file,
+            # read by `maild serve`
+            "ca_file": _resolve(base, pagerduty.ca_file) if pagerduty.ca_file else None,
+        }
+    )
+
+
 def _resolve_outbound(
     path: Path, text: str, base: Path, outbound: OutboundSettings
 ) -> OutboundSettings:
     """Paths resolved, secret files read, and what acknowledgements need checked."""
-    secret_file = outbound.secret_file
-    if outbound.secret is None and secret_file is None:
-        secret_file = _credential(OUTBOUND_SECRET_CREDENTIAL)
-    password_file = outbound.password_file
-    if outbound.password is None and password_file is None:
-        password_file = _credential(SMARTHOST_PASSWORD_CREDENTIAL)
-    secret, secret_file = _read_secret(path, text, base, "secret", outbound.secret, secret_file)
+    secret, secret_file = _read_secret(
+        path,
+        text,
+        base,
+        "outbound",
+        "secret",
+        outbound.secret,
+        outbound.secret_file,
+        OUTBOUND_SECRET_CREDENTIAL,
+    )
     password, password_file = _read_secret(
-        path, text, base, "password", outbound.password, password_file
+        path,
+        text,
+        base,
+        "outbound",
+        "password",
+        outbound.password,
+        outbound.password_file,
+        SMARTHOST_PASSWORD_CREDENTIAL,
     )
 
     def where(key: str | None) -> str:
-        line = _line_of(text, "outbound", key) if key else _line_of(text, "outbound", None)
-        name = f"[outbound] {key}" if key else "[outbound]"
-        return f"{path}:{line}: {name}" if line else f"{path}: {name}"
+        return _where(path, text, "outbound", key)
 
     if outbound.enabled:
         if not outbound.from_:

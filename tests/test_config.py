@@ -428,3 +428,67 @@ def test_routing_key_comes_from_the_systemd_credential_when_the_config_has_none(
     assert credentials / "pagerduty-routing-key" == pagerduty.routing_key_file
     explicit = write(tmp_path, '[pagerduty]\nrouting_key = "abcdef0123456789abcdef0123456789"\n')
     assert load_settings(explicit).pagerduty.key() == "abcdef0123456789abcdef0123456789"
+
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def test_secret_file_errors_name_the_file_line_and_key(tmp_path: Path) -> None:
+    """Both given, unreadable, empty and (for PagerDuty) malformed key files are refused by key."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    both = write(tmp_path, f'[pagerduty]\nrouting_key = "{KEY}"\nrouting_key_file = "{key_file}"\n')
+    assert config_error(both) == (
+        f"{both}:3: [pagerduty] routing_key_file: set routing_key or routing_key_file, not both"
+    )
+    missing = write(tmp_path, '[pagerduty]\nrouting_key_file = "nope.key"\n')
+    assert config_error(missing) == (
+        f"{missing}:2: [pagerduty] routing_key_file: {tmp_path / 'nope.key'}: "
+        "No such file or directory"
+    )
+    key_file.write_text("too-short\n")
+    short = write(tmp_path, f'[pagerduty]\nrouting_key_file = "{key_file}"\n')
+    assert config_error(short) == (
+        f"{short}:2: [pagerduty] routing_key_file: {key_file}: an Events API v2 routing key is "
+        "32 letters and digits; this one has 9 characters (copy the service integration's "
+        "key again)"
+    )
+    key_file.write_text("\n")
+    empty = write(tmp_path, f'[outbound]\nsecret_file = "{key_file}"\n')
+    assert config_error(empty) == f"{empty}:2: [outbound] secret_file: {key_file} is empty"
+
+
+def test_a_bad_credential_names_the_section_without_a_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed systemd credential is reported against its key, with no invented line."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pagerduty-routing-key").write_text("short\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    path = write(tmp_path, "[pagerduty]\nenabled = true\n")
+    assert config_error(path).startswith(
+        f"{path}: [pagerduty] routing_key_file: {credentials / 'pagerduty-routing-key'}: "
+        "an Events API v2 routing key is 32 letters and digits"
+    )
+
+
+def test_outbound_secret_and_password_come_from_systemd_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadCredential=outbound-secret and smarthost-password fill [outbound] secret and password."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "outbound-secret").write_text("a-long-enough-secret-value\n")
+    (credentials / "smarthost-password").write_text("pw\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    path = write(
+        tmp_path,
+        '[outbound]\nsmarthost = "127.0.0.1:25"\nfrom = "Desk <desk@x.example>"\n'
+        'username = "maild"\n',
+    )
+    outbound = load_settings(path).outbound
+    assert outbound.secret is not None
+    assert outbound.secret.get_secret_value() == "a-long-enough-secret-value"
+    assert outbound.password is not None
+    assert outbound.password.get_secret_value() == "pw"
