@@ -261,16 +261,16 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 @json_option
 @click.argument("ids", nargs=-1, type=int)
 def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
-    """Process failed deliveries again (all failed ones, or the given inbound IDs)."""
+    """File deliveries again: the given inbound IDs, else every failed or unprocessed one."""
     from maild.escalation import EscalationPolicy
-    from maild.inbound import failed_ids
+    from maild.inbound import unfiled_ids
     from maild.processing import process_now
 
     settings = _settings(config_path)
     table = _rules(settings)
     database = _database(settings)
     try:
-        wanted = list(ids) or database.run_read(failed_ids)
+        wanted = list(ids) or database.run_read(unfiled_ids)
         results = process_now(
             database,
             table,

@@ -67,13 +67,14 @@ def get_inbound(session: Session, inbound_id: int) -> Inbound | None:
     return session.get(Inbound, inbound_id)
 
 
-def failed_ids(session: Session) -> list[int]:
+def unfiled_ids(session: Session) -> list[int]:
+    """Deliveries not yet filed: failed ones, and ones still waiting (a pipe delivery whose
+    processing was deferred, or mail a stopped daemon left behind)."""
+    waiting = (InboundStatus.FAILED.value, InboundStatus.RECEIVED.value)
     return [
         i
         for i in session.exec(
-            select(Inbound.id)
-            .where(Inbound.status == InboundStatus.FAILED.value)
-            .order_by(col(Inbound.id))
+            select(Inbound.id).where(col(Inbound.status).in_(waiting)).order_by(col(Inbound.id))
         ).all()
         if i is not None
     ]

@@ -62,6 +62,8 @@ IDLE_TIMEOUT = "421 4.4.2 {hostname} Timeout, closing connection"
 class _ConnectionFixes:
     """Per-connection limits and bookkeeping shared by the SMTP and LMTP protocols."""
 
+    per_recipient_replies = False  # LMTP answers the end of DATA once per recipient
+
     envelope: Envelope | None
     hostname: str
     session: Session | None
@@ -89,6 +91,7 @@ class _ConnectionFixes:
         self._max_errors = max_errors
         self.errors = 0  # 5xx replies to commands so far
         self._data_reply_next = False  # after 354: the next reply ends DATA
+        self._data_recipients = 0  # accepted recipients of the DATA in progress
         self.peer_ip: str | None = None  # set by the listener when it admits the connection
         super().__init__(handler, **kwargs)  # type: ignore[call-arg]
 
@@ -119,13 +122,18 @@ class _ConnectionFixes:
 
         Every 5xx reply to a command counts against max_errors; the one beyond
         it is replaced by 421 and the connection closed. The reply to the end
-        of DATA (the message's fate) never counts.
+        of DATA (the message's fate) never counts; over LMTP it is said once per
+        accepted recipient (RFC 2033), whoever decided it: our handler, our
+        exception handler, or aiosmtpd's own size refusal.
         """
         if isinstance(status, str) and status.startswith(_SIZE_REPLIES):
             status = MessageTooLarge.smtp_reply
             metrics.MESSAGES_REFUSED.labels("too_large").inc()
         if self._data_reply_next:
             self._data_reply_next = False
+            if self.per_recipient_replies and self._data_recipients:
+                line = status.decode() if isinstance(status, bytes) else status
+                status = "\r\n".join(line for _ in range(self._data_recipients))
         elif status[:1] in ("5", b"5"):
             self.errors += 1
             if self._max_errors and self.errors > self._max_errors:
@@ -133,6 +141,8 @@ class _ConnectionFixes:
                 return
         elif status[:3] in ("354", b"354"):
             self._data_reply_next = True
+            # aiosmtpd resets the envelope before it sends the final reply: count them now.
+            self._data_recipients = len(self.envelope.rcpt_tos) if self.envelope else 0
         await super().push(status)  # type: ignore[misc]
 
     async def _close_for_errors(self) -> None:
@@ -174,7 +184,7 @@ class MaildSMTP(_ConnectionFixes, SMTP):  # type: ignore[misc]
 
 
 class MaildLMTP(_ConnectionFixes, LMTP):  # type: ignore[misc]
-    pass
+    per_recipient_replies = True
 
 
 def _format_peer(peer: Any) -> str:
@@ -249,11 +259,6 @@ class Handler:
         log.debug("recipient accepted", rcpt=address, route=route.name)
         return "250 2.1.5 OK"
 
-    def _reply(self, envelope: Envelope, line: str) -> str:
-        if self.protocol == "lmtp":  # RFC 2033: one reply per accepted recipient
-            return "\r\n".join(line for _ in envelope.rcpt_tos)
-        return line
-
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         delivery = Delivery(
@@ -270,11 +275,11 @@ class Handler:
         except TemporaryFailure as exc:
             metrics.DEFERRED.labels("store_failed").inc()
             log.warning("message not stored; answered 451", error=str(exc)[:300])
-            return self._reply(envelope, TEMPFAIL)
+            return TEMPFAIL
         except Exception:
             metrics.DEFERRED.labels("internal_error").inc()
             log.exception("message not stored; answered 451")
-            return self._reply(envelope, TEMPFAIL)
+            return TEMPFAIL
         metrics.RECEIVED.labels(self.protocol).inc()
         log.info(
             "message accepted",
@@ -283,7 +288,7 @@ class Handler:
             mail_from=delivery.mail_from,
             rcpt=delivery.rcpt_tos,
         )
-        return self._reply(envelope, f"250 2.0.0 OK: queued as {inbound_id}")
+        return f"250 2.0.0 OK: queued as {inbound_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.error(
