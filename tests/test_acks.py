@@ -784,3 +784,24 @@ def test_inbound_list_shows_dropped_deliveries_with_their_reason(
         "dropped",
         "loop: our own X-Maild-Loop header; our own mail came back",
     )
+
+
+def test_a_broken_template_on_reload_keeps_the_previous_templates(
+    make_config: Callable[..., Path], sink: SmtpSink, tmp_path: Path
+) -> None:
+    """A reload with a stray $ in ack.txt fails, and acknowledgements keep the old text."""
+    import shutil
+
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates", templates)
+    config = make_config(outbound_section(sink, templates=templates))
+    with RunningMaild(load_settings(config)) as maild:
+        (templates / "ack.txt").write_text("costs 5$ now\n")
+        assert maild.call(_reload(maild)) is False
+        maild.send(mail("Backups missing"), ["support@altis-dxp.com"])
+        (ack,) = sink.wait_for(1)
+    assert "Your request is ticket #1:" in ack.body
+
+
+async def _reload(maild: RunningMaild) -> bool:
+    return maild.service.reload_rules()
