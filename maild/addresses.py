@@ -40,14 +40,21 @@ def split(address: str) -> tuple[str, str]:
 def route_key(address: str) -> str:
     """The form routing matches on: normalised, `+tag` removed from the local part."""
     local, domain = split(normalize(address))
-    base = local.split("+", 1)[0] if local and not local.startswith("+") else local
+    base = _untagged(local)[0]
     return f"{base}@{domain}" if domain else base
 
 
 def subaddress(address: str) -> str:
     """The `+tag` part of an address (empty when there is none)."""
-    local, _ = split(normalize(address))
-    return local.split("+", 1)[1] if "+" in local and not local.startswith("+") else ""
+    return _untagged(split(normalize(address))[0])[1]
+
+
+def _untagged(local: str) -> tuple[str, str]:
+    """`support+billing` → (`support`, `billing`); a local part starting with `+` has no tag."""
+    if local.startswith("+"):
+        return local, ""
+    base, _, tag = local.partition("+")
+    return base, tag
 
 
 def domain_of(address: str) -> str:

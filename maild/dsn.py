@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import email
 import email.message
-import email.parser
-import email.policy
 import re
 from dataclasses import dataclass, field
 
 MAX_RECIPIENTS = 100
-CHUNK = 1 << 16
 _MESSAGE_ID = re.compile(r"<([^<>\s]+)>")
 
 
@@ -120,20 +117,28 @@ def _normalised_id(value: object) -> str:
 
 
 def is_report(raw: bytes) -> bool:
-    """A cheap look at the top-level Content-Type, so ordinary mail is not parsed twice."""
-    head = raw[: raw.find(b"\n\n") if b"\n\n" in raw else 65536][:65536].lower()
+    """A cheap look at the first 64 KiB of the header, so ordinary mail is not read as a DSN."""
+    end = raw.find(b"\n\n", 0, 65536)
+    head = raw[: end if end >= 0 else 65536].lower()
     return b"multipart/report" in head and b"delivery-status" in head
 
 
-def read_report(raw: bytes) -> DeliveryReport | None:
-    """The DeliveryReport of a standard DSN, or None for any other message."""
+def read_report(raw: bytes, message: email.message.Message | None = None) -> DeliveryReport | None:
+    """The DeliveryReport of a standard DSN, or None for any other message.
+
+    `message` is `raw` already parsed, when the caller has it (parse_message
+    passes the one it gave mail-parser: of the top-level headers only the
+    Content-Type is read here), so a bounce is not parsed a second time;
+    without it, `raw` is parsed here, and only when `is_report` says it may be
+    a DSN.
+    """
     if not is_report(raw):
         return None
     try:
-        parser = email.parser.BytesFeedParser(policy=email.policy.compat32)
-        for start in range(0, len(raw), CHUNK):  # whole, it costs ~10x its size in memory
-            parser.feed(raw[start : start + CHUNK])
-        message = parser.close()
+        if message is None:
+            from maild.parsing import message_from_bytes  # parsing imports this module
+
+            message = message_from_bytes(raw)
         if message.get_content_type() != "multipart/report":
             return None
         recipients: list[RecipientStatus] = []

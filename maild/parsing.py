@@ -165,13 +165,7 @@ def extract_ids(value: str | list[str] | None) -> list[str]:
     tokens = [t.strip() for t in _ID_TOKEN.findall(text)]
     if not tokens:  # broken senders: bare ids separated by spaces or commas
         tokens = [t for t in re.split(r"[\s,]+", text) if "@" in t]
-    seen: set[str] = set()
-    ids = []
-    for token in tokens:
-        if token and token not in seen:
-            seen.add(token)
-            ids.append(token)
-    return ids
+    return list(dict.fromkeys(t for t in tokens if t))
 
 
 def synthesized_message_id(raw: bytes) -> str:
@@ -377,19 +371,6 @@ def _one_line(value: object) -> str:
     return " ".join(str(value or "").split())
 
 
-def _addresses(pairs: object) -> list[Address]:
-    result: list[Address] = []
-    if not isinstance(pairs, list):
-        return result
-    for pair in pairs:
-        if not isinstance(pair, tuple | list) or len(pair) != 2:
-            continue
-        name, addr = (" ".join(str(x or "").split()) for x in pair)
-        if "@" in addr:
-            result.append(Address(name=name, email=addr.lower()))
-    return result
-
-
 def _lenient_b64decode(text: str) -> bytes:
     """Base64 text to bytes: line breaks and junk ignored, missing padding forgiven.
 
@@ -459,69 +440,86 @@ def _aware(value: object) -> datetime | None:
         return None
 
 
-def _from_mailparser(raw: bytes, received: bytes) -> ParsedMessage:
-    parsed = mailparser.MailParser(_for_mailparser(raw))
-    head = HeaderBlock.from_raw(raw)
-    raw_id = _one_line(parsed.message_id)
-    message_id = normalize_message_id(raw_id)
-    plain = [_iso2022_text(p) for p in parsed.text_plain if p and p.strip()]
-    defects = sorted(str(c) for c in parsed.defects_categories)
+def _from_mailparser(
+    mail: mailparser.MailParser, head: HeaderBlock, raw: bytes, received: bytes
+) -> ParsedMessage:
+    plain = [_iso2022_text(p) for p in mail.text_plain if p and p.strip()]
+    defects = sorted(str(c) for c in mail.defects_categories)
     if plain:
         text = "\n\n".join(plain)
-    elif parsed.text_html:
-        text = "\n\n".join(_html_text(_iso2022_text(h)) for h in parsed.text_html if h)
+    elif mail.text_html:
+        text = "\n\n".join(_html_text(_iso2022_text(h)) for h in mail.text_html if h)
     elif "NoBoundaryInMultipartDefect" in defects:  # no part can be found: the body as sent
         text = _body_text(raw, head)
     else:
         text = ""
-    from_list = head.addresses("from")
-    return ParsedMessage(
-        message_id=message_id or synthesized_message_id(received),
-        message_id_synthesized=not message_id,
-        in_reply_to=extract_ids(parsed.in_reply_to),
-        references=extract_ids(parsed.references),
-        subject=head.text("subject"),
-        from_=from_list[0] if from_list else None,
-        to=head.addresses("to"),
-        cc=head.addresses("cc"),
-        date=_aware(parsed.date),
-        text=_truncate(_plain_newlines(text).strip()),
-        attachments=[_attachment(a) for a in parsed.attachments],
-        headers=head.decoded(),
+    return _message(
+        head,
+        received,
+        message_id=normalize_message_id(_one_line(mail.message_id)),
+        in_reply_to=extract_ids(mail.in_reply_to),
+        references=extract_ids(mail.references),
+        date=mail.date,
+        text=text,
+        attachments=[_attachment(a) for a in mail.attachments],
         defects=defects,
     )
 
 
-def _fallback(raw: bytes, received: bytes, reason: str) -> ParsedMessage:
+def _fallback(head: HeaderBlock, raw: bytes, received: bytes, reason: str) -> ParsedMessage:
     """Headers from our own lenient reader, the body as text: enough for a ticket."""
-    head = HeaderBlock.from_raw(raw)
     try:
         date_text = head.first("date")
         date = email.utils.parsedate_to_datetime(date_text) if date_text else None
     except (TypeError, ValueError, IndexError, OverflowError):
         date = None
-    message_id = normalize_message_id(head.first("message-id"))
+    return _message(
+        head,
+        received,
+        message_id=normalize_message_id(head.first("message-id")),
+        in_reply_to=extract_ids(head.first("in-reply-to")),
+        references=extract_ids(" ".join(head.all("references"))),
+        date=date,
+        text=_body_text(raw, head),
+        attachments=[],
+        defects=[f"ParseFailure: {reason}"],
+    )
+
+
+def _message(
+    head: HeaderBlock,
+    received: bytes,
+    *,
+    message_id: str,
+    in_reply_to: list[str],
+    references: list[str],
+    date: object,
+    text: str,
+    attachments: list[ParsedAttachment],
+    defects: list[str],
+) -> ParsedMessage:
+    """A ParsedMessage: subject, addresses and headers from `head`, the rest as given."""
     from_list = head.addresses("from")
     return ParsedMessage(
         message_id=message_id or synthesized_message_id(received),
         message_id_synthesized=not message_id,
-        in_reply_to=extract_ids(head.first("in-reply-to")),
-        references=extract_ids(" ".join(head.all("references"))),
+        in_reply_to=in_reply_to,
+        references=references,
         subject=head.text("subject"),
         from_=from_list[0] if from_list else None,
         to=head.addresses("to"),
         cc=head.addresses("cc"),
         date=_aware(date),
-        text=_truncate(_plain_newlines(_body_text(raw, head)).strip()),
-        attachments=[],
+        text=_truncate(_plain_newlines(text).strip()),
+        attachments=attachments,
         headers=head.decoded(),
-        defects=[f"ParseFailure: {reason}"],
+        defects=defects,
     )
 
 
 def _body_text(raw: bytes, head: HeaderBlock) -> str:
     """Everything after the header section, as UTF-8 text (undecodable bytes replaced)."""
-    body = raw.replace(b"\r\n", b"\n")[len(head.raw_head) :].lstrip(b"\n")
+    body = raw[head.body_start :].replace(b"\r\n", b"\n").lstrip(b"\n")
     return body.decode("utf-8", "replace")
 
 
@@ -543,19 +541,21 @@ def _decode_8bit(value: bytes) -> str:
 
 @dataclass
 class HeaderBlock:
-    """The message's header fields as (lower-case name, value) from the raw bytes.
+    """The message's header fields as (name, value) from the raw bytes, in order.
 
     Read here rather than through `email`'s compat32 parser, which turns 8-bit
-    header bytes into surrogates or drops them.
+    header bytes into surrogates or drops them. Names keep their case; lookups
+    ignore it.
     """
 
-    raw_head: bytes
+    body_start: int  # where the empty line after the header section starts in the raw bytes
     fields: list[tuple[str, str]]
 
     @classmethod
     def from_raw(cls, raw: bytes) -> HeaderBlock:
         end = _EMPTY_LINE.search(raw)  # the first empty line, CRLF or LF
-        head = (raw if end is None else raw[: end.start()]).replace(b"\r\n", b"\n")
+        body_start = len(raw) if end is None else end.start()
+        head = raw[:body_start].replace(b"\r\n", b"\n")
         fields: list[tuple[str, list[bytes]]] = []
         length = 0  # of the field being read, so a million continuations stay linear
         for line in head.split(b"\n"):
@@ -571,7 +571,7 @@ class HeaderBlock:
             fields.append((field_name.decode("ascii", "replace"), [value.strip()]))
             length = len(value)
         return cls(
-            raw_head=head,
+            body_start=body_start,
             fields=[(n, _decode_8bit(b" ".join(v))[:MAX_HEADER_CHARS]) for n, v in fields],
         )
 
@@ -605,7 +605,12 @@ class HeaderBlock:
                 pairs.extend(email.utils.getaddresses([value]))
             except Exception:  # noqa: S112 (it has raised on pathological input; skip that field)
                 continue
-        return _addresses([(decode_header_value(n), a) for n, a in pairs])
+        result = []
+        for name, addr in pairs:
+            addr = " ".join(addr.split())
+            if "@" in addr:  # decode_header_value gives one line already
+                result.append(Address(name=decode_header_value(name), email=addr.lower()))
+        return result
 
     def decoded(self) -> list[tuple[str, str]]:
         return [(n, decode_header_value(v)) for n, v in self.fields]
@@ -626,9 +631,7 @@ def clean_text(text: str) -> str:
     return text
 
 
-def _clean_address(address: Address | None) -> Address | None:
-    if address is None:
-        return None
+def _clean_address(address: Address) -> Address:
     return Address(name=clean_text(address.name), email=clean_text(address.email))
 
 
@@ -637,9 +640,9 @@ def _cleaned(parsed: ParsedMessage) -> ParsedMessage:
     parsed.in_reply_to = [clean_text(i) for i in parsed.in_reply_to]
     parsed.references = [clean_text(i) for i in parsed.references]
     parsed.subject = clean_text(parsed.subject)
-    parsed.from_ = _clean_address(parsed.from_)
-    parsed.to = [a for a in map(_clean_address, parsed.to) if a]
-    parsed.cc = [a for a in map(_clean_address, parsed.cc) if a]
+    parsed.from_ = _clean_address(parsed.from_) if parsed.from_ else None
+    parsed.to = [_clean_address(a) for a in parsed.to]
+    parsed.cc = [_clean_address(a) for a in parsed.cc]
     parsed.text = clean_text(parsed.text)
     parsed.headers = [(clean_text(k), clean_text(v)) for k, v in parsed.headers]
     parsed.attachments = [
@@ -654,26 +657,35 @@ def parse_message(raw: bytes) -> ParsedMessage:
 
     Every reader below (mail-parser, HeaderBlock, the DSN reader) gets the same
     bytes with header line breaks repaired; a synthesized Message-ID is still
-    the hash of the bytes as received.
+    the hash of the bytes as received. The DSN reader reads the message
+    mail-parser was given, not the bytes again.
     """
     received = raw
     raw, repaired = repair_header_line_breaks(received)
-    parsed = _cleaned(_parse(raw, received))
+    parsed, message = _parse(raw, received)
+    parsed = _cleaned(parsed)
     if repaired:
         parsed.defects.append(BARE_LINE_BREAK_DEFECT)
-    parsed.report = dsn.read_report(raw)
+    # None also when the standard library could not parse it (nested too deeply)
+    parsed.report = None if message is None else dsn.read_report(raw, message)
     return parsed
 
 
-def _parse(raw: bytes, received: bytes) -> ParsedMessage:
+def _parse(raw: bytes, received: bytes) -> tuple[ParsedMessage, email.message.Message | None]:
+    """The parsed message, and the standard library's Message of it when there is one."""
+    message: email.message.Message | None = None
+    head: HeaderBlock | None = None
     try:
-        return _from_mailparser(raw, received)
+        message = _for_mailparser(raw)
+        mail = mailparser.MailParser(message)
+        head = HeaderBlock.from_raw(raw)
+        return _from_mailparser(mail, head, raw, received), message
     except RecursionError:
         reason = "RecursionError: MIME nested too deeply"
     except Exception as exc:  # mail-parser raises AttributeError/ValueError on broken MIME too
         reason = f"{type(exc).__name__}: {exc}"[:500]
     try:
-        return _fallback(raw, received, reason)
+        return _fallback(head or HeaderBlock.from_raw(raw), raw, received, reason), message
     except Exception as exc:  # the last resort: an empty message that still makes a ticket
         return ParsedMessage(
             message_id=synthesized_message_id(received),
@@ -689,4 +701,4 @@ def _parse(raw: bytes, received: bytes) -> ParsedMessage:
             attachments=[],
             headers=[],
             defects=[f"ParseFailure: {reason}", f"FallbackFailure: {type(exc).__name__}"],
-        )
+        ), message

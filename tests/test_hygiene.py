@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import email.feedparser
+from email.message import Message
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maild import dsn, hygiene
+from maild import dsn, hygiene, parsing
 from tests.test_acks import dsn as make_dsn
 
 PERSON = [("From", "Alice <alice@customer.example>"), ("Subject", "Site down")]
@@ -141,3 +144,34 @@ def test_the_dsn_reader_never_raises(raw: bytes) -> None:
     for candidate in (raw, head + raw):
         result = dsn.read_report(candidate)
         assert result is None or isinstance(result, dsn.DeliveryReport)
+
+
+def test_parse_message_reads_the_dsn_from_its_own_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bounce is parsed once: the DSN reader gets the message mail-parser was given."""
+    raw = make_dsn("<orig@x.example>", "bob@c.example", "s@x", headers_only=False)
+    parses: list[int] = []
+    close = email.feedparser.FeedParser.close
+
+    def counted(self: email.feedparser.FeedParser) -> Message:
+        parses.append(1)
+        return close(self)
+
+    monkeypatch.setattr(email.feedparser.FeedParser, "close", counted)
+    parsed = parsing.parse_message(raw)
+    monkeypatch.undo()
+    assert len(parses) == 1
+    assert parsed.report is not None
+    assert parsed.report == dsn.read_report(raw)
+    assert parsed.report.original_message_id == "orig@x.example"
+
+
+def test_a_dsn_is_read_even_when_mail_parser_fails_on_it() -> None:
+    """mail-parser raising on a top-level header still leaves the report to read."""
+    raw = make_dsn("<orig@x.example>", "bob@c.example", "s@x").replace(
+        b"Subject:", b"In-Reply-To: =?ut\x00f-8?q?x?=\r\nSubject:", 1
+    )
+    parsed = parsing.parse_message(raw)
+    assert parsed.defects[0].startswith("ParseFailure: ")
+    assert parsed.report is not None
+    assert parsed.report == dsn.read_report(raw)
+    assert [r.address for r in parsed.report.failed] == ["bob@c.example"]
