@@ -151,10 +151,13 @@ def normalize_message_id(value: str) -> str:
 
 
 def message_id_hash(message_id: str) -> str:
-    """The key the unique index is on (Message-IDs come from strangers, any length)."""
-    return hashlib.sha256(
-        normalize_message_id(message_id).encode("utf-8", "surrogatepass")
-    ).hexdigest()
+    """The key the unique index is on (Message-IDs come from strangers, any length).
+
+    It takes an id already normalised (by normalize_message_id or extract_ids)
+    and only collapses its whitespace: normalising twice is not idempotent
+    (`a b@x`, from `<a b@x>`, would become `a`, and `<a c@x>` its duplicate).
+    """
+    return hashlib.sha256(" ".join(message_id.split()).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def extract_ids(value: str | list[str] | None) -> list[str]:
@@ -162,7 +165,7 @@ def extract_ids(value: str | list[str] | None) -> list[str]:
     if not value:
         return []
     text = " ".join(value) if isinstance(value, list) else str(value)
-    tokens = [t.strip() for t in _ID_TOKEN.findall(text)]
+    tokens = [" ".join(t.split()) for t in _ID_TOKEN.findall(text)]
     if not tokens:  # broken senders: bare ids separated by spaces or commas
         tokens = [t for t in re.split(r"[\s,]+", text) if "@" in t]
     return list(dict.fromkeys(t for t in tokens if t))

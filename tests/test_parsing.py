@@ -20,6 +20,7 @@ from maild.parsing import (
     ParsedMessage,
     clean_text,
     extract_ids,
+    message_id_hash,
     normalize_message_id,
     parse_message,
     repair_header_line_breaks,
@@ -1177,3 +1178,12 @@ def test_no_value_without_crlf_can_add_or_remove_a_header(value: str, name: str)
     assert expected == header_names(parsed)
     assert (parsed.message_id, parsed.text) == ("m@x.example", "body")
     assert len(raw) == len(repair_header_line_breaks(raw)[0])
+
+
+def test_ids_with_spaces_are_distinct_and_threads_find_them() -> None:
+    """`<a b@x>` and `<a c@x>` hash apart; a reply's In-Reply-To finds the same hash."""
+    first = parse_message(b"Message-ID: <a b@x>\r\nSubject: one\r\n\r\nbody\r\n")
+    second = parse_message(b"Message-ID: <a c@x>\r\nSubject: two\r\n\r\nbody\r\n")
+    reply = parse_message(b"In-Reply-To: <a\r\n b@x>\r\nSubject: re\r\n\r\nbody\r\n")
+    assert message_id_hash(first.message_id) != message_id_hash(second.message_id)
+    assert [message_id_hash(i) for i in reply.in_reply_to] == [message_id_hash(first.message_id)]
