@@ -72,7 +72,7 @@ from maild.models import (
     as_utc,
     utcnow,
 )
-from maild.parsing import ParsedMessage, message_id_hash
+from maild.parsing import MAX_ADDRESS, ParsedMessage, message_id_hash
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")
@@ -186,19 +186,15 @@ def find_thread(
 
 
 DROPPED_BY_ROUTE = "dropped by route "  # and its name: the reason `rules replay` reads back
-MAX_ADDRESS = 320  # RFC 5321: 64 + 1 + 255; longer is not an address (and not storable)
-
-
-def _usable(address: Address | None) -> Address | None:
-    return address if address is not None and len(address.email) <= MAX_ADDRESS else None
 
 
 def _sender(parsed: ParsedMessage, mail_from: str) -> Address | None:
     """From, else the envelope sender; None when neither is a usable address."""
-    if _usable(parsed.from_) is not None:
+    if parsed.from_ is not None:
         return parsed.from_
-    if mail_from and "@" in mail_from:
-        return _usable(Address(name="", email=addresses.normalize(mail_from)))
+    # MAIL FROM is not parsed as headers are: the same length rule applies here.
+    if mail_from and "@" in mail_from and len(mail_from) <= MAX_ADDRESS:
+        return Address(name="", email=addresses.normalize(mail_from))
     return None
 
 
@@ -214,7 +210,7 @@ def _add_participants(
     )
     for person, role in people:
         email = person.email.lower()
-        if not email or len(email) > MAX_ADDRESS or email in known or table.is_ours(email):
+        if not email or email in known or table.is_ours(email):
             continue
         known.add(email)
         session.add(Participant(ticket_id=ticket.id, email=email, name=person.name, role=role))
@@ -240,7 +236,7 @@ def _store_message(
         message_id_synthesized=parsed.message_id_synthesized,
         in_reply_to=parsed.in_reply_to,
         references=parsed.references,
-        from_email=parsed.from_.email[:MAX_ADDRESS] if parsed.from_ else "",
+        from_email=parsed.from_.email if parsed.from_ else "",
         from_name=parsed.from_.name if parsed.from_ else "",
         to=[a.as_dict() for a in parsed.to],
         cc=[a.as_dict() for a in parsed.cc],

@@ -45,6 +45,7 @@ MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
 MAX_HEADERS = 500
 MAX_HEADER_CHARS = 8192
+MAX_ADDRESS = 320
 MAX_ADDRESS_CHARS = 65536  # of one address field name (To, Cc): ~1,500 addresses
 SYNTHETIC_DOMAIN = "maild.invalid"
 # Charset labels read as the superset that mail clients and browsers decode them with
@@ -611,7 +612,8 @@ class HeaderBlock:
         result = []
         for name, addr in pairs:
             addr = " ".join(addr.split())
-            if "@" in addr:  # decode_header_value gives one line already
+            # Longer than RFC 5321 allows (64 + 1 + 255) is not an address, and not storable.
+            if "@" in addr and len(addr) <= MAX_ADDRESS:
                 result.append(Address(name=decode_header_value(name), email=addr.lower()))
         return result
 
