@@ -221,6 +221,20 @@ class RunningMaild:
         return self.service.database.run_read(lambda s: show_ticket(s, ticket_id))
 
 
+@pytest.fixture
+def limited(make_config: Callable[..., Path]) -> Iterator[Callable[..., RunningMaild]]:
+    """Start maild (SMTP and LMTP) with the given [smtp] keys, as TOML; stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**smtp: str) -> RunningMaild:
+            path = make_config(lmtp=True)
+            keys = "".join(f"{key} = {value}\n" for key, value in smtp.items())
+            path.write_text(path.read_text().replace("[smtp]\n", "[smtp]\n" + keys, 1))
+            return stack.enter_context(RunningMaild(load_settings(path)))
+
+        yield start
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

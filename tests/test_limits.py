@@ -62,20 +62,6 @@ def connect() -> Iterator[Callable[..., Client]]:
         yield open_client
 
 
-@pytest.fixture
-def limited(make_config: Callable[..., Path]) -> Iterator[Callable[..., RunningMaild]]:
-    """Start maild with the given [smtp] keys (TOML values, as written); stopped after the test."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**smtp: str) -> RunningMaild:
-            path = make_config(lmtp=True)
-            keys = "".join(f"{key} = {value}\n" for key, value in smtp.items())
-            path.write_text(path.read_text().replace("[smtp]\n", "[smtp]\n" + keys, 1))
-            return stack.enter_context(RunningMaild(load_settings(path)))
-
-        yield start
-
-
 def refused(reason: str) -> float:
     return (
         metrics.REGISTRY.get_sample_value("maild_recipients_refused_total", {"reason": reason}) or 0

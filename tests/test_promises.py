@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,6 @@ SECRET = "test-secret-0123456789abcdef"
 
 
 # Helpers.
-
-
-@pytest.fixture
-def smtp_limits(make_config: Callable[..., Path]) -> Iterator[Callable[..., RunningMaild]]:
-    """Start maild (SMTP and LMTP) with the given [smtp] keys, as TOML; stopped after the test."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**smtp: str) -> RunningMaild:
-            path = make_config(lmtp=True)
-            keys = "".join(f"{key} = {value}\n" for key, value in smtp.items())
-            path.write_text(path.read_text().replace("[smtp]\n", "[smtp]\n" + keys, 1))
-            return stack.enter_context(RunningMaild(load_settings(path)))
-
-        yield start
 
 
 def inbound_rows(maild: RunningMaild) -> list[Inbound]:
@@ -137,10 +123,10 @@ def test_data_is_answered_250_2_0_0_queued_as_the_stored_id(maild: RunningMaild)
 
 
 def test_too_large_is_552_5_3_4_by_size_by_data_and_by_an_over_long_line(
-    smtp_limits: Callable[..., RunningMaild],
+    limited: Callable[..., RunningMaild],
 ) -> None:
     """SIZE= over the limit, DATA over it and one line longer than it all get 552 5.3.4."""
-    maild = smtp_limits(max_message_size="10000")
+    maild = limited(max_message_size="10000")
     before = counter("maild_messages_refused_total", "too_large")
     head = b"From: alice@customer.example\r\nSubject: big\r\n\r\n"
     transaction = [
@@ -183,10 +169,10 @@ def test_too_large_is_552_5_3_4_by_size_by_data_and_by_an_over_long_line(
 
 
 def test_lmtp_too_large_gets_one_552_5_3_4_per_recipient(
-    smtp_limits: Callable[..., RunningMaild],
+    limited: Callable[..., RunningMaild],
 ) -> None:
     """Over LMTP, a message over max_message_size is refused with one 552 5.3.4 per recipient."""
-    maild = smtp_limits(max_message_size="10000")
+    maild = limited(max_message_size="10000")
     raw = mail("Too big", body=("y" * 70 + "\n") * 300).as_bytes()
     after = lmtp_delivery(maild.lmtp_port, [SUPPORT, HOSTING], raw, wait=3)
     assert after == [TOO_LARGE, TOO_LARGE]
