@@ -1,11 +1,16 @@
 """After the 250: received deliveries become ticket messages.
 
 The processor claims `received` rows (oldest first, bounded by count and
-bytes), parses them in a process pool (mail-parser is CPU-bound; the pool puts
-the second core to work and keeps the event loop free), then files the whole
-batch in one transaction on the writer thread (intake.file_batch). A delivery
-that fails is marked `failed` with its error; the others go on. Nothing is
-deleted: the raw bytes stay, and `maild reprocess` files failed ones again.
+bytes; ids only) and hands the batch to a process pool. A pool worker reads the
+raw bytes, parses each message (mail-parser is CPU-bound) under its own
+`parse_timeout`, and files them 32 to a transaction (intake.file_batch) on
+its own database engine, made once per worker. Parsing
+and filing are the CPU-heavy part of maild; in the pool they run on the other
+cores, and the daemon's process keeps its core for SMTP and the spool. The
+worker returns what became of each delivery; the daemon logs it, counts it and
+wakes the outboxes. A delivery that fails is marked `failed` with its error; the
+others go on. Nothing is deleted: the raw bytes stay, and `maild reprocess`
+files failed ones again.
 
 It wakes when the spool stores something, and every `poll_interval` anyway, so
 rows left `received` by a crash, by `maild ingest` or by `maild reprocess`
@@ -17,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -31,6 +37,7 @@ from maild.database import Database
 from maild.enums import InboundStatus
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, file_batch
+from maild.logs import configure_logging
 from maild.models import Inbound
 from maild.parsing import ParsedMessage, parse_message
 from maild.rules import RuleTable
@@ -40,19 +47,24 @@ log = structlog.get_logger("maild.processing")
 MAX_BATCH_MESSAGES = 64
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 POISON_ATTEMPTS = 3
+# Messages filed per transaction in a worker. On SQLite every writer takes turns
+# (the spool's commits wait while a filing transaction holds the lock), so filing
+# commits in small steps and parses each step before it takes the lock.
+FILE_CHUNK = 32
 
 
 class ParseTimeout(Exception):
     """mail-parser took longer than [processing] parse_timeout on one message."""
 
 
-def claim_received(
+def claim_ids(
     session: Session,
     limit: int,
     byte_budget: int = MAX_BATCH_BYTES,
     ids: Sequence[int] | None = None,
-) -> list[tuple[int, bytes]]:
-    """The oldest `received` rows (id, raw), within `limit` rows and `byte_budget` bytes."""
+) -> list[int]:
+    """The oldest `received` rows (or these `ids`), within `limit` rows and `byte_budget`
+    bytes; their ids."""
     query = select(Inbound.id, Inbound.size).where(Inbound.status == InboundStatus.RECEIVED.value)
     if ids is not None:
         query = select(Inbound.id, Inbound.size).where(col(Inbound.id).in_(list(ids)))
@@ -65,6 +77,17 @@ def claim_received(
         if inbound_id is not None:
             chosen.append(inbound_id)
         total += size
+    return chosen
+
+
+def claim_received(
+    session: Session,
+    limit: int,
+    byte_budget: int = MAX_BATCH_BYTES,
+    ids: Sequence[int] | None = None,
+) -> list[tuple[int, bytes]]:
+    """As claim_ids, with each row's raw bytes: (id, raw)."""
+    chosen = claim_ids(session, limit, byte_budget, ids)
     if not chosen:
         return []
     raws = session.exec(select(Inbound.id, Inbound.raw).where(col(Inbound.id).in_(chosen))).all()
@@ -150,10 +173,83 @@ def process_now(
     return results
 
 
-def _make_pool(workers: int) -> ProcessPoolExecutor:
+# The pool worker's side. Each worker process opens the database once (its own
+# engines) and keeps it for its life: no per-batch engine or session set-up.
+_worker_database: Database | None = None
+
+
+def _worker_start(url: str, busy_timeout: float, log_format: str, log_level: str) -> None:
+    global _worker_database
+    configure_logging(log_format, log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    _worker_database = Database(url, busy_timeout)
+
+
+class _Alarm(BaseException):
+    """The parse timer rang. A BaseException, so that no `except Exception` on the way
+    (mail-parser's, or parse_message's fallback to a degraded parse) swallows it."""
+
+
+def _on_alarm(_signum: int, _frame: object) -> None:
+    raise _Alarm
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise _Alarm in this (the worker's main) thread after `seconds`."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def parse_within(raw: bytes, timeout: float) -> ParsedMessage | BaseException:
+    """Parse one message, or the exception that stopped it (ParseTimeout past `timeout`)."""
+    try:
+        with _deadline(timeout):
+            return parse_message(raw)
+    except _Alarm:
+        return ParseTimeout(f"parsing took longer than {timeout:g} s")
+    except Exception as exc:  # parse_message never raises; this is a bug's safety net
+        return exc
+
+
+def process_batch(
+    ids: Sequence[int],
+    table: RuleTable,
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
+    parse_timeout: float,
+) -> list[Filed]:
+    """In a pool worker: read, parse and file these deliveries in one transaction."""
+    database = _worker_database
+    assert database is not None, "the pool initializer opens the database"
+    results: list[Filed] = []
+    for start in range(0, len(ids), FILE_CHUNK):
+        chunk = ids[start : start + FILE_CHUNK]
+        claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
+        items = [(inbound_id, parse_within(raw, parse_timeout)) for inbound_id, raw in claimed]
+        del claimed
+        results.extend(
+            database.run_write(
+                partial(file_batch, table=table, items=items, policy=policy, acks=acks)
+            )
+        )
+    return results
+
+
+def _make_pool(workers: int, database: Database, log: tuple[str, str]) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["maild.parsing"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    context.set_forkserver_preload(["maild.processing"])
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_worker_start,
+        initargs=(database.url, database.busy_timeout, *log),
+    )
 
 
 class Processor:
@@ -169,6 +265,7 @@ class Processor:
         policy: EscalationPolicy | None = None,
         on_filed: Callable[[Sequence[Filed]], None] | None = None,
         acks: Callable[[], AckPolicy | None] | None = None,
+        log: tuple[str, str] = ("json", "info"),
     ) -> None:
         self._database = database
         self._policy = policy
@@ -178,6 +275,7 @@ class Processor:
         self._workers = workers
         self._parse_timeout = parse_timeout
         self._poll_interval = poll_interval
+        self._log = log
         self._pool: ProcessPoolExecutor | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -185,10 +283,9 @@ class Processor:
         self._batch_limit = MAX_BATCH_MESSAGES
         self._failures: dict[int, int] = {}
         self.busy = False  # a batch is in hand (claimed, not yet logged)
-        self._slots = asyncio.Semaphore(workers)
 
     def start(self) -> None:
-        self._pool = _make_pool(self._workers)
+        self._pool = _make_pool(self._workers, self._database, self._log)
         self._task = asyncio.create_task(self._run(), name="maild-processor")
 
     def notify(self, _ids: Sequence[int] = ()) -> None:
@@ -206,7 +303,7 @@ class Processor:
 
     def _restart_pool(self) -> None:
         old = self._pool
-        self._pool = _make_pool(self._workers)
+        self._pool = _make_pool(self._workers, self._database, self._log)
         if old is not None:
             for process in list(getattr(old, "_processes", {}).values()):
                 process.kill()  # a stuck parse holds its worker; nothing else will free it
@@ -239,67 +336,65 @@ class Processor:
                 "could not set a failing message aside", inbound=inbound_id, error=str(inner)[:500]
             )
 
-    async def _parse(self, raw: bytes) -> ParsedMessage:
-        # Only as many parses in the pool as it has workers, so parse_timeout counts a
-        # message's own parse, not the time it waited behind a slow one.
-        async with self._slots:
-            return await self._parse_now(raw)
-
-    async def _parse_now(self, raw: bytes) -> ParsedMessage:
+    async def _process(self, ids: list[int]) -> list[Filed]:
+        """One batch through the pool: split across the workers, each part its own
+        transaction. A worker that dies or hangs past every parse's timeout (a parse
+        stuck where the timer cannot reach it) takes the pool down: it is restarted
+        and the batch fails, to be retried one message at a time."""
         loop = asyncio.get_running_loop()
+        table = self._rules()
+        acks = self._acks()
+        parts = [ids[i :: self._workers] for i in range(min(self._workers, len(ids)))]
+        # A parse that overruns is interrupted in the worker; this is the outer bound.
+        limit = self._parse_timeout * max(len(part) for part in parts) + 60
         for attempt in (1, 2):
             assert self._pool is not None
             pool = self._pool
             try:
-                return await asyncio.wait_for(
-                    loop.run_in_executor(pool, parse_message, raw), self._parse_timeout
+                done = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            loop.run_in_executor(
+                                pool,
+                                process_batch,
+                                sorted(part),
+                                table,
+                                self._policy,
+                                acks,
+                                self._parse_timeout,
+                            )
+                            for part in parts
+                        )
+                    ),
+                    limit,
                 )
+                return [filed for part in done for filed in part]
             except TimeoutError:
                 if self._pool is pool:
                     self._restart_pool()
-                raise ParseTimeout(f"parsing took longer than {self._parse_timeout:g} s") from None
+                raise ParseTimeout(f"a worker took longer than {limit:g} s") from None
             except BrokenProcessPool:
-                # another message's timeout (or a crash) took the pool down: try once more
+                # a worker died (killed, or out of memory): restart and try once more
                 if self._pool is pool:
                     self._restart_pool()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _parse_all(
-        self, claimed: list[tuple[int, bytes]]
-    ) -> list[tuple[int, ParsedMessage | BaseException]]:
-        results = await asyncio.gather(
-            *(self._parse(raw) for _, raw in claimed), return_exceptions=True
-        )
-        return [
-            (inbound_id, result) for (inbound_id, _), result in zip(claimed, results, strict=True)
-        ]
-
     async def _run(self) -> None:
         backoff = 0.5
         while not self._stopping:
             self._wake.clear()
-            claimed: list[tuple[int, bytes]] = []
+            ids: list[int] = []
             try:
                 self.busy = False
-                claimed = await self._database.read(lambda s: claim_received(s, self._batch_limit))
-                self.busy = bool(claimed)
-                if not claimed:
+                ids = await self._database.read(lambda s: claim_ids(s, self._batch_limit))
+                self.busy = bool(ids)
+                if not ids:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
                     continue
-                items = await self._parse_all(claimed)
-                table = self._rules()
-                results = await self._database.write(
-                    partial(
-                        file_batch,
-                        table=table,
-                        items=items,
-                        policy=self._policy,
-                        acks=self._acks(),
-                    )
-                )
+                results = await self._process(ids)
             except Exception as exc:
                 log.error(
                     "processing batch failed; will retry",
@@ -307,8 +402,8 @@ class Processor:
                     error_type=type(exc).__name__,
                     retry_in=backoff,
                 )
-                if self._batch_limit == 1 and claimed:
-                    await self._count_failure(claimed[0][0], exc)
+                if self._batch_limit == 1 and ids:
+                    await self._count_failure(ids[0], exc)
                 self._batch_limit = 1  # if one message is to blame, it must not hold the rest
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -91,6 +91,7 @@ class Service:
             policy=self.policy,
             on_filed=self._outbox_queued,
             acks=lambda: self.acks,
+            log=(settings.log.format, settings.log.level),
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self.listeners: list[Listener] = []

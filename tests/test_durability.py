@@ -93,8 +93,10 @@ def test_processing_failure_is_kept_and_reprocess_files_it(
     settings = settings.model_copy(
         update={"processing": settings.processing.model_copy(update={"parse_timeout": 0.001})}
     )
+    slow = mail("Too slow to parse")
+    slow.add_alternative("<p>Our site is slow.</p>\n" * 50_000, subtype="html")  # > 1 ms
     with RunningMaild(settings) as maild:
-        maild.send(mail("Too slow to parse"), ["support@altis-dxp.com"])
+        maild.send(slow, ["support@altis-dxp.com"])
         maild.settle()
         assert maild.tickets() == []
         (row,) = maild.service.database.run_read(lambda s: s.exec(select(Inbound)).all())
