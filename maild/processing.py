@@ -22,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -178,11 +181,37 @@ def process_now(
 _worker_database: Database | None = None
 
 
-def _worker_start(url: str, busy_timeout: float, log_format: str, log_level: str) -> None:
+def _worker_start(
+    daemon: int, url: str, busy_timeout: float, log_format: str, log_level: str
+) -> None:
     global _worker_database
     configure_logging(log_format, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    threading.Thread(target=_exit_with, args=(daemon,), name="maild-orphan", daemon=True).start()
     _worker_database = Database(url, busy_timeout)
+
+
+def _exit_with(daemon: int) -> None:
+    """End this worker when the daemon is gone (kill -9 leaves no one to tell it).
+
+    A pool worker holds both ends of its task pipe, so it never sees the daemon's
+    end close, and its parent is the forkserver, so no parent-death signal helps.
+    It watches the forkserver's parent instead: when the daemon exits, the
+    forkserver is handed to another parent at once, even while the daemon is a
+    zombie not yet reaped (which `kill(pid, 0)` would still find)."""
+    server = os.getppid()
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != server or _parent_of(server) != daemon:
+            os._exit(0)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Alarm(BaseException):
@@ -248,7 +277,7 @@ def _make_pool(workers: int, database: Database, log: tuple[str, str]) -> Proces
         max_workers=workers,
         mp_context=context,
         initializer=_worker_start,
-        initargs=(database.url, database.busy_timeout, *log),
+        initargs=(os.getpid(), database.url, database.busy_timeout, *log),
     )
 
 

@@ -152,3 +152,59 @@ def test_sigterm_lets_a_transaction_in_flight_finish(
     assert inbound_statuses(config) in ({"In flight": "processed"}, {"In flight": "received"})
     with Daemon(config, tmp_path / "again.log"):
         wait_until(lambda: ticket_subjects(config) == {"In flight"}, 30, "the ticket")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+ORPHAN_SCRIPT = """
+import asyncio, os, sys
+from pathlib import Path
+from maild.database import Database
+from maild.processing import Processor
+from maild.rules import load_rules
+
+async def main():
+    database = Database(sys.argv[1])
+    database.create_schema()
+    table = load_rules(Path(sys.argv[2]))
+    processor = Processor(database, lambda: table, workers=1, parse_timeout=10, poll_interval=1)
+    processor.start()
+    # the pool starts its worker on first use
+    await asyncio.get_running_loop().run_in_executor(processor._pool, os.getpid)
+    print(" ".join(str(p) for p in processor._pool._processes), flush=True)
+    os._exit(0)  # no cleanup of any kind, as after kill -9
+
+asyncio.run(main())
+"""
+
+
+def test_pool_workers_end_when_their_daemon_dies(tmp_path: Path) -> None:
+    """A daemon that dies without cleanup (kill -9, os._exit) leaves no worker behind:
+    a worker's task pipe never reports the daemon gone, so each watches for it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ORPHAN_SCRIPT,
+            f"sqlite:///{tmp_path / 'maild.db'}",
+            str(Path(__file__).resolve().parent.parent / "rules"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    workers = [int(pid) for pid in result.stdout.split()]
+    assert workers
+    wait_until(
+        lambda: not any(_alive(pid) for pid in workers),
+        15,
+        f"workers {workers} to exit after their daemon died",
+    )
