@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,7 +48,7 @@ from maild.rules import RuleTable
 
 log = structlog.get_logger("maild.processing")
 
-MAX_BATCH_MESSAGES = 64
+MAX_BATCH_MESSAGES = 32
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 POISON_ATTEMPTS = 3
 # Messages filed per transaction in a worker. On SQLite every writer takes turns
@@ -312,14 +313,25 @@ class Processor:
         self._batch_limit = MAX_BATCH_MESSAGES
         self._failures: dict[int, int] = {}
         self.busy = False  # a batch is in hand (claimed, not yet logged)
+        # Ids of stored mail that pages, filed ahead of the queue. Kept in memory only:
+        # after a restart such mail is filed in arrival order, like the rest.
+        self._urgent: deque[int] = deque()
 
     def start(self) -> None:
         self._pool = _make_pool(self._workers, self._database, self._log)
         self._task = asyncio.create_task(self._run(), name="maild-processor")
 
-    def notify(self, _ids: Sequence[int] = ()) -> None:
-        """New deliveries were stored: look now rather than at the next poll."""
+    def notify(self, _ids: Sequence[int] = (), urgent: Sequence[int] = ()) -> None:
+        """New deliveries were stored: look now rather than at the next poll. `urgent`
+        ones (mail that pages) are filed before the rest of the queue."""
+        self._urgent.extend(urgent)
         self._wake.set()
+
+    def _claim(self, session: Session) -> list[int]:
+        if self._urgent:
+            chosen = [self._urgent.popleft() for _ in range(min(len(self._urgent), 8))]
+            return claim_ids(session, len(chosen), ids=chosen)
+        return claim_ids(session, self._batch_limit)
 
     async def stop(self) -> None:
         """Finish the batch in hand, then stop; unstarted rows stay `received`."""
@@ -417,7 +429,7 @@ class Processor:
             ids: list[int] = []
             try:
                 self.busy = False
-                ids = await self._database.read(lambda s: claim_ids(s, self._batch_limit))
+                ids = await self._database.read(self._claim)
                 self.busy = bool(ids)
                 if not ids:
                     with contextlib.suppress(TimeoutError):

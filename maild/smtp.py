@@ -269,6 +269,7 @@ class Handler:
             peer=_peer(session),
             helo=session.host_name or "",
             session_id=str(structlog.contextvars.get_contextvars().get("session_id", "")),
+            urgent=self._pages(envelope.rcpt_tos),
         )
         try:
             inbound_id = await self._spool.put(delivery)
@@ -289,6 +290,17 @@ class Handler:
             rcpt=delivery.rcpt_tos,
         )
         return f"250 2.0.0 OK: queued as {inbound_id}"
+
+    def _pages(self, recipients: list[str]) -> bool:
+        """Whether a recipient's route pages (sysops@): such mail is filed first."""
+        table = self._rules()
+        for address in recipients:
+            try:
+                if table.resolve(address).page:
+                    return True
+            except RecipientRefused:  # the table changed since RCPT; filing will say
+                continue
+        return False
 
     async def handle_exception(self, error: Exception) -> str:
         log.error(

@@ -41,6 +41,7 @@ class Delivery:
     helo: str = ""
     session_id: str = ""
     received_at: datetime = field(default_factory=utcnow)
+    urgent: bool = False  # a recipient's route pages: processed before the queue (not stored)
 
     def to_row(self) -> Inbound:
         return Inbound(
@@ -68,7 +69,10 @@ def insert_deliveries(session: Session, deliveries: Sequence[Delivery]) -> list[
 class Spool:
     """Commits deliveries in groups on the database writer thread."""
 
-    def __init__(self, database: Database, on_stored: Callable[[list[int]], None]) -> None:
+    def __init__(
+        self, database: Database, on_stored: Callable[[list[int], list[int]], None]
+    ) -> None:
+        """`on_stored(ids, urgent_ids)` runs after each commit."""
         self._database = database
         self._on_stored = on_stored
         self._pending: list[tuple[Delivery, asyncio.Future[int]]] = []
@@ -116,10 +120,13 @@ class Spool:
                     if not future.done():
                         future.set_exception(StorageUnavailable(str(exc)))
                 continue
-            for (_, future), inbound_id in zip(batch, ids, strict=True):
+            urgent = []
+            for (delivery, future), inbound_id in zip(batch, ids, strict=True):
                 if not future.done():
                     future.set_result(inbound_id)
-            self._on_stored(ids)
+                if delivery.urgent:
+                    urgent.append(inbound_id)
+            self._on_stored(ids, urgent)
 
     async def drain(self) -> None:
         """Wait until every delivery handed in so far is committed or refused."""
