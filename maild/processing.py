@@ -49,7 +49,7 @@ from maild.rules import RuleTable
 log = structlog.get_logger("maild.processing")
 
 MAX_BATCH_MESSAGES = 32
-MAX_BATCH_BYTES = 64 * 1024 * 1024
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # a message larger than this is a batch of its own
 POISON_ATTEMPTS = 3
 # Messages filed per transaction in a worker. On SQLite every writer takes turns
 # (the spool's commits wait while a filing transaction holds the lock), so filing

@@ -26,7 +26,7 @@ from maild.models import Inbound, utcnow
 log = structlog.get_logger("maild.spool")
 
 MAX_BATCH_MESSAGES = 256
-MAX_BATCH_BYTES = 64 * 1024 * 1024
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # SQLite copies every blob it binds: large mail commits alone
 
 
 @dataclass
