@@ -18,8 +18,8 @@ run: $(STAMP)  ## start maild on 127.0.0.1:2525 with config.example.toml and the
 test: $(STAMP)  ## the whole suite (PostgreSQL tests too when MAILD_TEST_DATABASE_URL is set)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## measured, never asserted: see bench/
-	$(BIN)/python bench/page_latency.py
+bench: $(STAMP)  ## measured, never asserted: docs/benchmarks.md (PostgreSQL rows with MAILD_BENCH_DATABASE_URL)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check maild tests bench

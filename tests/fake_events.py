@@ -122,6 +122,7 @@ class FakeEvents:
         self._lock = threading.Condition()
         self._events: list[dict[str, Any]] = []
         self._bodies: list[Any] = []
+        self._arrivals: list[float] = []  # time.time() of each request, beside _bodies
         self._scripted: deque[tuple[int, dict[str, Any]]] = deque()
         self._always: tuple[int, dict[str, Any]] | None = None
         self._released = threading.Event()
@@ -207,6 +208,12 @@ class FakeEvents:
             return list(self._bodies)
 
     @property
+    def arrivals(self) -> list[tuple[float, Any]]:
+        """Every request's arrival (time.time(), once its body was read) and parsed body."""
+        with self._lock:
+            return list(zip(self._arrivals, self._bodies, strict=True))
+
+    @property
     def requests(self) -> int:
         """Every POST to /v2/enqueue, answered 2xx or not."""
         with self._lock:
@@ -246,8 +253,10 @@ class FakeEvents:
             event: Any = json.loads(raw)
         except ValueError:
             event = None
+        arrived = time.time()
         with self._lock:
             self._bodies.append(event)
+            self._arrivals.append(arrived)
             self._lock.notify_all()
             if self._scripted:
                 return self._scripted.popleft()

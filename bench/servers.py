@@ -1,0 +1,204 @@
+"""The servers under test, as subprocesses, and the memory they use.
+
+`Server` starts either the reference (`python -m bench.reference`) or
+`maild serve` with a config written for the run, waits for its port, and stops
+it with SIGTERM. `MemoryWatch` samples the resident set of the server and all
+its descendants (maild's parse workers and their forkserver) every 10 ms from
+/proc, and keeps the peak of the sum: what the host must have free.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def maild_config(
+    folder: Path, port: int, database_url: str, events_url: str, ca_file: Path
+) -> Path:
+    """maild's defaults, except what a benchmark on one host must change (said here)."""
+    config = folder / "maild.toml"
+    config.write_text(
+        f"""# written by bench/servers.py
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "bench.invalid"
+max_message_size = "30 MiB"   # the memory row sends 25 MiB messages; the default is 25 MiB
+max_connections_per_ip = 0    # the whole load comes from one address
+
+[database]
+url = "{database_url}"
+
+[rules]
+path = "{REPO / "rules"}"
+
+[log]
+format = "json"
+level = "info"
+
+[pagerduty]
+routing_key = "0123456789abcdef0123456789abcdef"
+events_url = "{events_url}"
+ca_file = "{ca_file}"
+
+[escalation]
+max_pages_per_sender_per_hour = 0   # every sysops@ message must page, to time each one
+"""
+    )
+    return config
+
+
+class Server:
+    """One server process; a context manager."""
+
+    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.log_path = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def reference(cls, folder: Path) -> Server:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.reference", str(port)]
+        return cls("reference", argv, port, folder / "reference.log")
+
+    @classmethod
+    def maild(cls, folder: Path, database_url: str, events_url: str, ca_file: Path) -> Server:
+        port = free_port()
+        config = maild_config(folder, port, database_url, events_url, ca_file)
+        argv = [sys.executable, "-m", "maild", "serve", "--config", str(config)]
+        return cls("maild", argv, port, folder / "maild.log")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 60) -> Server:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited {self.process.returncode}; see {self.log_path}:\n"
+                    + self.log_path.read_text(errors="replace")[-3000:]
+                )
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not open port {self.port} in {timeout} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it."""
+    found = [pid]
+    index = 0
+    while index < len(found):
+        current = found[index]
+        index += 1
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    found.extend(int(child) for child in children.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the process tree so far (children still running)."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for process in descendants(pid):
+        try:
+            with open(f"/proc/{process}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class MemoryWatch:
+    """The peak, over 10 ms samples, of the process tree's summed RSS; a context manager."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
+
+    def _run(self) -> None:
+        processes = descendants(self.pid)
+        refreshed = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() - refreshed > 0.2:
+                processes = descendants(self.pid)
+                refreshed = time.monotonic()
+            self.peak = max(self.peak, sum(rss_bytes(p) for p in processes))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20

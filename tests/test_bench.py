@@ -1,0 +1,52 @@
+"""`python -m bench --quick` works: every server ran, every message was answered,
+filed and (for sysops@) paged. It asserts no timing: figures belong in
+docs/benchmarks.md, not in a test that a slow CI machine would fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--database-url", "", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = report["rows"]
+    assert {(r["server"], r["database"], r["stored"]) for r in rows} == {
+        ("reference", "", 0),
+        ("maild", "sqlite", 0),
+        ("maild", "sqlite", report["fills"]["sqlite_20000"]["count"]),
+    }
+    for row in rows:
+        assert row["messages"] > 0, row
+        assert row["errors"] == {}, row
+        assert row["rate"] > 0, row
+        assert row["ratio"] is not None, row
+    for row in (r for r in rows if r["server"] == "maild"):
+        # every accepted message was filed (none failed, none left behind)
+        assert sum(row["outcomes"].values()) == row["messages"], row
+        assert set(row["outcomes"]) <= {"processed"}, row
+        assert row["ticket_p50_ms"] is not None, row
+    # every tenth message goes to sysops@; each of those reached the Events API stand-in
+    paged = [r for r in rows if r["server"] == "maild" and r["messages"] >= 10]
+    assert paged
+    for row in paged:
+        assert row["page_count"] == row["messages"] // 10, row
+    memory = report["memory"]
+    assert memory["messages"] == 5
+    assert memory["outcomes"] == {"processed": 5}
+    assert memory["peak_rss_mib"] > memory["idle_rss_mib"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| maild |") == len([r for r in rows if r["server"] == "maild"])
