@@ -328,10 +328,15 @@ class Processor:
         self._wake.set()
 
     def _claim(self, session: Session) -> list[int]:
-        if self._urgent:
-            chosen = [self._urgent.popleft() for _ in range(min(len(self._urgent), 8))]
-            return claim_ids(session, len(chosen), ids=chosen)
-        return claim_ids(session, self._batch_limit)
+        """The next batch: urgent ids first, the rest of it the oldest received rows."""
+        limit = self._batch_limit
+        urgent = [self._urgent.popleft() for _ in range(min(len(self._urgent), limit))]
+        chosen = claim_ids(session, len(urgent), ids=urgent) if urgent else []
+        if len(chosen) < limit:
+            taken = set(chosen)
+            oldest = claim_ids(session, limit)
+            chosen += [i for i in oldest if i not in taken][: limit - len(chosen)]
+        return chosen
 
     async def stop(self) -> None:
         """Finish the batch in hand, then stop; unstarted rows stay `received`."""
