@@ -203,7 +203,15 @@ def _exit_with(daemon: int) -> None:
     server = os.getppid()
     while True:
         time.sleep(1.0)
-        if os.getppid() != server or _parent_of(server) != daemon:
+        parent = _parent_of(server)
+        if parent is None:  # no /proc to read: the daemon's pid is the best we have
+            try:
+                os.kill(daemon, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid now belongs to someone else
+                os._exit(0)
+        elif os.getppid() != server or parent != daemon:
             os._exit(0)
 
 
