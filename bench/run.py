@@ -169,6 +169,7 @@ class Bench:
         reply_to: Callable[[random.Random], str] | None = None,
         seconds: float | None = None,
         max_messages: int = 10**9,
+        pss: bool = False,
     ) -> Row:
         tag = f"{self.run_id}-{len(self.rows)}"
         corpus = Corpus(shape.size, tag, reply_to=reply_to)
@@ -179,7 +180,7 @@ class Bench:
             if watch is not None and message.inbound_id is not None:
                 watch.expect(message.inbound_id, message.accepted_at)
 
-        with MemoryWatch(server.pid) as memory:
+        with MemoryWatch(server.pid, pss=pss) as memory:
             result = asyncio.run(
                 run_load(
                     server.port,
@@ -197,6 +198,7 @@ class Bench:
                     self.log(f"{watch.pending} messages still unfiled after 600 s")
                 self._wait_pages(result, events_before)
         row.peak_rss_mib = round(memory.peak_mib, 1)
+        self.peak_pss_mib = round(memory.peak_pss / MIB, 1)
         row.server_cpu_s = round(cpu_seconds(server.pid) - cpu_before, 2)
         self._summarise(row, result, watch, events_before)
         self.rows.append(row)
@@ -310,13 +312,14 @@ class Bench:
             shape = Shape(5, 1, size)
             row = self._row("maild", "sqlite", 0, shape)
             row.size = f"{size // MIB} MiB + attachment"
-            self.measure(server, row, shape, watch, seconds=60, max_messages=5)
+            self.measure(server, row, shape, watch, seconds=60, max_messages=5, pss=True)
             self.rows.remove(row)
             self.memory = {
                 "messages": row.messages,
                 "size_mib": size / MIB,
                 "idle_rss_mib": round(idle, 1),
                 "peak_rss_mib": row.peak_rss_mib,
+                "peak_pss_mib": self.peak_pss_mib,
                 "ticket_p50_ms": row.ticket_p50_ms,
                 "eod_p99_ms": row.eod_p99_ms,
                 "outcomes": row.outcomes,
@@ -336,6 +339,7 @@ class Bench:
 
     fills: dict[str, Any]
     postgres: dict[str, str]
+    peak_pss_mib: float = 0.0
 
     def run(self) -> dict[str, Any]:
         self.fills = {}
@@ -443,7 +447,8 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"Memory: {memory['messages']} concurrent messages of {memory['size_mib']:g} MiB "
             f"(an attachment each) into maild on SQLite: peak RSS {memory['peak_rss_mib']:.0f} MiB "
-            f"for maild and its parse workers together (idle {memory['idle_rss_mib']:.0f} MiB).",
+            f"for maild and its workers together (idle {memory['idle_rss_mib']:.0f} MiB); "
+            f"peak PSS {memory['peak_pss_mib']:.0f} MiB (pages the processes share counted once).",
         ]
     return "\n".join(lines) + "\n"
 

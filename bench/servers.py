@@ -155,6 +155,18 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (the forkserver's, its workers') counted once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of the process tree so far (children still running)."""
     total = 0.0
@@ -170,12 +182,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 class MemoryWatch:
-    """The peak, over 10 ms samples, of the process tree's summed RSS; a context manager."""
+    """The peak, over 10 ms samples, of the process tree's summed RSS (and, with
+    `pss`, of its summed PSS, which counts pages shared between processes once);
+    a context manager."""
 
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
+    def __init__(self, pid: int, interval: float = 0.01, pss: bool = False) -> None:
         self.pid = pid
         self.interval = interval
+        self.pss = pss
         self.peak = 0
+        self.peak_pss = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
@@ -188,6 +204,8 @@ class MemoryWatch:
                 processes = descendants(self.pid)
                 refreshed = time.monotonic()
             self.peak = max(self.peak, sum(rss_bytes(p) for p in processes))
+            if self.pss:
+                self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in processes))
             self.samples += 1
             self._stop.wait(self.interval)
 
