@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -57,6 +58,14 @@ TOO_MANY_CONNECTIONS_PER_IP = "421 4.7.0 Too many connections from your address,
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 IDLE_TIMEOUT = "421 4.4.2 {hostname} Timeout, closing connection"
+
+# The path nearly every client sends: <dot-atom@dot-atom> and the parameters after it.
+# aiosmtpd's email-header parser gives the same answer for it, at 40 times the cost.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)>"
+    r'(?:[ \t]+([^()\\"\s][^()\\"\r\n]*)?)?'
+)
 
 
 class _ConnectionFixes:
@@ -94,6 +103,24 @@ class _ConnectionFixes:
         self._data_recipients = 0  # accepted recipients of the DATA in progress
         self.peer_ip: str | None = None  # set by the listener when it admits the connection
         super().__init__(handler, **kwargs)  # type: ignore[call-arg]
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's MAIL/RCPT path parser, with a fast path for the plain form.
+
+        aiosmtpd 1.4.6 runs the email package's header parser (and defines a
+        class) for every MAIL and RCPT; a path that is `<dot-atom@dot-atom>`
+        followed by nothing or by whitespace and parameters is read with one
+        regular expression, with the same result. Anything else (quoted local
+        parts, address literals, source routes, no angle brackets, UTF-8) goes
+        to aiosmtpd's parser as before."""
+        match = _SIMPLE_PATH.fullmatch(arg.lstrip(" \t"))
+        if match is None:
+            return super()._getaddr(arg)  # type: ignore[misc,no-any-return]
+        address, rest = match.group(1), match.group(2) or ""
+        limit: int = self.local_part_limit  # type: ignore[attr-defined]
+        if limit and len(address.rpartition("@")[0]) > limit:
+            return None, None
+        return address, rest
 
     @property
     def in_transaction(self) -> bool:

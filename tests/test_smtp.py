@@ -250,3 +250,68 @@ def test_message_from_a_client_that_hangs_up_is_not_stored(maild: RunningMaild) 
         reader.close()  # the socket closes only when its file object does too
     wait_until(lambda: not maild.service.listeners[0].connections, 10, "connection closed")
     assert inbound_rows(maild) == []
+
+
+def test_path_fast_path_agrees_with_aiosmtpd() -> None:
+    """MAIL/RCPT paths read by our regular expression give exactly what aiosmtpd's own
+    parser gives; every other form is left to aiosmtpd."""
+    import random
+
+    from aiosmtpd.smtp import SMTP
+
+    from maild.smtp import _SIMPLE_PATH, _ConnectionFixes
+
+    class Parser(_ConnectionFixes, SMTP):  # only the path parser, on no connection
+        local_part_limit = 0
+
+        def __init__(self) -> None:
+            pass
+
+    class Original:
+        local_part_limit = 0
+
+    ours, theirs = Parser(), Original()
+    rnd = random.Random(7)
+    alphabet = 'ab.@<> \t"[]:,=\\\x80é{}Z9-_+();'
+
+    def piece(chars: str, most: int) -> str:
+        return "".join(rnd.choice(chars) for _ in range(rnd.randint(0, most)))
+
+    cases = [
+        "<a@b.c>",
+        "<a@b.c> SIZE=100",
+        " <a@b.c>  BODY=8BITMIME",
+        "<a@b.c>\tSIZE=1",
+        "<a@b> (comment) SIZE=1",
+        "<a@b> ",
+        "<a+tag@b.c> NOTIFY=NEVER ORCPT=rfc822;a@b",
+        "<a@[127.0.0.1]>",
+        '<"a b"@c>',
+        "<>",
+        "a@b",
+        "<@x,@y:a@b>",
+    ]
+    for _ in range(20000):
+        cases.append(
+            piece(" \t", 1)
+            + "<"
+            + piece('ab.{}9-+é"', 4)
+            + "@"
+            + piece("ab.9-[]é", 4)
+            + ">"
+            + piece(" \t", 2)
+            + piece(alphabet, 8)
+        )
+
+    def outcome(parse: Any, case: str) -> object:
+        try:
+            return parse(case)
+        except Exception as exc:  # the stdlib parser itself fails on some junk
+            return type(exc)
+
+    fast = 0
+    for case in cases:
+        fast += _SIMPLE_PATH.fullmatch(case.lstrip(" \t")) is not None
+        original = outcome(lambda c: SMTP._getaddr(theirs, c), case)  # type: ignore[arg-type]
+        assert outcome(ours._getaddr, case) == original, case
+    assert fast > 500  # the fast path was taken, not only the fallback
