@@ -574,14 +574,18 @@ def file_batch(
     policy: EscalationPolicy | None = None,
     acks: AckPolicy | None = None,
 ) -> list[Filed]:
-    """File many deliveries in one transaction, each in its own savepoint.
+    """File many deliveries in one transaction.
 
     One delivery that fails is marked failed with its error and the rest go on.
     Each delivery's row is locked first, so two filers never file one delivery.
     A unique-index race on the Message-ID (another instance filed the same
     message a moment ago) is retried once, and then files as a duplicate.
+
+    The whole batch is first filed in one savepoint. Only when something in it
+    raises is that savepoint rolled back and the batch filed again, each delivery
+    in a savepoint of its own, so that the failure stays with its delivery: a
+    savepoint per message costs more than the rest of filing a reply.
     """
-    results = []
     # FOR UPDATE on PostgreSQL, in id order: a second filer of the same deliveries (the
     # daemon and `maild ingest`, or two instances) waits here, then sees they are done.
     # SQLite's BEGIN IMMEDIATE already serialises writers. The raw bytes stay unread:
@@ -595,13 +599,26 @@ def file_batch(
         .execution_options(populate_existing=True)
     ).all()
     by_id = {row.id: row for row in rows}
+    todo: list[tuple[Inbound, ParsedMessage | BaseException]] = []
     for inbound_id, parsed in items:
         inbound = by_id.get(inbound_id)
         if inbound is None or inbound.status not in (InboundStatus.RECEIVED, InboundStatus.FAILED):
             continue  # already handled (by reprocess, or by another instance)
         inbound.attempts += 1
+        session.add(inbound)
+        todo.append((inbound, parsed))
+    try:
+        with session.begin_nested():
+            return [
+                _file_or_fail(session, table, inbound, parsed, policy, acks)
+                for inbound, parsed in todo
+            ]
+    except Exception:  # noqa: S110 (filed again below, one savepoint each, to find which)
+        pass
+    results = []
+    for inbound, parsed in todo:
         if isinstance(parsed, BaseException):
-            results.append(_mark_failed(inbound, f"parse: {type(parsed).__name__}: {parsed}"))
+            results.append(_file_or_fail(session, table, inbound, parsed, policy, acks))
             continue
         for attempt in (1, 2):
             try:
@@ -616,3 +633,18 @@ def file_batch(
                 break
         session.add(inbound)
     return results
+
+
+def _file_or_fail(
+    session: Session,
+    table: RuleTable,
+    inbound: Inbound,
+    parsed: ParsedMessage | BaseException,
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
+) -> Filed:
+    """One delivery of the optimistic pass: a parse failure is marked here; a filing
+    failure raises, for the careful pass."""
+    if isinstance(parsed, BaseException):
+        return _mark_failed(inbound, f"parse: {type(parsed).__name__}: {parsed}")
+    return file_message(session, table, inbound, parsed, policy, acks)

@@ -265,3 +265,59 @@ def test_two_filers_of_one_delivery_file_it_once(database_url: str, rules_dir: P
     finally:
         first_db.close()
         second_db.close()
+
+
+def test_a_failure_in_a_batch_stays_with_its_delivery(database_url: str, rules_dir: Path) -> None:
+    """One batch: a new ticket, a delivery no route takes, an unparsable one, and a reply
+    to the first. The batch is filed again delivery by delivery once one of them
+    fails; the reply still finds the ticket filed earlier in the same batch, the
+    failures are marked with their own errors, and every attempt counts once."""
+    table = load_rules(rules_dir)
+    database = Database(database_url)
+    database.create_schema()
+    first = mail("Disk full")
+    reply = mail("Re: Disk full", body="Still full", In_Reply_To=first["Message-ID"])
+    stray = mail("For nobody", to="nobody@altis-dxp.com")
+    deliveries = [
+        Delivery("smtp", "alice@customer.example", [rcpt], message.as_bytes())
+        for message, rcpt in (
+            (first, "support@altis-dxp.com"),
+            (stray, "nobody@altis-dxp.com"),  # accepted under older rules, routed by none now
+            (reply, "support@altis-dxp.com"),
+            (reply, "support@altis-dxp.com"),  # stands in for a message the parser gave up on
+        )
+    ]
+    try:
+        ids = database.run_write(lambda s: insert_deliveries(s, deliveries))
+        items: list[tuple[int, ParsedMessage | BaseException]] = [
+            (ids[0], parse_message(deliveries[0].raw)),
+            (ids[1], parse_message(deliveries[1].raw)),
+            (ids[2], parse_message(deliveries[2].raw)),
+            (ids[3], TimeoutError("parsing took longer than 60 s")),
+        ]
+        filed = database.run_write(partial(file_batch, table=table, items=items))
+        assert [(f.inbound_id, f.outcome) for f in filed] == [
+            (ids[0], "created"),
+            (ids[1], "failed"),
+            (ids[2], "threaded"),
+            (ids[3], "failed"),
+        ]
+        assert filed[2].ticket_id == filed[0].ticket_id
+        assert filed[1].error is not None
+        assert "no route for nobody@altis-dxp.com" in filed[1].error
+        assert filed[3].error == "parse: TimeoutError: parsing took longer than 60 s"
+        rows = database.run_read(
+            lambda s: s.exec(
+                select(Inbound.status, Inbound.attempts, Inbound.ticket_id).order_by(Inbound.id)
+            ).all()
+        )
+        ticket = filed[0].ticket_id
+        assert [tuple(r) for r in rows] == [
+            ("processed", 1, ticket),
+            ("failed", 1, None),
+            ("processed", 1, ticket),
+            ("failed", 1, None),
+        ]
+        assert database.run_read(lambda s: len(s.exec(select(Message)).all())) == 2
+    finally:
+        database.close()
