@@ -51,10 +51,13 @@ log = structlog.get_logger("maild.processing")
 MAX_BATCH_MESSAGES = 32
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # a message larger than this is a batch of its own
 POISON_ATTEMPTS = 3
-# Messages filed per transaction in a worker. On SQLite every writer takes turns
-# (the spool's commits wait while a filing transaction holds the lock), so filing
-# commits in small steps and parses each step before it takes the lock.
-FILE_CHUNK = 32
+# Messages filed per transaction in a worker, by database. On SQLite every writer
+# takes turns (the spool's commit, so the sender's 250, waits while a filing
+# transaction holds the lock), so filing commits in smaller steps and parses each
+# step before it takes the lock. PostgreSQL has no such lock, and fewer commits
+# leave more CPU. Measured with 20 connections of 4 KiB mail (accepted/s, filed/s):
+# SQLite 16: 258, 253; 32: 154, 152; 8: 223, 193. PostgreSQL 32: 333, 229; 16: 260, 179.
+FILE_CHUNK = {"sqlite": 16, "postgresql": 32}
 
 
 class ParseTimeout(Exception):
@@ -266,8 +269,9 @@ def process_batch(
     database = _worker_database
     assert database is not None, "the pool initializer opens the database"
     results: list[Filed] = []
-    for start in range(0, len(ids), FILE_CHUNK):
-        chunk = ids[start : start + FILE_CHUNK]
+    step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
         items = [(inbound_id, parse_within(raw, parse_timeout)) for inbound_id, raw in claimed]
         del claimed
