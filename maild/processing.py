@@ -283,24 +283,15 @@ def process_batch(
     return results
 
 
-def _ready() -> None:
-    """A task that does nothing: submitted once per worker at start."""
-
-
 def _make_pool(workers: int, database: Database, log: tuple[str, str]) -> ProcessPoolExecutor:
-    """The worker pool, started now: the forkserver imports maild and each worker opens
-    the database before the first mail arrives, not while a page waits (about 1 s)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["maild.processing"])
-    pool = ProcessPoolExecutor(
+    return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=_worker_start,
         initargs=(os.getpid(), database.url, database.busy_timeout, *log),
     )
-    for _ in range(workers):  # a pool starts a worker per task submitted while none is idle
-        pool.submit(_ready)
-    return pool
 
 
 class Processor:
