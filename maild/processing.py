@@ -3,8 +3,8 @@
 The processor claims `received` rows (oldest first, bounded by count and
 bytes; ids only) and hands the batch to a process pool. A pool worker reads the
 raw bytes, parses each message (mail-parser is CPU-bound) under its own
-`parse_timeout`, and files them 32 to a transaction (intake.file_batch) on
-its own database engine, made once per worker. Parsing
+`parse_timeout`, and files them 16 to a transaction (32 on PostgreSQL;
+intake.file_batch) on its own database engine, made once per worker. Parsing
 and filing are the CPU-heavy part of maild; in the pool they run on the other
 cores, and the daemon's process keeps its core for SMTP and the spool. The
 worker returns what became of each delivery; the daemon logs it, counts it and
@@ -164,19 +164,34 @@ def process_now(
     acks: AckPolicy | None = None,
 ) -> list[Filed]:
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
+    results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse_message, table, policy, acks)
+    _log_results(results)
+    return results
+
+
+def _file_ids(
+    database: Database,
+    ids: Sequence[int],
+    step: int,
+    parse: Callable[[bytes], ParsedMessage | BaseException],
+    table: RuleTable,
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
+) -> list[Filed]:
+    """Read, parse and file these deliveries, `step` to a transaction. Each step is
+    parsed before its transaction begins: on SQLite the write lock is held only
+    for filing."""
     results: list[Filed] = []
-    for start in range(0, len(ids), MAX_BATCH_MESSAGES):
-        chunk = ids[start : start + MAX_BATCH_MESSAGES]
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
-        items: list[tuple[int, ParsedMessage | BaseException]] = [
-            (inbound_id, parse_message(raw)) for inbound_id, raw in claimed
-        ]
+        items = [(inbound_id, parse(raw)) for inbound_id, raw in claimed]
+        del claimed
         results.extend(
             database.run_write(
                 partial(file_batch, table=table, items=items, policy=policy, acks=acks)
             )
         )
-    _log_results(results)
     return results
 
 
@@ -265,22 +280,13 @@ def process_batch(
     acks: AckPolicy | None,
     parse_timeout: float,
 ) -> list[Filed]:
-    """In a pool worker: read, parse and file these deliveries in one transaction."""
+    """In a pool worker: read, parse (each message under `parse_timeout`) and file these
+    deliveries, FILE_CHUNK of them to a transaction."""
     database = _worker_database
     assert database is not None, "the pool initializer opens the database"
-    results: list[Filed] = []
     step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
-    for start in range(0, len(ids), step):
-        chunk = ids[start : start + step]
-        claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
-        items = [(inbound_id, parse_within(raw, parse_timeout)) for inbound_id, raw in claimed]
-        del claimed
-        results.extend(
-            database.run_write(
-                partial(file_batch, table=table, items=items, policy=policy, acks=acks)
-            )
-        )
-    return results
+    parse = partial(parse_within, timeout=parse_timeout)
+    return _file_ids(database, ids, step, parse, table, policy, acks)
 
 
 def _make_pool(workers: int, database: Database, log: tuple[str, str]) -> ProcessPoolExecutor:
