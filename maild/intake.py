@@ -617,13 +617,10 @@ def file_batch(
         pass
     results = []
     for inbound, parsed in todo:
-        if isinstance(parsed, BaseException):
-            results.append(_file_or_fail(session, table, inbound, parsed, policy, acks))
-            continue
         for attempt in (1, 2):
             try:
                 with session.begin_nested():
-                    results.append(file_message(session, table, inbound, parsed, policy, acks))
+                    results.append(_file_or_fail(session, table, inbound, parsed, policy, acks))
                 break
             except IntegrityError as exc:
                 if attempt == 2:
@@ -631,7 +628,6 @@ def file_batch(
             except Exception as exc:
                 results.append(_mark_failed(inbound, f"{type(exc).__name__}: {exc}"))
                 break
-        session.add(inbound)
     return results
 
 
@@ -643,8 +639,7 @@ def _file_or_fail(
     policy: EscalationPolicy | None,
     acks: AckPolicy | None,
 ) -> Filed:
-    """One delivery of the optimistic pass: a parse failure is marked here; a filing
-    failure raises, for the careful pass."""
+    """One delivery: a parse failure is marked failed here; a filing failure raises."""
     if isinstance(parsed, BaseException):
         return _mark_failed(inbound, f"parse: {type(parsed).__name__}: {parsed}")
     return file_message(session, table, inbound, parsed, policy, acks)
