@@ -22,7 +22,6 @@ from sqlalchemy import insert
 from sqlmodel import Session
 
 from maild.database import Database
-from maild.enums import InboundStatus
 from maild.errors import StorageUnavailable
 from maild.models import Inbound, utcnow
 
@@ -47,8 +46,8 @@ class Delivery:
     urgent: bool = False  # a recipient's route pages: processed before the queue (not stored)
 
     def to_row(self) -> dict[str, Any]:
-        """The inbound row's values, every column named (a Core INSERT applies no model
-        defaults that are not on the column)."""
+        """The inbound row's values; status, attempts and the rest take the model's
+        column defaults (a `received` row, never attempted)."""
         return {
             "received_at": self.received_at,
             "protocol": self.protocol,
@@ -59,11 +58,6 @@ class Delivery:
             "rcpt_tos": list(self.rcpt_tos),
             "size": len(self.raw),
             "sha256": hashlib.sha256(self.raw).hexdigest(),
-            "status": InboundStatus.RECEIVED.value,
-            "error": None,
-            "attempts": 0,
-            "processed_at": None,
-            "ticket_id": None,
             "raw": self.raw,
         }
 
