@@ -1,0 +1,75 @@
+"""SQLite writers queue on an flock beside the database (database.writer_lock)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import text
+
+from maild.database import Database, writer_lock
+
+
+def _hold(path: str, held: threading.Event, release: threading.Event, order: list[str]) -> None:
+    with writer_lock(path, timeout=30):
+        order.append("held")
+        held.set()
+        release.wait(30)
+        order.append("released")
+
+
+def _write(database: Database, order: list[str]) -> None:
+    def work(session: object) -> None:
+        order.append("written")
+
+    database.run_write(work)  # type: ignore[arg-type]
+
+
+def test_a_write_waits_for_the_writer_holding_the_lock(tmp_path: Path) -> None:
+    """`run_write` takes `<database>-writer.lock` before its transaction: while another
+    writer (here a thread with its own open file, as another process would be) holds
+    it, the write waits, and runs once it is released."""
+    database = Database(f"sqlite:///{tmp_path / 'maild.db'}", busy_timeout=30)
+    order: list[str] = []
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(
+        target=_hold, args=(str(tmp_path / "maild.db-writer.lock"), held, release, order)
+    )
+    holder.start()
+    try:
+        assert held.wait(10)
+        writer = threading.Thread(target=_write, args=(database, order))
+        writer.start()
+        writer.join(0.3)
+        assert writer.is_alive(), "the write did not wait for the lock"
+        release.set()
+        writer.join(10)
+        assert order == ["held", "released", "written"]
+    finally:
+        release.set()
+        holder.join()
+        database.close()
+
+
+def test_past_the_busy_timeout_a_write_goes_on_without_the_lock(tmp_path: Path) -> None:
+    """A writer that keeps the flock but not SQLite's lock (a stuck process) does not
+    stop writes for ever: past `busy_timeout` the write goes on, and SQLite's own
+    lock decides."""
+    database = Database(f"sqlite:///{tmp_path / 'maild.db'}", busy_timeout=0.2)
+    database.run_write(lambda s: s.execute(text("CREATE TABLE t (x INTEGER)")))
+    order: list[str] = []
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(
+        target=_hold, args=(str(tmp_path / "maild.db-writer.lock"), held, release, order)
+    )
+    holder.start()
+    try:
+        assert held.wait(10)
+        database.run_write(lambda s: s.execute(text("INSERT INTO t VALUES (1)")))
+        order.append("written")
+        assert database.run_read(lambda s: s.execute(text("SELECT x FROM t")).scalar()) == 1
+        assert order == ["held", "written"]
+    finally:
+        release.set()
+        holder.join()
+        database.close()
