@@ -18,14 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+from tests.fake_events import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def maild_config(
@@ -112,6 +108,7 @@ class Server:
                 return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"{self.name} did not open port {self.port} in {timeout} s")
 
     def stop(self) -> None:
@@ -168,14 +165,15 @@ def pss_bytes(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the process tree so far (children still running)."""
+    """User + system CPU of the process tree so far: of each process still running, and
+    of its children that exited and were reaped (a worker the pool replaced)."""
     total = 0.0
     ticks = os.sysconf("SC_CLK_TCK")
     for process in descendants(pid):
         try:
             with open(f"/proc/{process}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
         except (OSError, IndexError, ValueError):
             continue
     return total
@@ -192,7 +190,6 @@ class MemoryWatch:
         self.pss = pss
         self.peak = 0
         self.peak_pss = 0
-        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
 
@@ -206,7 +203,6 @@ class MemoryWatch:
             self.peak = max(self.peak, sum(rss_bytes(p) for p in processes))
             if self.pss:
                 self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in processes))
-            self.samples += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemoryWatch:

@@ -25,7 +25,9 @@ class TicketWatch:
     def __init__(self, url: str) -> None:
         self._engine = create_engine(url)
         # The driver's own connection in autocommit: each poll is one cheap statement.
-        self._connection: Any = self._engine.raw_connection().driver_connection
+        # The pool's proxy is kept: dropping it would hand the connection back to the pool.
+        self._proxy = self._engine.raw_connection()
+        self._connection: Any = self._proxy.driver_connection
         if self._engine.dialect.name == "sqlite":
             self._connection.isolation_level = None
             marker = "?"
@@ -51,6 +53,13 @@ class TicketWatch:
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def take_outcomes(self) -> dict[str, int]:
+        """The statuses counted since the last call (one row's), and start again."""
+        with self._lock:
+            taken = dict(self.outcomes)
+            self.outcomes.clear()
+        return taken
 
     def _poll(self) -> None:
         with self._lock:
@@ -88,5 +97,5 @@ class TicketWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._connection.close()
+        self._proxy.close()
         self._engine.dispose()
