@@ -20,9 +20,8 @@ to support@altis-dxp.com:
 
 A ticket's messages are INTERLEAVE messages apart, and the timestamps spread
 evenly over the last 90 days. Ids, Message-IDs, senders and subjects do not
-depend on N (only the timestamps do), so `message_id(n)`, `ticket_id(n)`,
-`sender(n)` and `reply_subject(n)` tell the benchmark client how to write mail
-that threads into a stored ticket, by In-Reply-To or by subject tag.
+depend on N (only the timestamps do), so `message_id(n)` tells the benchmark
+client how to write a reply that threads into a stored ticket (In-Reply-To).
 
 The schema is created the way `maild db upgrade` does (maild.schema.upgrade).
 The rows are made in another process (marshal down a pipe) and go in through
@@ -61,7 +60,6 @@ import psycopg
 from psycopg import sql
 
 from maild import hygiene
-from maild.acks import ack_subject
 from maild.database import make_engines
 from maild.enums import Direction, InboundStatus, MessageKind, ParticipantRole, TicketStatus
 from maild.errors import MaildError
@@ -200,15 +198,6 @@ def sender(n: int) -> str:
 def ticket_subject(n: int) -> str:
     """The subject of the n-th message's ticket, as stored (its first message's subject)."""
     return _subject(ticket_id(n))
-
-
-def reply_subject(n: int) -> str:
-    """`Re: [#ID] subject`: a reply to the ticket's acknowledgement.
-
-    Sent from `sender(n)` without In-Reply-To, it threads into the ticket by its
-    subject tag (maild only follows a tag when the sender takes part in the ticket).
-    """
-    return f"Re: {ack_subject(ticket_id(n), ticket_subject(n))}"
 
 
 def tickets_for(count: int) -> int:

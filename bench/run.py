@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy import create_engine, make_url, text
 
 from bench.client import Corpus, LoadResult, Sent, run_load
-from bench.servers import REPO, MemoryWatch, Server, cpu_seconds
+from bench.servers import REPO, MemoryWatch, Server, cpu_seconds, descendants, rss_bytes
 from bench.watch import TicketWatch
 from tests.fake_events import FakeEvents
 
@@ -173,7 +173,7 @@ class Bench:
     ) -> Row:
         tag = f"{self.run_id}-{len(self.rows)}"
         corpus = Corpus(shape.size, tag, reply_to=reply_to)
-        events_before = len(self.events.arrivals)
+        events_before = self.events.requests
         cpu_before = cpu_seconds(server.pid)
 
         def sent(message: Sent) -> None:
@@ -211,12 +211,10 @@ class Bench:
 
     def _wait_pages(self, result: LoadResult, events_before: int) -> None:
         wanted = sum(1 for s in result.sent if s.pages)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if len(self.events.arrivals) - events_before >= wanted:
-                return
-            time.sleep(0.02)
-        self.log(f"only {len(self.events.arrivals) - events_before} of {wanted} pages arrived")
+        try:
+            self.events.wait_for_requests(events_before + wanted, timeout=60)
+        except AssertionError:
+            self.log(f"only {self.events.requests - events_before} of {wanted} pages arrived")
 
     def _summarise(
         self, row: Row, result: LoadResult, watch: TicketWatch | None, events_before: int
@@ -236,8 +234,7 @@ class Bench:
         if watch is not None:
             ids = {s.inbound_id for s in sent if s.inbound_id is not None}
             filed = [watch.filed[i] for i in ids if i in watch.filed]
-            row.outcomes = dict(watch.outcomes)
-            watch.outcomes.clear()
+            row.outcomes = watch.take_outcomes()
             if filed:
                 delays = [(visible - accepted) * 1000 for accepted, visible in filed]
                 row.ticket_p50_ms = round(statistics.median(delays), 1)
@@ -305,9 +302,8 @@ class Bench:
         url = f"sqlite:///{folder / 'maild.db'}"
         server = Server.maild(folder, url, self.events.url, self.events.ca_file)
         with server, TicketWatch(url) as watch:
-            time.sleep(1.0)  # the parse workers are up
-            from bench.servers import descendants, rss_bytes
-
+            time.sleep(1.0)
+            # Before the first mail: the pool starts its workers on first use.
             idle = sum(rss_bytes(p) for p in descendants(server.pid)) / MIB
             shape = Shape(5, 1, size)
             row = self._row("maild", "sqlite", 0, shape)
@@ -447,7 +443,8 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"Memory: {memory['messages']} concurrent messages of {memory['size_mib']:g} MiB "
             f"(an attachment each) into maild on SQLite: peak RSS {memory['peak_rss_mib']:.0f} MiB "
-            f"for maild and its workers together (idle {memory['idle_rss_mib']:.0f} MiB); "
+            f"for maild and its workers together ({memory['idle_rss_mib']:.0f} MiB before "
+            "the first mail, when no worker has started); "
             f"peak PSS {memory['peak_pss_mib']:.0f} MiB (pages the processes share counted once).",
         ]
     return "\n".join(lines) + "\n"
