@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild.addresses import Address
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
-from maild.models import Inbound, Page, Ticket, as_utc
+from maild.models import Envelope, Page, Ticket, as_utc
 from maild.outbox import reopen
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def trigger_event(
     key: str,
     route: str,
     sender: Address | None,
-    inbound: Inbound,
+    inbound: Envelope,
     parsed: ParsedMessage,
     why: str,
 ) -> dict[str, Any]:
@@ -214,7 +214,7 @@ def plan_trigger(
     created: bool,
     reopened: bool,
     sender: Address | None,
-    inbound: Inbound,
+    inbound: Envelope,
     parsed: ParsedMessage,
     now: datetime,
 ) -> Page | None:

@@ -39,12 +39,12 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import defer
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from maild import addresses, hygiene
 from maild.acks import AckPolicy, plan_ack
@@ -64,6 +64,7 @@ from maild.mailer import mark_undeliverable
 from maild.models import (
     Attachment,
     Blob,
+    Envelope,
     Inbound,
     Message,
     Outmail,
@@ -121,42 +122,200 @@ def _with_ack(filed: Filed, outmail: Outmail | None) -> Filed:
     return replace(filed, ack_id=outmail.id, ack_status=outmail.status, ack_reason=outmail.reason)
 
 
-def _insert_ignore(session: Session, model: Any, values: dict[str, Any]) -> None:
+def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]]) -> None:
     """INSERT that does nothing when the row exists (content-addressed blobs)."""
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing())
+    session.execute(insert(model).on_conflict_do_nothing(), rows)
 
 
-def _thread_by_ids(session: Session, ids: Sequence[str]) -> int | None:
-    if not ids:
-        return None
-    hashes = [message_id_hash(i) for i in ids]
-    rows = session.exec(
-        select(Message.message_id_hash, Message.ticket_id).where(
-            col(Message.message_id_hash).in_(hashes)
-        )
-    ).all()
-    found = dict(rows)
-    for digest in hashes:
-        if digest in found:
-            return found[digest]
+# Filing works on the tables with plain Core statements built once, never through the
+# ORM's unit of work: with it, the flushes it ran before every query (and building a
+# statement per call) cost more than all the rest of filing.
+_TICKET = Ticket.__table__  # type: ignore[attr-defined]
+_MESSAGE = Message.__table__  # type: ignore[attr-defined]
+_PARTICIPANT = Participant.__table__  # type: ignore[attr-defined]
+_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_INSERT_TICKET = insert(_TICKET).returning(_TICKET.c.id)
+_INSERT_PARTICIPANT = insert(_PARTICIPANT)
+_INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
+_INSERT_ATTACHMENT = insert(Attachment.__table__)  # type: ignore[attr-defined]
+_SELECT_TICKETS = core_select(_TICKET).where(_TICKET.c.id.in_(bindparam("ids", expanding=True)))
+_SELECT_PEOPLE = core_select(_PARTICIPANT.c.ticket_id, _PARTICIPANT.c.email).where(
+    _PARTICIPANT.c.ticket_id.in_(bindparam("ids", expanding=True))
+)
+_SELECT_HASHES = core_select(_MESSAGE.c.message_id_hash, _MESSAGE.c.ticket_id).where(
+    _MESSAGE.c.message_id_hash.in_(bindparam("digests", expanding=True))
+)
+_UPDATE_TICKET = (
+    update(_TICKET)
+    .where(_TICKET.c.id == bindparam("ticket"))
+    .values(
+        status=bindparam("status"),
+        priority=bindparam("priority"),
+        updated_at=bindparam("updated_at"),
+    )
+)
+_UPDATE_INBOUND = (
+    update(_INBOUND)
+    .where(_INBOUND.c.id == bindparam("inbound"))
+    .values(
+        status=bindparam("status"),
+        error=bindparam("error"),
+        attempts=bindparam("attempts"),
+        processed_at=bindparam("processed_at"),
+        ticket_id=bindparam("ticket_id"),
+    )
+)
+_LOCK_INBOUND = (
+    core_select(
+        _INBOUND.c.id,
+        _INBOUND.c.protocol,
+        _INBOUND.c.mail_from,
+        _INBOUND.c.rcpt_tos,
+        _INBOUND.c.received_at,
+        _INBOUND.c.status,
+        _INBOUND.c.attempts,
+    )
+    .where(_INBOUND.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_INBOUND.c.id)
+    .with_for_update()
+)
+_IN_LIST = 500  # values per IN (…): well under every database's parameter limit
+
+
+class _Filing:
+    """What one transaction (or one savepoint) has read and has still to write.
+
+    Lookups are cached: the ticket of each Message-ID hash (None: stored nowhere
+    yet), tickets, and the addresses on each ticket. Rows every message writes
+    (participants, messages, ticket changes) wait here and go in together at
+    `flush`, one statement each; what the transaction adds updates the caches, so
+    a reply filed after its parent in the same batch finds it. A new ticket is
+    inserted at once, for its id. Anything that reads the tables itself (a
+    bounce, an acknowledgement) flushes first.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._ticket_of: dict[str, int | None] = {}
+        self._tickets: dict[int, Ticket] = {}
+        self._people: dict[int, set[str]] = {}
+        self._changed: dict[int, Ticket] = {}
+        self._participants: list[dict[str, Any]] = []
+        self._messages: list[tuple[dict[str, Any], Sequence[Any]]] = []
+
+    def learn(self, digests: Iterable[str]) -> None:
+        """Look up the tickets of these Message-ID hashes, those not known yet."""
+        wanted = list(dict.fromkeys(d for d in digests if d not in self._ticket_of))
+        for start in range(0, len(wanted), _IN_LIST):
+            part = wanted[start : start + _IN_LIST]
+            found = dict(self.session.execute(_SELECT_HASHES, {"digests": part}).all())
+            for digest in part:
+                self._ticket_of[digest] = found.get(digest)
+
+    def ticket_of(self, digest: str) -> int | None:
+        """The ticket holding the message with this Message-ID hash, or None."""
+        if digest not in self._ticket_of:
+            self.learn([digest])
+        return self._ticket_of[digest]
+
+    def ticket(self, ticket_id: int) -> Ticket | None:
+        """The ticket, read once per transaction; changes go through `changed`."""
+        if ticket_id not in self._tickets:
+            row = self.session.execute(_SELECT_TICKETS, {"ids": [ticket_id]}).first()
+            if row is None:
+                return None
+            self._tickets[ticket_id] = Ticket(**row._asdict())
+        return self._tickets[ticket_id]
+
+    def changed(self, ticket: Ticket) -> None:
+        assert ticket.id is not None
+        self._changed[ticket.id] = ticket
+
+    def new_ticket(self, values: dict[str, Any]) -> Ticket:
+        ticket_id = self.session.execute(_INSERT_TICKET, values).scalar_one()
+        ticket = Ticket(id=ticket_id, **values)
+        self._tickets[ticket_id] = ticket
+        self._people[ticket_id] = set()
+        return ticket
+
+    def people(self, ticket_id: int) -> set[str]:
+        """The addresses on the ticket, stored or added in this transaction."""
+        if ticket_id not in self._people:
+            rows = self.session.execute(_SELECT_PEOPLE, {"ids": [ticket_id]}).all()
+            self._people[ticket_id] = {email for _, email in rows}
+        return self._people[ticket_id]
+
+    def add_participant(self, row: dict[str, Any]) -> None:
+        self.people(row["ticket_id"]).add(row["email"])
+        self._participants.append(row)
+
+    def add_message(self, row: dict[str, Any], attachments: Sequence[Any] = ()) -> None:
+        self._ticket_of[row["message_id_hash"]] = row["ticket_id"]
+        self._messages.append((row, attachments))
+
+    def flush(self) -> None:
+        """Write what waits: ticket changes, participants, messages and their attachments.
+        A Message-ID stored meanwhile by another filer raises IntegrityError here."""
+        session = self.session
+        if self._changed:
+            session.execute(
+                _UPDATE_TICKET,
+                [
+                    {
+                        "ticket": t.id,
+                        "status": t.status,
+                        "priority": t.priority,
+                        "updated_at": t.updated_at,
+                    }
+                    for t in self._changed.values()
+                ],
+            )
+            self._changed.clear()
+        if self._participants:
+            session.execute(_INSERT_PARTICIPANT, self._participants)
+            self._participants = []
+        if self._messages:
+            rows = [row for row, _ in self._messages]
+            ids = session.execute(_INSERT_MESSAGE, rows).scalars().all()
+            blobs: dict[str, dict[str, Any]] = {}
+            files = []
+            for message_pk, (_, attachments) in zip(ids, self._messages, strict=True):
+                for attachment in attachments:
+                    blobs.setdefault(
+                        attachment.sha256,
+                        {
+                            "sha256": attachment.sha256,
+                            "size": attachment.size,
+                            "data": attachment.data,
+                        },
+                    )
+                    files.append(
+                        {
+                            "message_pk": message_pk,
+                            "filename": attachment.filename,
+                            "content_type": attachment.content_type,
+                            "size": attachment.size,
+                            "sha256": attachment.sha256,
+                        }
+                    )
+            self._messages = []
+            if blobs:
+                _insert_ignore(session, Blob, list(blobs.values()))
+                session.execute(_INSERT_ATTACHMENT, files)
+
+
+def _thread_by_ids(filing: _Filing, ids: Sequence[str]) -> int | None:
+    for message_id in ids:
+        ticket_id = filing.ticket_of(message_id_hash(message_id))
+        if ticket_id is not None:
+            return ticket_id
     return None
 
 
-def is_participant(session: Session, ticket_id: int, email: str) -> bool:
-    return (
-        session.exec(
-            select(Participant.id).where(
-                Participant.ticket_id == ticket_id, Participant.email == email.lower()
-            )
-        ).first()
-        is not None
-    )
-
-
 def find_thread(
-    session: Session,
+    filing: _Filing,
     parsed: ParsedMessage,
     sender: str,
     recipients: Sequence[str] = (),
@@ -169,21 +328,21 @@ def find_thread(
     """
     if acks is not None:
         by_token = acks.ticket_for(list(recipients))
-        ticket = session.get(Ticket, by_token) if by_token is not None else None
+        ticket = filing.ticket(by_token) if by_token is not None else None
         if ticket is not None:
             return ticket, "reply-address"
-    ticket_id = _thread_by_ids(session, parsed.in_reply_to)
+    ticket_id = _thread_by_ids(filing, parsed.in_reply_to)
     how = "in-reply-to"
     if ticket_id is None:
-        ticket_id = _thread_by_ids(session, list(reversed(parsed.references)))
+        ticket_id = _thread_by_ids(filing, list(reversed(parsed.references)))
         how = "references"
     if ticket_id is not None:
-        return session.get(Ticket, ticket_id), how
+        return filing.ticket(ticket_id), how
     if sender:
         for match in SUBJECT_TAG.finditer(parsed.subject):
             candidate = int(match.group(1))
-            if is_participant(session, candidate, sender):
-                return session.get(Ticket, candidate), "subject-tag"
+            if sender.lower() in filing.people(candidate):
+                return filing.ticket(candidate), "subject-tag"
     return None, None
 
 
@@ -200,38 +359,20 @@ def _sender(parsed: ParsedMessage, mail_from: str) -> Address | None:
     return None
 
 
-# The rows every message writes go in as plain Core INSERTs on the tables, built once:
-# the ORM's unit of work (and building a statement per call) cost more than all the
-# rest of filing.
-_INSERT_PARTICIPANT = insert(Participant.__table__)  # type: ignore[attr-defined]
-_INSERT_MESSAGE = insert(Message.__table__).returning(  # type: ignore[attr-defined]
-    Message.__table__.c.id  # type: ignore[attr-defined]
-)
-_INSERT_ATTACHMENT = insert(Attachment.__table__)  # type: ignore[attr-defined]
-_TICKET_OF_MESSAGE = select(Message.ticket_id).where(Message.message_id_hash == bindparam("digest"))
-
-
 def _add_participants(
-    session: Session,
+    filing: _Filing,
     ticket: Ticket,
     people: Iterable[tuple[Address, ParticipantRole]],
     table: RuleTable,
     now: datetime,
-    new_ticket: bool = False,
 ) -> None:
     assert ticket.id is not None
-    known: set[str] = set()
-    if not new_ticket:  # a ticket made a moment ago has no one yet
-        known.update(
-            session.exec(select(Participant.email).where(Participant.ticket_id == ticket.id)).all()
-        )
-    rows = []
+    known = filing.people(ticket.id)
     for person, role in people:
         email = person.email.lower()
         if not email or email in known or table.is_ours(email):
             continue
-        known.add(email)
-        rows.append(
+        filing.add_participant(
             {
                 "ticket_id": ticket.id,
                 "email": email,
@@ -240,29 +381,22 @@ def _add_participants(
                 "created_at": now,
             }
         )
-    if rows:  # one INSERT for all of them, past the ORM's unit of work (the hot path)
-        session.execute(_INSERT_PARTICIPANT, rows)
 
 
 def _store_message(
-    session: Session,
+    filing: _Filing,
     ticket: Ticket,
-    inbound: Inbound,
+    inbound: Envelope,
     parsed: ParsedMessage,
     route: Decision | None,
     now: datetime,
     kind: MessageKind = MessageKind.HUMAN,
     auto_reasons: Sequence[str] = (),
     report: DeliveryReport | None = None,
-) -> int:
-    """Insert the message (and its attachments); its primary key.
-
-    A plain INSERT … RETURNING rather than an ORM object: this runs for every
-    message, and the unit of work costs more than the rest of filing. The unique
-    Message-ID hash is checked here, inside the caller's savepoint."""
+) -> None:
+    """Queue the message (and its attachments) for the transaction's flush."""
     assert ticket.id is not None
-    message_pk: int = session.execute(
-        _INSERT_MESSAGE,
+    filing.add_message(
         dict(
             ticket_id=ticket.id,
             inbound_id=inbound.id,
@@ -286,56 +420,40 @@ def _store_message(
             report=report.as_dict() if report else None,
             created_at=now,
         ),
-    ).scalar_one()
-    for attachment in parsed.attachments:
-        _insert_ignore(
-            session,
-            Blob,
-            {"sha256": attachment.sha256, "size": attachment.size, "data": attachment.data},
-        )
-        session.execute(
-            _INSERT_ATTACHMENT,
-            dict(
-                message_pk=message_pk,
-                filename=attachment.filename,
-                content_type=attachment.content_type,
-                size=attachment.size,
-                sha256=attachment.sha256,
-            ),
-        )
-    return message_pk
+        parsed.attachments,
+    )
 
 
-def _raise_priority(ticket: Ticket, route: Decision) -> None:
+def _raise_priority(filing: _Filing, ticket: Ticket, route: Decision) -> None:
     if route.priority.rank > Priority(ticket.priority).rank:
         ticket.priority = route.priority.value
+        filing.changed(ticket)
 
 
-def _envelope_sender(inbound: Inbound) -> str | None:
+def _envelope_sender(inbound: Envelope) -> str | None:
     """MAIL FROM ("" is `<>`), or None when a pipe delivery passed no sender."""
     if inbound.protocol == "pipe" and not inbound.mail_from:
         return None
     return inbound.mail_from
 
 
-def _mark(inbound: Inbound, status: InboundStatus, now: datetime, ticket_id: int | None) -> None:
+def _mark(inbound: Envelope, status: InboundStatus, now: datetime, ticket_id: int | None) -> None:
     inbound.status = status.value
     inbound.ticket_id = ticket_id
     inbound.processed_at = now
     inbound.error = None
 
 
-def _drop(inbound: Inbound, reason: str, now: datetime, kind: MessageKind) -> Filed:
+def _drop(inbound: Envelope, reason: str, now: datetime, kind: MessageKind) -> Filed:
     """Keep the delivery, file nothing: the reason is its error text."""
-    assert inbound.id is not None
     _mark(inbound, InboundStatus.DROPPED, now, None)
     inbound.error = reason[:4000]
     return Filed(inbound.id, "dropped", error=inbound.error, kind=kind.value)
 
 
 def _file_bounce(
-    session: Session,
-    inbound: Inbound,
+    filing: _Filing,
+    inbound: Envelope,
     parsed: ParsedMessage,
     report: DeliveryReport,
     reasons: list[str],
@@ -343,7 +461,8 @@ def _file_bounce(
     now: datetime,
 ) -> Filed:
     """Attach a DSN to the ticket of the message it reports on; never a new ticket."""
-    assert inbound.id is not None
+    filing.flush()  # what follows reads participants, messages and outmail itself
+    session = filing.session
     original: Message | None = None
     if report.original_message_id:
         original = session.exec(
@@ -351,10 +470,10 @@ def _file_bounce(
                 Message.message_id_hash == message_id_hash(report.original_message_id)
             )
         ).first()
-    ticket: Ticket | None = session.get(Ticket, original.ticket_id) if original else None
+    ticket = filing.ticket(original.ticket_id) if original else None
     if ticket is None and acks is not None:  # the report left out the original: its address
         by_token = acks.ticket_for(list(inbound.rcpt_tos))
-        ticket = session.get(Ticket, by_token) if by_token is not None else None
+        ticket = filing.ticket(by_token) if by_token is not None else None
     if ticket is None:
         about = report.original_message_id or "none given"
         return _drop(
@@ -381,7 +500,7 @@ def _file_bounce(
                 row.error = why[:1000]
                 session.add(row)
     _store_message(
-        session,
+        filing,
         ticket,
         inbound,
         parsed,
@@ -402,15 +521,15 @@ def _file_bounce(
 
 
 def file_message(
-    session: Session,
+    filing: _Filing,
     table: RuleTable,
-    inbound: Inbound,
+    inbound: Envelope,
     parsed: ParsedMessage,
     policy: EscalationPolicy | None = None,
     acks: AckPolicy | None = None,
 ) -> Filed:
     """File one delivery; raises ProcessingError (or anything) to have it marked failed."""
-    assert inbound.id is not None
+    session = filing.session
     now = utcnow()
     if acks is not None:
         loop = hygiene.loop_reason(
@@ -428,14 +547,12 @@ def file_message(
         headers=tuple(parsed.headers),
     )
     routes, unrouted = table.decide_all(inbound.rcpt_tos, context)
-    existing = session.exec(
-        _TICKET_OF_MESSAGE, params={"digest": message_id_hash(parsed.message_id)}
-    ).first()
+    existing = filing.ticket_of(message_id_hash(parsed.message_id))
     if existing is not None:
-        ticket = session.get(Ticket, existing)
+        ticket = filing.ticket(existing)
         assert ticket is not None
         if routes:
-            _raise_priority(ticket, best_decision(routes))
+            _raise_priority(filing, ticket, best_decision(routes))
         _mark(inbound, InboundStatus.DUPLICATE, now, ticket.id)
         page = None
         if policy is not None:  # the same message reached sysops@ in a second delivery
@@ -459,7 +576,7 @@ def file_message(
     )
     if parsed.report is not None:
         reasons = ["delivery status notification", *reasons]
-        return _file_bounce(session, inbound, parsed, parsed.report, reasons, acks, now)
+        return _file_bounce(filing, inbound, parsed, parsed.report, reasons, acks, now)
     kind = MessageKind.AUTO if reasons else MessageKind.HUMAN
     if not routes:
         raise ProcessingError(
@@ -471,26 +588,26 @@ def file_message(
     if route.drop:
         return _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
     ticket, how = find_thread(
-        session, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
+        filing, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
     )
     others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
     if ticket is None:
-        ticket = Ticket(
-            type=route.type.value,
-            priority=route.priority.value,
-            status=TicketStatus.OPEN.value,
-            subject=parsed.subject,
-            requester_email=sender.email if sender else "",
-            requester_name=sender.name if sender else "",
-            rule=route.name,
-            rules_version=table.version,
-            application=route.application,
-            tags=list(route.tags),
-            created_at=now,
-            updated_at=now,
+        ticket = filing.new_ticket(
+            dict(
+                type=route.type.value,
+                priority=route.priority.value,
+                status=TicketStatus.OPEN.value,
+                subject=parsed.subject,
+                requester_email=sender.email if sender else "",
+                requester_name=sender.name if sender else "",
+                rule=route.name,
+                rules_version=table.version,
+                application=route.application,
+                tags=list(route.tags),
+                created_at=now,
+                updated_at=now,
+            )
         )
-        session.add(ticket)
-        session.flush()
         outcome = "created"
         reopened = False
         people = ([(sender, ParticipantRole.REQUESTER)] if sender else []) + others
@@ -499,13 +616,13 @@ def file_message(
         reopened = kind == MessageKind.HUMAN and TicketStatus(ticket.status) in REOPENS
         if reopened:
             ticket.status = TicketStatus.OPEN.value
-        _raise_priority(ticket, route)
+        _raise_priority(filing, ticket, route)
         ticket.updated_at = now
-        session.add(ticket)
+        filing.changed(ticket)
         outcome = "threaded"
         people = ([(sender, ParticipantRole.CC)] if sender else []) + others
-    _add_participants(session, ticket, people, table, now, new_ticket=outcome == "created")
-    _store_message(session, ticket, inbound, parsed, route, now, kind=kind, auto_reasons=reasons)
+    _add_participants(filing, ticket, people, table, now)
+    _store_message(filing, ticket, inbound, parsed, route, now, kind=kind, auto_reasons=reasons)
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     page = None
     if policy is not None:
@@ -529,6 +646,7 @@ def file_message(
         and acks.enabled
         and route.ack
     ):
+        filing.flush()  # the acknowledgement reads the ticket's participants
         try:
             with session.begin_nested():  # an acknowledgement problem never costs the ticket
                 outmail = plan_ack(
@@ -559,12 +677,19 @@ def file_message(
     return _with_ack(_with_page(filed, page), outmail)
 
 
-def _mark_failed(inbound: Inbound, error: str) -> Filed:
-    assert inbound.id is not None
+def _mark_failed(inbound: Envelope, error: str) -> Filed:
     inbound.status = InboundStatus.FAILED.value
     inbound.error = error[:4000]
     inbound.processed_at = utcnow()
+    inbound.ticket_id = None
     return Filed(inbound.id, "failed", error=inbound.error)
+
+
+def _digests(parsed: ParsedMessage) -> list[str]:
+    """The Message-ID hashes filing this message may look up."""
+    return [
+        message_id_hash(i) for i in [parsed.message_id, *parsed.in_reply_to, *parsed.references]
+    ]
 
 
 def file_batch(
@@ -581,60 +706,92 @@ def file_batch(
     A unique-index race on the Message-ID (another instance filed the same
     message a moment ago) is retried once, and then files as a duplicate.
 
-    The whole batch is first filed in one savepoint. Only when something in it
-    raises is that savepoint rolled back and the batch filed again, each delivery
-    in a savepoint of its own, so that the failure stays with its delivery: a
-    savepoint per message costs more than the rest of filing a reply.
+    The whole batch is first filed in one savepoint, its Message-ID lookups made
+    in one query and its rows written together (_Filing). Only when something in
+    it raises is that savepoint rolled back and the batch filed again, each
+    delivery in a savepoint of its own with nothing cached, so that the failure
+    stays with its delivery. Every delivery's outcome is then written in one
+    UPDATE.
     """
     # FOR UPDATE on PostgreSQL, in id order: a second filer of the same deliveries (the
     # daemon and `maild ingest`, or two instances) waits here, then sees they are done.
     # SQLite's BEGIN IMMEDIATE already serialises writers. The raw bytes stay unread:
     # filing works from the parsed message.
-    rows = session.exec(
-        select(Inbound)
-        .where(col(Inbound.id).in_([inbound_id for inbound_id, _ in items]))
-        .order_by(col(Inbound.id))
-        .options(defer(Inbound.raw))  # type: ignore[arg-type]
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).all()
-    by_id = {row.id: row for row in rows}
-    todo: list[tuple[Inbound, ParsedMessage | BaseException]] = []
+    rows = session.execute(_LOCK_INBOUND, {"ids": [inbound_id for inbound_id, _ in items]}).all()
+    by_id = {row[0]: Envelope(*row) for row in rows}
+    todo: list[tuple[Envelope, ParsedMessage | BaseException]] = []
     for inbound_id, parsed in items:
         inbound = by_id.get(inbound_id)
         if inbound is None or inbound.status not in (InboundStatus.RECEIVED, InboundStatus.FAILED):
             continue  # already handled (by reprocess, or by another instance)
         inbound.attempts += 1
-        session.add(inbound)
         todo.append((inbound, parsed))
     try:
-        with session.begin_nested():
-            return [
-                _file_or_fail(session, table, inbound, parsed, policy, acks)
-                for inbound, parsed in todo
-            ]
-    except Exception:  # noqa: S110 (filed again below, one savepoint each, to find which)
-        pass
-    results = []
-    for inbound, parsed in todo:
-        for attempt in (1, 2):
-            try:
-                with session.begin_nested():
-                    results.append(_file_or_fail(session, table, inbound, parsed, policy, acks))
-                break
-            except IntegrityError as exc:
-                if attempt == 2:
-                    results.append(_mark_failed(inbound, f"store: {exc.orig}"))
-            except Exception as exc:
-                results.append(_mark_failed(inbound, f"{type(exc).__name__}: {exc}"))
-                break
+        results = _file_in_savepoint(session, table, todo, policy, acks)
+    except Exception:  # filed again one by one, to find which
+        results = [_file_alone(session, table, *item, policy, acks) for item in todo]
+    if todo:
+        session.execute(
+            _UPDATE_INBOUND,
+            [
+                {
+                    "inbound": e.id,
+                    "status": e.status,
+                    "error": e.error,
+                    "attempts": e.attempts,
+                    "processed_at": e.processed_at,
+                    "ticket_id": e.ticket_id,
+                }
+                for e, _ in todo
+            ],
+        )
     return results
 
 
-def _file_or_fail(
+def _file_in_savepoint(
     session: Session,
     table: RuleTable,
-    inbound: Inbound,
+    todo: Sequence[tuple[Envelope, ParsedMessage | BaseException]],
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
+) -> list[Filed]:
+    """These deliveries in one savepoint, their lookups and writes made together.
+    Raises, with nothing written, when filing any of them raises."""
+    with session.begin_nested():
+        filing = _Filing(session)
+        filing.learn(d for _, p in todo if not isinstance(p, BaseException) for d in _digests(p))
+        results = [
+            _file_or_fail(filing, table, inbound, parsed, policy, acks) for inbound, parsed in todo
+        ]
+        filing.flush()
+    return results
+
+
+def _file_alone(
+    session: Session,
+    table: RuleTable,
+    inbound: Envelope,
+    parsed: ParsedMessage | BaseException,
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
+) -> Filed:
+    """One delivery in a savepoint of its own; a failure is marked on it, not raised."""
+    for attempt in (1, 2):
+        try:
+            (filed,) = _file_in_savepoint(session, table, [(inbound, parsed)], policy, acks)
+            return filed
+        except IntegrityError as exc:  # another filer stored the Message-ID meanwhile
+            if attempt == 2:
+                return _mark_failed(inbound, f"store: {exc.orig}")
+        except Exception as exc:
+            return _mark_failed(inbound, f"{type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _file_or_fail(
+    filing: _Filing,
+    table: RuleTable,
+    inbound: Envelope,
     parsed: ParsedMessage | BaseException,
     policy: EscalationPolicy | None,
     acks: AckPolicy | None,
@@ -642,4 +799,4 @@ def _file_or_fail(
     """One delivery: a parse failure is marked failed here; a filing failure raises."""
     if isinstance(parsed, BaseException):
         return _mark_failed(inbound, f"parse: {type(parsed).__name__}: {parsed}")
-    return file_message(session, table, inbound, parsed, policy, acks)
+    return file_message(filing, table, inbound, parsed, policy, acks)

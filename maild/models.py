@@ -17,6 +17,7 @@ outmail_rcpt one recipient of an outgoing mail: sent, refused, bounced or withhe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,6 +66,23 @@ class Inbound(SQLModel, table=True):
     processed_at: datetime | None = None
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     raw: bytes = Field(sa_type=LargeBinary)
+
+
+@dataclass(slots=True)
+class Envelope:
+    """An inbound row as filing reads and marks it: the envelope and the outcome, never
+    the raw bytes. Filing writes the outcome back in one UPDATE per transaction."""
+
+    id: int
+    protocol: str
+    mail_from: str
+    rcpt_tos: list[str]
+    received_at: datetime
+    status: str
+    attempts: int
+    error: str | None = None
+    processed_at: datetime | None = None
+    ticket_id: int | None = None
 
 
 class Ticket(SQLModel, table=True):

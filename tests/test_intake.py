@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import event
 from sqlmodel import select
 
 from maild.database import Database
@@ -16,7 +17,7 @@ from maild.models import Inbound, Message
 from maild.parsing import ParsedMessage, parse_message
 from maild.rules import load_rules
 from maild.spool import Delivery, insert_deliveries
-from maild.tickets import set_status
+from maild.tickets import set_status, show_ticket
 from tests.conftest import RunningMaild, mail
 
 
@@ -319,5 +320,83 @@ def test_a_failure_in_a_batch_stays_with_its_delivery(database_url: str, rules_d
             ("failed", 1, None),
         ]
         assert database.run_read(lambda s: len(s.exec(select(Message)).all())) == 2
+    finally:
+        database.close()
+
+
+def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path) -> None:
+    """Filed together in one transaction, with its lookups made once and its rows written
+    at the end: each delivery still sees what the ones before it in the batch did.
+
+    A reply reopens a solved ticket and adds Carol; Carol's next mail finds the ticket
+    by its subject tag (she is on it now, though not yet written); the same message
+    delivered twice is one duplicate; and a reply to a new ticket of the same batch
+    joins it. Nothing here fails, so no delivery is filed a second time."""
+    table = load_rules(rules_dir)
+    database = Database(database_url)
+    database.create_schema()
+
+    def file(*messages: Any) -> list[Any]:
+        deliveries = [
+            Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], m.as_bytes())
+            for m in messages
+        ]
+        ids = database.run_write(lambda s: insert_deliveries(s, deliveries))
+        items: list[tuple[int, ParsedMessage | BaseException]] = [
+            (i, parse_message(d.raw)) for i, d in zip(ids, deliveries, strict=True)
+        ]
+        return database.run_write(partial(file_batch, table=table, items=items))
+
+    try:
+        first = mail("Disk full")
+        (earlier,) = file(first)
+        ticket = earlier.ticket_id
+        assert ticket is not None
+        database.run_write(partial(set_status, ticket_id=ticket, status=TicketStatus.SOLVED))
+
+        carol = "Carol Example <carol@customer.example>"
+        reopening = mail("Re: Disk full", frm=carol, In_Reply_To=first["Message-ID"])
+        tagged = mail(f"[#{ticket}] one more thing", frm=carol)
+        fresh = mail("Certificate expired")
+        answer = mail("Re: Certificate expired", In_Reply_To=fresh["Message-ID"])
+        savepoints: list[str] = []
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("SAVEPOINT"):
+                savepoints.append(statement)
+
+        event.listen(database.write_engine, "before_cursor_execute", count)
+        filed = file(reopening, tagged, tagged, fresh, answer)
+        event.remove(database.write_engine, "before_cursor_execute", count)
+        assert len(savepoints) == 1, "the batch was filed again one by one"
+
+        assert [(f.outcome, f.threaded_by) for f in filed] == [
+            ("threaded", "in-reply-to"),
+            ("threaded", "subject-tag"),
+            ("duplicate", None),
+            ("created", None),
+            ("threaded", "in-reply-to"),
+        ]
+        assert [f.ticket_id for f in filed[:3]] == [ticket] * 3
+        assert filed[4].ticket_id == filed[3].ticket_id != ticket
+        view = database.run_read(lambda s: show_ticket(s, ticket))
+        assert view["status"] == "open"
+        assert [p["email"] for p in view["participants"]] == [
+            "alice@customer.example",
+            "carol@customer.example",
+        ]
+        assert view["message_count"] == 3
+        rows = database.run_read(
+            lambda s: s.exec(
+                select(Inbound.status, Inbound.attempts, Inbound.ticket_id).order_by(Inbound.id)
+            ).all()
+        )
+        assert [tuple(r) for r in rows[1:]] == [
+            ("processed", 1, ticket),
+            ("processed", 1, ticket),
+            ("duplicate", 1, ticket),
+            ("processed", 1, filed[3].ticket_id),
+            ("processed", 1, filed[3].ticket_id),
+        ]
     finally:
         database.close()
