@@ -149,7 +149,7 @@ class Bench:
         self.rows: list[Row] = []
         self.memory: dict[str, Any] = {}
         self.seconds = 1.0 if self.quick else args.seconds
-        self.events = FakeEvents(folder / "events").start()
+        self.events = FakeEvents(folder / "events", keep_alive=True).start()
         self.run_id = uuid.uuid4().hex[:6]
 
     def close(self) -> None:

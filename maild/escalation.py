@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exists, func
-from sqlalchemy.orm import aliased
+from sqlalchemy import bindparam, exists, func, update
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from maild.addresses import Address
@@ -296,6 +296,53 @@ class PageJob:
     created_at: datetime
 
 
+_PAGE = Page.__table__  # type: ignore[attr-defined]
+_EARLIER = _PAGE.alias("earlier")
+_DUE = (
+    core_select(
+        _PAGE.c.id,
+        _PAGE.c.ticket_id,
+        _PAGE.c.action,
+        _PAGE.c.dedup_key,
+        _PAGE.c.event,
+        _PAGE.c.attempts,
+        _PAGE.c.queued_at,
+        _PAGE.c.created_at,
+        _PAGE.c.claimed_by,
+    )
+    .where(
+        _PAGE.c.status == PageStatus.PENDING.value,
+        _PAGE.c.next_attempt_at <= bindparam("now"),
+        ~exists().where(
+            _EARLIER.c.dedup_key == _PAGE.c.dedup_key,
+            _EARLIER.c.id < _PAGE.c.id,
+            _EARLIER.c.status == PageStatus.PENDING.value,
+        ),
+    )
+    .order_by(_PAGE.c.id)
+    .limit(bindparam("limit"))
+)
+_PENDING_RESOLVES = (
+    core_select(_PAGE.c.id, _PAGE.c.dedup_key)
+    .where(
+        _PAGE.c.dedup_key.in_(bindparam("keys", expanding=True)),
+        _PAGE.c.action == PageAction.RESOLVE.value,
+        _PAGE.c.status == PageStatus.PENDING.value,
+    )
+    .order_by(_PAGE.c.id)
+)
+_LEASE = (
+    update(_PAGE)
+    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
+    .values(next_attempt_at=bindparam("until"), claimed_by=bindparam("claimer"))
+)
+_WITHHOLD_CLOSED = (
+    update(_PAGE)
+    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status=PageStatus.WITHHELD.value, reason=CLOSED_BEFORE_SENT)
+)
+
+
 def claim_due(
     session: Session, now: datetime, limit: int, lease: float, claimer: str = ""
 ) -> list[PageJob]:
@@ -305,63 +352,47 @@ def claim_due(
     a resolve never overtakes its trigger. A trigger never claimed (so never
     sent) whose ticket was closed meanwhile is withheld together with its
     resolve: nobody is woken for a ticket that is already closed. On PostgreSQL rows are taken
-    FOR UPDATE SKIP LOCKED, so several daemons share the outbox.
+    FOR UPDATE SKIP LOCKED, so several daemons share the outbox. Three statements
+    at most, however many pages are due: it runs for nearly every batch sysops@
+    mail is filed in.
     """
-    earlier = aliased(Page)
-    blocked = exists().where(
-        col(earlier.dedup_key) == col(Page.dedup_key),
-        col(earlier.id) < col(Page.id),
-        col(earlier.status) == PageStatus.PENDING.value,
-    )
-    query = (
-        select(Page)
-        .where(
-            Page.status == PageStatus.PENDING.value,
-            col(Page.next_attempt_at) <= now,
-            ~blocked,
-        )
-        .order_by(col(Page.id))
-        .limit(limit)
-    )
+    query = _DUE
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Page)
+        query = query.with_for_update(skip_locked=True, of=_PAGE)
+    rows = session.execute(query, {"now": now, "limit": limit}).all()
+    # Never claimed, so never sent (a claimed one may have reached PagerDuty before a
+    # crash, even with no attempt recorded): withheld if its resolve is queued already.
+    fresh = [r for r in rows if r.action == PageAction.TRIGGER and not r.claimed_by]
+    resolves: dict[str, list[int]] = {}
+    if fresh:
+        keys = list({r.dedup_key for r in fresh})
+        for resolve_id, key in session.execute(_PENDING_RESOLVES, {"keys": keys}).all():
+            resolves.setdefault(key, []).append(resolve_id)
+    withheld: list[int] = []
     jobs = []
-    for page in session.exec(query).all():
-        assert page.id is not None
-        if page.action == PageAction.TRIGGER and not page.claimed_by:
-            # Never claimed, so never sent (a claimed one may have reached PagerDuty
-            # before a crash, even with no attempt recorded).
-            resolve = session.exec(
-                select(Page)
-                .where(
-                    Page.dedup_key == page.dedup_key,
-                    col(Page.id) > page.id,
-                    Page.action == PageAction.RESOLVE.value,
-                    Page.status == PageStatus.PENDING.value,
-                )
-                .order_by(col(Page.id))
-            ).first()
+    for row in rows:
+        if row.action == PageAction.TRIGGER and not row.claimed_by:
+            resolve = next((i for i in resolves.get(row.dedup_key, []) if i > row.id), None)
             if resolve is not None:
-                for row in (page, resolve):
-                    row.status = PageStatus.WITHHELD.value
-                    row.reason = CLOSED_BEFORE_SENT
-                    session.add(row)
+                withheld += [row.id, resolve]
                 continue
-        page.next_attempt_at = now + timedelta(seconds=lease)
-        page.claimed_by = claimer
-        session.add(page)
         jobs.append(
             PageJob(
-                id=page.id,
-                ticket_id=page.ticket_id,
-                action=page.action,
-                dedup_key=page.dedup_key,
-                event=dict(page.event),
-                attempts=page.attempts,
-                queued_at=as_utc(page.queued_at),
-                created_at=as_utc(page.created_at),
+                id=row.id,
+                ticket_id=row.ticket_id,
+                action=row.action,
+                dedup_key=row.dedup_key,
+                event=dict(row.event),
+                attempts=row.attempts,
+                queued_at=as_utc(row.queued_at),
+                created_at=as_utc(row.created_at),
             )
         )
+    if withheld:
+        session.execute(_WITHHOLD_CLOSED, {"ids": withheld})
+    if jobs:
+        until = now + timedelta(seconds=lease)
+        session.execute(_LEASE, {"ids": [j.id for j in jobs], "until": until, "claimer": claimer})
     return jobs
 
 

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import structlog
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 from tenacity import (
     AsyncRetrying,
@@ -203,23 +203,21 @@ def record_outcome(
 ) -> None:
     """The outcome of one or more attempts on an outbox row (a Page or an Outmail):
     sent, failed, or pending until next_attempt_at. A row no longer pending (retried,
-    withheld or sent meanwhile by another instance or the CLI) is left alone."""
-    row = session.get(model, row_id, with_for_update=True)
-    if row is None or row.status != "pending":
-        return
-    row.attempts = attempts
-    row.status = status
+    withheld or sent meanwhile by another instance or the CLI) is left alone. One
+    UPDATE, no read first."""
+    values: dict[str, Any] = {"attempts": attempts, "status": status}
     if status == "sent":
-        row.sent_at = now or utcnow()
-        row.last_error = None
-        row.reason = None
+        values.update(sent_at=now or utcnow(), last_error=None, reason=None)
     else:
-        row.last_error = error[:4000] if error else None
+        values["last_error"] = error[:4000] if error else None
         if status == "failed":
-            row.reason = row.last_error
+            values["reason"] = values["last_error"]
     if next_attempt_at is not None:
-        row.next_attempt_at = next_attempt_at
-    session.add(row)
+        values["next_attempt_at"] = next_attempt_at
+    table = model.__table__
+    session.execute(
+        update(table).where(table.c.id == row_id, table.c.status == "pending").values(**values)
+    )
 
 
 def release_claims(session: Session, model: Any, claimer: str, now: datetime) -> int:

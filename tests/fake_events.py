@@ -103,14 +103,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"  # as PagerDuty: one connection carries many events
+
+
 class FakeEvents:
     """PagerDuty Events API v2 on https://127.0.0.1:PORT; a context manager that starts it.
 
     The CA file exists from construction, so a daemon can be configured (and
     started) before the server listens; `port` binds a given port for that.
+    Each request gets a connection of its own unless `keep_alive`, which the
+    benchmark sets: there a TLS handshake per event would be a cost PagerDuty's
+    own keep-alive does not have.
     """
 
-    def __init__(self, folder: Path, port: int = 0) -> None:
+    def __init__(self, folder: Path, port: int = 0, keep_alive: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.ca = trustme.CA()
         self.ca_file = folder / "events-ca.pem"
@@ -118,6 +125,7 @@ class FakeEvents:
         self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ca.issue_cert("127.0.0.1").configure_cert(self.server_context)
         self.port = port
+        self.keep_alive = keep_alive
         self.handler_errors = 0
         self._lock = threading.Condition()
         self._events: list[dict[str, Any]] = []
@@ -133,7 +141,9 @@ class FakeEvents:
     # Lifecycle.
 
     def start(self) -> FakeEvents:
-        server = _Server(("127.0.0.1", self.port), _Handler)
+        server = _Server(
+            ("127.0.0.1", self.port), _KeepAliveHandler if self.keep_alive else _Handler
+        )
         server.fake = self
         self.port = server.server_address[1]
         self._server = server

@@ -14,7 +14,7 @@ import smtplib
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from maild.database import Database
 from maild.enums import TicketStatus
 from maild.escalation import CLOSED_BEFORE_SENT, list_pages
 from maild.logs import configure_logging
-from maild.models import Page
+from maild.models import Page, Ticket, as_utc
+from maild.outbox import record_outcome
 from maild.tickets import list_tickets, set_status
 from tests.conftest import RunningMaild, mail, wait_until
 from tests.daemon import Daemon
@@ -986,3 +987,49 @@ def test_a_ticket_closed_before_its_page_was_sent_pages_nobody(
     assert [row["reason"] for row in rows] == [CLOSED_BEFORE_SENT] * 2
     assert view["status"] == "closed"
     assert events.requests == 0
+
+
+def test_an_outcome_is_recorded_only_on_a_page_still_pending(database_url: str) -> None:
+    """The pager writes what became of a send in one UPDATE: it lands on a pending row,
+    and leaves alone a row someone withheld or sent meanwhile (the CLI, another
+    instance) while the send was in flight."""
+    database = Database(database_url)
+    database.create_schema()
+    try:
+
+        def setup(session: Any) -> list[int]:
+            ticket = Ticket(type="incident", priority="urgent", subject="Site down")
+            session.add(ticket)
+            session.flush()
+            pages = [
+                Page(ticket_id=ticket.id, action="trigger", dedup_key=f"k{n}", status=status)
+                for n, status in enumerate(("pending", "withheld", "pending"))
+            ]
+            session.add_all(pages)
+            session.flush()
+            return [p.id for p in pages]
+
+        pending, withheld, retrying = database.run_write(setup)
+        sent_at = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+        for page_id in (pending, withheld):
+            database.run_write(
+                lambda s, page_id=page_id: record_outcome(
+                    s, Page, page_id, attempts=2, status="sent", now=sent_at
+                )
+            )
+        later = datetime(2026, 11, 24, 11, 0, tzinfo=UTC)
+        database.run_write(
+            lambda s: record_outcome(
+                s, Page, retrying, attempts=1, status="pending", error="503", next_attempt_at=later
+            )
+        )
+        rows = {p.id: p for p in database.run_read(lambda s: list(s.exec(select(Page)).all()))}
+        assert (rows[pending].status, rows[pending].attempts) == ("sent", 2)
+        assert rows[pending].sent_at is not None
+        assert as_utc(rows[pending].sent_at) == sent_at
+        assert (rows[withheld].status, rows[withheld].attempts) == ("withheld", 0)
+        assert rows[withheld].sent_at is None
+        assert (rows[retrying].status, rows[retrying].last_error) == ("pending", "503")
+        assert as_utc(rows[retrying].next_attempt_at) == later
+    finally:
+        database.close()
