@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, create_engine
 
@@ -181,6 +181,27 @@ class Database:
     def run_read(self, work: Callable[[Session], T]) -> T:
         with self.read_session() as session:
             return work(session)
+
+    # The daemon's hot statements (the spool's inserts, the processor's claims, the
+    # outboxes' polls and outcomes) are all Core: on a plain connection they skip an ORM
+    # session's set-up, which cost more than the statement (a poll: 267 → 61 µs).
+
+    def run_write_core(self, work: Callable[[Connection], T]) -> T:
+        """As run_write, on a connection rather than a session."""
+        with writer_lock(self._lock_path, self.busy_timeout), self.write_engine.begin() as conn:
+            return work(conn)
+
+    def run_read_core(self, work: Callable[[Connection], T]) -> T:
+        with self.read_engine.connect() as connection:
+            return work(connection)
+
+    async def write_core(self, work: Callable[[Connection], T]) -> T:
+        """As write, on a connection rather than a session."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self.run_write_core, work)
+
+    async def read_core(self, work: Callable[[Connection], T]) -> T:
+        return await asyncio.to_thread(self.run_read_core, work)
 
     async def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one committed transaction on the writer thread."""

@@ -24,6 +24,8 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 from sqlalchemy import func, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 from tenacity import (
     AsyncRetrying,
@@ -77,7 +79,7 @@ class OutboxWorker(Generic[Job]):
     def release(self, session: Session, claimer: str, now: datetime) -> int:
         return release_claims(session, self.model, claimer, now)
 
-    def next_due(self, session: Session) -> datetime | None:
+    def next_due(self, session: Session | Connection) -> datetime | None:
         return next_due(session, self.model)
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Job]:
@@ -127,7 +129,7 @@ class OutboxWorker(Generic[Job]):
             self._wake.clear()
             wait = self._poll
             try:
-                due = await self._database.read(self.next_due)  # a read: no write lock when idle
+                due = await self._database.read_core(self.next_due)  # no write lock when idle
                 if due is not None and due <= utcnow():
                     jobs = await self._database.write(
                         lambda s: self.claim(s, utcnow(), CLAIM_LIMIT)
@@ -139,7 +141,7 @@ class OutboxWorker(Generic[Job]):
                     if len(jobs) == CLAIM_LIMIT:
                         continue  # more are due
                     if jobs:
-                        due = await self._database.read(self.next_due)
+                        due = await self._database.read_core(self.next_due)
                     else:
                         due = None  # due but waiting behind an earlier row (or claimed elsewhere)
                 if due is not None:
@@ -191,7 +193,7 @@ class OutboxWorker(Generic[Job]):
 
 
 def record_outcome(
-    session: Session,
+    session: Session | Connection,
     model: Any,
     row_id: int,
     *,
@@ -236,11 +238,12 @@ def release_claims(session: Session, model: Any, claimer: str, now: datetime) ->
     return len(rows)
 
 
-def next_due(session: Session, model: Any) -> datetime | None:
+def next_due(session: Session | Connection, model: Any) -> datetime | None:
     """When the earliest pending row falls due (a read: no write lock while idle)."""
-    value = session.exec(
-        select(func.min(col(model.next_attempt_at))).where(model.status == "pending")
-    ).one()
+    table = model.__table__
+    value = session.execute(
+        core_select(func.min(table.c.next_attempt_at)).where(table.c.status == "pending")
+    ).scalar()
     return as_utc(value) if value is not None else None
 
 

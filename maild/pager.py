@@ -173,7 +173,7 @@ class Pager(OutboxWorker[PageJob]):
             error = state.outcome.exception() if state.outcome else None
             wait = state.upcoming_sleep
             try:
-                await self._database.write(
+                await self._database.write_core(
                     lambda s: record_outcome(
                         s,
                         Page,
@@ -254,7 +254,7 @@ class Pager(OutboxWorker[PageJob]):
         self, job: PageJob, attempts: int, status: PageStatus, error: str | None
     ) -> None:
         try:
-            await self._database.write(
+            await self._database.write_core(
                 lambda s: record_outcome(
                     s, Page, job.id, attempts=attempts, status=status, error=error
                 )

@@ -33,6 +33,9 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import structlog
+from sqlalchemy import bindparam
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from maild import metrics
@@ -64,18 +67,33 @@ class ParseTimeout(Exception):
     """mail-parser took longer than [processing] parse_timeout on one message."""
 
 
+_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_OLDEST_RECEIVED = (
+    core_select(_INBOUND.c.id, _INBOUND.c.size)
+    .where(_INBOUND.c.status == InboundStatus.RECEIVED.value)
+    .order_by(_INBOUND.c.id)
+    .limit(bindparam("limit"))
+)
+_THESE = (
+    core_select(_INBOUND.c.id, _INBOUND.c.size)
+    .where(_INBOUND.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_INBOUND.c.id)
+    .limit(bindparam("limit"))
+)
+
+
 def claim_ids(
-    session: Session,
+    session: Session | Connection,
     limit: int,
     byte_budget: int = MAX_BATCH_BYTES,
     ids: Sequence[int] | None = None,
 ) -> list[int]:
     """The oldest `received` rows (or these `ids`), within `limit` rows and `byte_budget`
     bytes; their ids."""
-    query = select(Inbound.id, Inbound.size).where(Inbound.status == InboundStatus.RECEIVED.value)
-    if ids is not None:
-        query = select(Inbound.id, Inbound.size).where(col(Inbound.id).in_(list(ids)))
-    rows = session.exec(query.order_by(col(Inbound.id)).limit(limit)).all()
+    if ids is None:
+        rows = session.execute(_OLDEST_RECEIVED, {"limit": limit}).all()
+    else:
+        rows = session.execute(_THESE, {"ids": list(ids), "limit": limit}).all()
     chosen: list[int] = []
     total = 0
     for inbound_id, size in rows:
@@ -345,7 +363,7 @@ class Processor:
         self._urgent.extend(urgent)
         self._wake.set()
 
-    def _claim(self, session: Session) -> list[int]:
+    def _claim(self, session: Connection) -> list[int]:
         """The next batch: urgent ids first, the rest of it the oldest received rows."""
         limit = self._batch_limit
         urgent = [self._urgent.popleft() for _ in range(min(len(self._urgent), limit))]
@@ -452,7 +470,7 @@ class Processor:
             ids: list[int] = []
             try:
                 self.busy = False
-                ids = await self._database.read(self._claim)
+                ids = await self._database.read_core(self._claim)
                 self.busy = bool(ids)
                 if not ids:
                     with contextlib.suppress(TimeoutError):

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import insert
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from maild.database import Database
@@ -69,7 +70,7 @@ _INSERT_INBOUND = insert(Inbound.__table__).returning(  # type: ignore[attr-defi
 )
 
 
-def insert_deliveries(session: Session, deliveries: Sequence[Delivery]) -> list[int]:
+def insert_deliveries(session: Session | Connection, deliveries: Sequence[Delivery]) -> list[int]:
     """Add the deliveries as `received` rows; their ids, in the same order."""
     if not deliveries:
         return []
@@ -117,7 +118,7 @@ class Spool:
             if not batch:
                 continue
             try:
-                ids = await self._database.write(
+                ids = await self._database.write_core(
                     partial(insert_deliveries, deliveries=[d for d, _ in batch])
                 )
             except Exception as exc:
