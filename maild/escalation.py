@@ -221,6 +221,8 @@ def plan_trigger(
     """The trigger this filing calls for (pending or withheld), added to the session, or None."""
     assert ticket.id is not None
     paging = [r for r in routes if r.page]
+    if not paging and not reopened:
+        return None  # whatever its last page: only a paging route or a reopening pages
     last = None if created else latest_page(session, ticket.id)
     if created or last is None:
         if not paging:
