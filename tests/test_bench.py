@@ -50,3 +50,31 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert memory["peak_rss_mib"] > memory["idle_rss_mib"] > 0
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n| maild |") == len([r for r in rows if r["server"] == "maild"])
+
+
+def test_floor_measures_every_step() -> None:
+    """`python -m bench.floor` runs a round: the reference under load, then the spool,
+    parse and filing steps alone, every message filed; it prints figures, and no
+    figure is asserted."""
+    argv = ["--rounds", "1", "--messages", "60", "--seconds", "0.5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.floor", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    round_, summary = [json.loads(line) for line in result.stdout.splitlines()]
+    steps = round_["steps"]
+    assert steps["messages"] == 60
+    assert sum(steps["outcomes"].values()) == 60
+    assert set(steps["outcomes"]) == {"created", "threaded"}
+    assert round_["reference"]["rate"] > 0
+    assert round_["floor_ms"] == round(
+        round_["reference"]["server_ms"] + steps["spool_ms"] + steps["parse_ms"] + steps["file_ms"],
+        3,
+    )
+    assert summary["rounds"] == 1
+    assert summary["median"]["floor_ms"] == round_["floor_ms"]
