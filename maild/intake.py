@@ -718,7 +718,7 @@ def file_batch(
     # SQLite's BEGIN IMMEDIATE already serialises writers. The raw bytes stay unread:
     # filing works from the parsed message.
     rows = session.execute(_LOCK_INBOUND, {"ids": [inbound_id for inbound_id, _ in items]}).all()
-    by_id = {row[0]: Envelope(*row) for row in rows}
+    by_id = {row.id: Envelope(**row._mapping) for row in rows}
     todo: list[tuple[Envelope, ParsedMessage | BaseException]] = []
     for inbound_id, parsed in items:
         inbound = by_id.get(inbound_id)
