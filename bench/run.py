@@ -7,7 +7,10 @@ Phases, each with a fresh server:
   2. maild on SQLite (a new file), then on PostgreSQL (a scratch database made
      from --database-url) when a URL is given;
   3. the same maild rows with N messages already stored (bench.fill), 4 KiB;
-  4. memory: 5 concurrent 25 MiB messages into maild on SQLite.
+  4. the reference again: every ratio is against the mean of its two rates for
+     the shape, since this machine's speed drifts over minutes (its own rows'
+     ratios show by how much);
+  5. memory: 5 concurrent 25 MiB messages into maild on SQLite.
 
 Each row is a closed-loop load for a fixed time: C concurrent connections,
 each sending M messages per connection and reconnecting. For maild, the row
@@ -73,7 +76,7 @@ class Row:
     messages: int = 0
     seconds: float = 0.0
     rate: float = 0.0  # messages/s answered 250
-    ratio: float | None = None  # rate / the reference's rate for the same shape
+    ratio: float | None = None  # rate / the reference's mean rate for the same shape
     eod_p50_ms: float = 0.0
     eod_p99_ms: float = 0.0
     ticket_p50_ms: float | None = None
@@ -259,6 +262,8 @@ class Bench:
     # Phases.
 
     def reference(self) -> None:
+        """The reference's rows: run first and again last, so that a ratio does not
+        depend on where in the run the machine's speed drifted."""
         with Server.reference(self.folder) as server:
             for shape in shapes(self.quick):
                 self.measure(server, self._row("reference", "", 0, shape), shape, None)
@@ -355,16 +360,16 @@ class Bench:
             self.maild(None, stored, small)
             if self.args.database_url:
                 self.maild(self.args.database_url, stored, small)
+        self.reference()
         self.memory_row(2 * MIB if self.quick else 25 * MIB)
-        reference = {
-            (r.connections, r.per_connection, r.size): r.rate
-            for r in self.rows
-            if r.server == "reference"
-        }
+        passes: dict[tuple[int, int, str], list[float]] = {}
+        for r in self.rows:
+            if r.server == "reference":
+                passes.setdefault((r.connections, r.per_connection, r.size), []).append(r.rate)
         for row in self.rows:
-            base = reference.get((row.connections, row.per_connection, row.size))
-            if base:
-                row.ratio = round(row.rate / base, 3)
+            rates = passes.get((row.connections, row.per_connection, row.size))
+            if rates and statistics.mean(rates) > 0:
+                row.ratio = round(row.rate / statistics.mean(rates), 3)
         return {
             "command": " ".join(["python", "-m", "bench", *sys.argv[1:]]),
             "quick": self.quick,
@@ -374,6 +379,9 @@ class Bench:
             "postgresql": self.postgres,
             "fills": self.fills,
             "rows": [asdict(row) for row in self.rows],
+            "reference_passes": {
+                f"{c} × {m}, {size}": rates for (c, m, size), rates in passes.items()
+            },
             "memory": self.memory,
         }
 
@@ -437,6 +445,17 @@ def table(report: dict[str, Any]) -> str:
             f"| {_ms(row['eod_p50_ms'])} / {_ms(row['eod_p99_ms'])} | {ticket} "
             f"| {tickets} | {backlog} | {page} | {row['peak_rss_mib']:.0f} |"
         )
+    passes = report.get("reference_passes") or {}
+    if passes:
+        drift = ", ".join(
+            f"{shape}: {' → '.join(f'{rate:.0f}' for rate in rates)}"
+            for shape, rates in passes.items()
+        )
+        lines += [
+            "",
+            "The reference ran first and again last; × reference is against the mean of "
+            f"its two rates (msg/s, first → last): {drift}.",
+        ]
     memory = report["memory"]
     if memory:
         lines += [

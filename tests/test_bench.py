@@ -44,6 +44,15 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert paged
     for row in paged:
         assert row["page_count"] == row["messages"] // 10, row
+    # the reference ran twice, first and last; ratios are against the mean of the two
+    references = [r for r in rows if r["server"] == "reference"]
+    assert len(references) == 2 * len(report["reference_passes"])
+    for shape, rates in report["reference_passes"].items():
+        assert len(rates) == 2, shape
+    first = references[0]
+    key = f"{first['connections']} × {first['per_connection']}, {first['size']}"
+    mean = sum(report["reference_passes"][key]) / 2
+    assert first["ratio"] == round(first["rate"] / mean, 3)
     memory = report["memory"]
     assert memory["messages"] == 5
     assert memory["outcomes"] == {"processed": 5}
