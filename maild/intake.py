@@ -140,7 +140,14 @@ _INSERT_TICKET = insert(_TICKET).returning(_TICKET.c.id)
 _INSERT_PARTICIPANT = insert(_PARTICIPANT)
 _INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
 _INSERT_ATTACHMENT = insert(Attachment.__table__)  # type: ignore[attr-defined]
-_SELECT_TICKETS = core_select(_TICKET).where(_TICKET.c.id.in_(bindparam("ids", expanding=True)))
+# A ticket is read locked (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
+# already serialises writers) and written from that copy at the end of the batch: a
+# second filer, or `maild tickets set-status`, waits and then sees what this one wrote,
+# rather than writing back a status or priority it read before. NO KEY: the rows that
+# point at the ticket (messages, participants) take KEY SHARE, which this does not block.
+_LOCK_TICKET = (
+    core_select(_TICKET).where(_TICKET.c.id == bindparam("id")).with_for_update(key_share=True)
+)
 _SELECT_PEOPLE = core_select(_PARTICIPANT.c.ticket_id, _PARTICIPANT.c.email).where(
     _PARTICIPANT.c.ticket_id.in_(bindparam("ids", expanding=True))
 )
@@ -221,9 +228,10 @@ class _Filing:
         return self._ticket_of[digest]
 
     def ticket(self, ticket_id: int) -> Ticket | None:
-        """The ticket, read once per transaction; changes go through `changed`."""
+        """The ticket, read (and locked) once per transaction; changes go through
+        `changed`."""
         if ticket_id not in self._tickets:
-            row = self.session.execute(_SELECT_TICKETS, {"ids": [ticket_id]}).first()
+            row = self.session.execute(_LOCK_TICKET, {"id": ticket_id}).first()
             if row is None:
                 return None
             self._tickets[ticket_id] = Ticket(**row._asdict())

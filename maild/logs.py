@@ -35,7 +35,7 @@ def _shared_processors() -> list[Any]:
 class _NamedWriteLogger(structlog.WriteLogger):
     """structlog's plain writer, with the name `add_logger_name` reads."""
 
-    def __init__(self, file: TextIO, name: str) -> None:
+    def __init__(self, file: TextIO, name: str = "") -> None:
         super().__init__(file)
         self.name = name
 
@@ -47,8 +47,10 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     stream: the standard library's records, handlers and formatter cost as much
     again per line (28 → 14 µs), and the daemon logs every message twice. The
     standard library's records (aiosmtpd's `mail.log`, alembic, asyncio) go
-    through a handler on the same stream with the same processors. structlog
-    keeps one lock per stream for its writes; each line is one write.
+    through a handler on the same stream with the same processors. Each line,
+    from either path, is one write() call, which the stream's buffer does not
+    interleave with another. The level is fixed here, for maild's own lines
+    and for the standard library's root logger alike.
     """
     out = stream or sys.stdout
     renderer: list[Any]

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 from sqlmodel import select
 
@@ -400,3 +401,61 @@ def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path)
         ]
     finally:
         database.close()
+
+
+def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules_dir: Path) -> None:
+    """Two filers of replies to one solved ticket at once (two workers on PostgreSQL):
+    the customer's reply reopens it; the out-of-office reply filed meanwhile must
+    wait for that and leave the ticket open, not write back the `solved` it would
+    have read before. (On SQLite writers take turns whole, so this is PostgreSQL's.)"""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one writer at a time; the race needs PostgreSQL")
+    table = load_rules(rules_dir)
+    first_db, second_db = Database(database_url), Database(database_url)
+    first_db.create_schema()
+
+    def deliver(db: Database, message: Any) -> list[tuple[int, ParsedMessage | BaseException]]:
+        raw = message.as_bytes()
+        delivery = Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], raw)
+        (inbound_id,) = db.run_write(lambda s: insert_deliveries(s, [delivery]))
+        return [(inbound_id, parse_message(raw))]
+
+    try:
+        first = mail("Site down")
+        (created,) = first_db.run_write(
+            partial(file_batch, table=table, items=deliver(first_db, first))
+        )
+        ticket = created.ticket_id
+        assert ticket is not None
+        first_db.run_write(partial(set_status, ticket_id=ticket, status=TicketStatus.SOLVED))
+        human = deliver(first_db, mail("Re: Site down", In_Reply_To=first["Message-ID"]))
+        away = deliver(
+            second_db,
+            mail(
+                "Out of office: Re: Site down",
+                In_Reply_To=first["Message-ID"],
+                Auto_Submitted="auto-replied",
+            ),
+        )
+        second: list[Any] = []
+        with first_db.write_session() as session:
+            (reopening,) = file_batch(session, table, human)
+            session.flush()
+            racer = threading.Thread(
+                target=lambda: second.append(
+                    second_db.run_write(partial(file_batch, table=table, items=away))
+                )
+            )
+            racer.start()
+            racer.join(0.5)
+            assert racer.is_alive(), "the second filer did not wait for the ticket"
+            session.commit()
+        racer.join(10)
+        assert reopening.outcome == "threaded"
+        assert [(f.outcome, f.kind) for f in second[0]] == [("threaded", "auto")]
+        view = first_db.run_read(lambda s: show_ticket(s, ticket))
+        assert view["status"] == "open"
+        assert view["message_count"] == 3
+    finally:
+        first_db.close()
+        second_db.close()
