@@ -148,31 +148,27 @@ _INSERT_ATTACHMENT = insert(Attachment.__table__)  # type: ignore[attr-defined]
 _LOCK_TICKET = (
     core_select(_TICKET).where(_TICKET.c.id == bindparam("id")).with_for_update(key_share=True)
 )
-_SELECT_PEOPLE = core_select(_PARTICIPANT.c.ticket_id, _PARTICIPANT.c.email).where(
-    _PARTICIPANT.c.ticket_id.in_(bindparam("ids", expanding=True))
+_SELECT_PEOPLE = core_select(_PARTICIPANT.c.email).where(
+    _PARTICIPANT.c.ticket_id == bindparam("id")
 )
 _SELECT_HASHES = core_select(_MESSAGE.c.message_id_hash, _MESSAGE.c.ticket_id).where(
     _MESSAGE.c.message_id_hash.in_(bindparam("digests", expanding=True))
 )
-_UPDATE_TICKET = (
-    update(_TICKET)
-    .where(_TICKET.c.id == bindparam("ticket"))
-    .values(
-        status=bindparam("status"),
-        priority=bindparam("priority"),
-        updated_at=bindparam("updated_at"),
+
+
+def _update_by_id(table: Any, *columns: str) -> Any:
+    """UPDATE table SET each column WHERE id = :row_id, for executemany with dicts of
+    those columns and `row_id` (SQLAlchemy keeps the columns' own names for SET)."""
+    return (
+        update(table)
+        .where(table.c.id == bindparam("row_id"))
+        .values({name: bindparam(name) for name in columns})
     )
-)
-_UPDATE_INBOUND = (
-    update(_INBOUND)
-    .where(_INBOUND.c.id == bindparam("inbound"))
-    .values(
-        status=bindparam("status"),
-        error=bindparam("error"),
-        attempts=bindparam("attempts"),
-        processed_at=bindparam("processed_at"),
-        ticket_id=bindparam("ticket_id"),
-    )
+
+
+_UPDATE_TICKET = _update_by_id(_TICKET, "status", "priority", "updated_at")
+_UPDATE_INBOUND = _update_by_id(
+    _INBOUND, "status", "error", "attempts", "processed_at", "ticket_id"
 )
 _LOCK_INBOUND = (
     core_select(
@@ -251,8 +247,8 @@ class _Filing:
     def people(self, ticket_id: int) -> set[str]:
         """The addresses on the ticket, stored or added in this transaction."""
         if ticket_id not in self._people:
-            rows = self.session.execute(_SELECT_PEOPLE, {"ids": [ticket_id]}).all()
-            self._people[ticket_id] = {email for _, email in rows}
+            rows = self.session.execute(_SELECT_PEOPLE, {"id": ticket_id}).scalars()
+            self._people[ticket_id] = set(rows)
         return self._people[ticket_id]
 
     def add_participant(self, row: dict[str, Any]) -> None:
@@ -272,7 +268,7 @@ class _Filing:
                 _UPDATE_TICKET,
                 [
                     {
-                        "ticket": t.id,
+                        "row_id": t.id,
                         "status": t.status,
                         "priority": t.priority,
                         "updated_at": t.updated_at,
@@ -743,7 +739,7 @@ def file_batch(
             _UPDATE_INBOUND,
             [
                 {
-                    "inbound": e.id,
+                    "row_id": e.id,
                     "status": e.status,
                     "error": e.error,
                     "attempts": e.attempts,
