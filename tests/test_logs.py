@@ -66,3 +66,33 @@ def test_mail_log_info_lines_stay_out_of_the_log(
         reader.readline()
         reader.close()
     assert [e for e in events(log_stream) if e.get("logger") == "mail.log"] == []
+
+
+def test_the_level_holds_for_maild_lines_and_library_lines() -> None:
+    """`[log] level` filters maild's own lines (written by structlog directly) and the
+    libraries' (through the standard library) alike: at `warning` no info line of
+    either is written, and a warning of each is, with its level and logger."""
+    stream = io.StringIO()
+    configure_logging("json", "warning", stream=stream)
+    try:
+        log = structlog.get_logger("maild.test")
+        log.info("maild info")
+        log.warning("maild warning", inbound=7)
+        logging.getLogger("alembic.runtime").info("library info")
+        logging.getLogger("mail.log").warning("library warning")
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            log.exception("maild error")
+        lines = events(stream)
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
+        structlog.reset_defaults()
+    assert [(e["event"], e["level"], e["logger"]) for e in lines] == [
+        ("maild warning", "warning", "maild.test"),
+        ("library warning", "warning", "mail.log"),
+        ("maild error", "error", "maild.test"),
+    ]
+    assert lines[0]["inbound"] == 7
+    assert lines[2]["exception"][0]["exc_type"] == "ValueError"
