@@ -74,6 +74,7 @@ class _Server(ThreadingHTTPServer):
         # The TLS handshake happens in the request's own thread (on first read), so a
         # client that never finishes it cannot stall the accept loop.
         sock, address = self.socket.accept()
+        self.fake.connections += 1
         context = self.fake.server_context
         return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
@@ -127,6 +128,7 @@ class FakeEvents:
         self.port = port
         self.keep_alive = keep_alive
         self.handler_errors = 0
+        self.connections = 0  # accepted so far (with keep_alive, one client needs one)
         self._lock = threading.Condition()
         self._events: list[dict[str, Any]] = []
         self._bodies: list[Any] = []

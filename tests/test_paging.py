@@ -26,13 +26,14 @@ from click.testing import CliRunner, Result
 from sqlmodel import select
 
 from maild.cli import main
-from maild.config import load_settings
+from maild.config import PagerDutySettings, load_settings
 from maild.database import Database
 from maild.enums import TicketStatus
 from maild.escalation import CLOSED_BEFORE_SENT, list_pages
 from maild.logs import configure_logging
 from maild.models import Page, Ticket, as_utc
 from maild.outbox import record_outcome
+from maild.pager import EventsClient
 from maild.tickets import list_tickets, set_status
 from tests.conftest import RunningMaild, mail, wait_until
 from tests.daemon import Daemon
@@ -1033,3 +1034,34 @@ def test_an_outcome_is_recorded_only_on_a_page_still_pending(database_url: str) 
         assert as_utc(rows[retrying].next_attempt_at) == later
     finally:
         database.close()
+
+
+def test_pages_share_one_connection_to_the_events_api(tmp_path: Path) -> None:
+    """PagerDuty keeps connections open; maild's client sends page after page on one
+    (a TLS handshake per page cost the daemon more than the page), and opens a new
+    one when the server closes it after each request."""
+    for keep_alive, wanted in ((True, 1), (False, 3)):
+        with FakeEvents(tmp_path / str(keep_alive), keep_alive=keep_alive) as events:
+            settings = PagerDutySettings(
+                routing_key="0123456789abcdef0123456789abcdef",
+                events_url=events.url,
+                ca_file=events.ca_file,
+            )
+            client = EventsClient(settings)
+            try:
+                for n in range(3):
+                    client.send(
+                        {
+                            "event_action": "trigger",
+                            "dedup_key": f"maild-test-{n}",
+                            "payload": {
+                                "summary": "Site down",
+                                "source": "mx.test",
+                                "severity": "critical",
+                            },
+                        }
+                    )
+            finally:
+                client.close()
+            assert events.requests == 3
+            assert events.connections == wanted, keep_alive
