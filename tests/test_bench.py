@@ -12,9 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+def run_module(*argv: str) -> str:
+    """`python -m <argv>` from the repository; its stdout, once it exited 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--database-url", "", "--out", str(tmp_path)],
+        [sys.executable, "-m", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -22,6 +23,11 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    run_module("bench", "--quick", "--database-url", "", "--out", str(tmp_path))
     report = json.loads((tmp_path / "results.json").read_text())
     rows = report["rows"]
     assert {(r["server"], r["database"], r["stored"]) for r in rows} == {
@@ -65,17 +71,8 @@ def test_floor_measures_every_step() -> None:
     """`python -m bench.floor` runs a round: the reference under load, then the spool,
     parse and filing steps alone, every message filed; it prints figures, and no
     figure is asserted."""
-    argv = ["--rounds", "1", "--messages", "60", "--seconds", "0.5"]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.floor", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    round_, summary = [json.loads(line) for line in result.stdout.splitlines()]
+    output = run_module("bench.floor", "--rounds", "1", "--messages", "60", "--seconds", "0.5")
+    round_, summary = [json.loads(line) for line in output.splitlines()]
     steps = round_["steps"]
     assert steps["messages"] == 60
     assert sum(steps["outcomes"].values()) == 60

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import text
@@ -10,12 +12,28 @@ from sqlalchemy import text
 from maild.database import Database, writer_lock
 
 
-def _hold(path: str, held: threading.Event, release: threading.Event, order: list[str]) -> None:
-    with writer_lock(path, timeout=30):
-        order.append("held")
-        held.set()
-        release.wait(30)
-        order.append("released")
+@contextlib.contextmanager
+def _lock_held(folder: Path) -> Iterator[list[str]]:
+    """Another writer (a thread with its own open file, as another process would be)
+    holds `<database>-writer.lock` until the block ends; what happened, in order."""
+    order: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with writer_lock(str(folder / "maild.db-writer.lock"), timeout=30):
+            order.append("held")
+            held.set()
+            release.wait(30)
+            order.append("released")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        yield order
+    finally:
+        release.set()
+        holder.join()
 
 
 def _write(database: Database, order: list[str]) -> None:
@@ -30,24 +48,15 @@ def test_a_write_waits_for_the_writer_holding_the_lock(tmp_path: Path) -> None:
     writer (here a thread with its own open file, as another process would be) holds
     it, the write waits, and runs once it is released."""
     database = Database(f"sqlite:///{tmp_path / 'maild.db'}", busy_timeout=30)
-    order: list[str] = []
-    held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(
-        target=_hold, args=(str(tmp_path / "maild.db-writer.lock"), held, release, order)
-    )
-    holder.start()
     try:
-        assert held.wait(10)
-        writer = threading.Thread(target=_write, args=(database, order))
-        writer.start()
-        writer.join(0.3)
-        assert writer.is_alive(), "the write did not wait for the lock"
-        release.set()
+        with _lock_held(tmp_path) as order:
+            writer = threading.Thread(target=_write, args=(database, order))
+            writer.start()
+            writer.join(0.3)
+            assert writer.is_alive(), "the write did not wait for the lock"
         writer.join(10)
         assert order == ["held", "released", "written"]
     finally:
-        release.set()
-        holder.join()
         database.close()
 
 
@@ -57,19 +66,11 @@ def test_past_the_busy_timeout_a_write_goes_on_without_the_lock(tmp_path: Path) 
     lock decides."""
     database = Database(f"sqlite:///{tmp_path / 'maild.db'}", busy_timeout=0.2)
     database.run_write(lambda s: s.execute(text("CREATE TABLE t (x INTEGER)")))
-    order: list[str] = []
-    held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(
-        target=_hold, args=(str(tmp_path / "maild.db-writer.lock"), held, release, order)
-    )
-    holder.start()
     try:
-        assert held.wait(10)
-        database.run_write(lambda s: s.execute(text("INSERT INTO t VALUES (1)")))
-        order.append("written")
+        with _lock_held(tmp_path) as order:
+            database.run_write(lambda s: s.execute(text("INSERT INTO t VALUES (1)")))
+            order.append("written")
         assert database.run_read(lambda s: s.execute(text("SELECT x FROM t")).scalar()) == 1
-        assert order == ["held", "written"]
+        assert order == ["held", "written", "released"]
     finally:
-        release.set()
-        holder.join()
         database.close()

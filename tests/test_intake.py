@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from maild.database import Database
 from maild.enums import TicketStatus
-from maild.intake import file_batch
+from maild.intake import Filed, file_batch
 from maild.models import Inbound, Message
 from maild.parsing import ParsedMessage, parse_message
 from maild.rules import load_rules
@@ -31,6 +31,42 @@ def statuses(maild: RunningMaild) -> list[str]:
 
 def close(maild: RunningMaild, ticket_id: int, status: TicketStatus = TicketStatus.CLOSED) -> None:
     maild.service.database.run_write(partial(set_status, ticket_id=ticket_id, status=status))
+
+
+Items = list[tuple[int, ParsedMessage | BaseException]]
+
+
+def deliver(database: Database, *messages: Any) -> Items:
+    """Spool these messages (from alice, to support@) and parse them: file_batch's items."""
+    deliveries = [
+        Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], m.as_bytes())
+        for m in messages
+    ]
+    ids = database.run_write(lambda s: insert_deliveries(s, deliveries))
+    return [(i, parse_message(d.raw)) for i, d in zip(ids, deliveries, strict=True)]
+
+
+def file_while_held(
+    table: Any, first: tuple[Database, Items], second: tuple[Database, Items]
+) -> tuple[list[Filed], list[Filed]]:
+    """The first filer files its items and keeps its transaction open; the second files
+    its own meanwhile, and must wait until the first commits. What each filed."""
+    (first_db, first_items), (second_db, second_items) = first, second
+    waited: list[list[Filed]] = []
+    with first_db.write_session() as session:
+        filed = file_batch(session, table, first_items)
+        session.flush()
+        racer = threading.Thread(
+            target=lambda: waited.append(
+                second_db.run_write(partial(file_batch, table=table, items=second_items))
+            )
+        )
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive(), "the second filer did not wait for the first"
+        session.commit()
+    racer.join(10)
+    return filed, waited[0]
 
 
 def test_reply_with_in_reply_to_joins_the_ticket(maild: RunningMaild) -> None:
@@ -234,32 +270,12 @@ def test_two_filers_of_one_delivery_file_it_once(database_url: str, rules_dir: P
     table = load_rules(rules_dir)
     first_db, second_db = Database(database_url), Database(database_url)
     first_db.create_schema()
-    raw = mail("Filed once").as_bytes()
-    delivery = Delivery(
-        protocol="smtp",
-        mail_from="alice@customer.example",
-        rcpt_tos=["support@altis-dxp.com"],
-        raw=raw,
-    )
-    (inbound_id,) = first_db.run_write(lambda s: insert_deliveries(s, [delivery]))
-    items: list[tuple[int, ParsedMessage | BaseException]] = [(inbound_id, parse_message(raw))]
-    second_result: list[Any] = []
+    items = deliver(first_db, mail("Filed once"))
+    ((inbound_id, _),) = items
     try:
-        with first_db.write_session() as session:
-            first = file_batch(session, table, items)
-            session.flush()
-            racer = threading.Thread(
-                target=lambda: second_result.append(
-                    second_db.run_write(partial(file_batch, table=table, items=items))
-                )
-            )
-            racer.start()
-            racer.join(0.5)
-            assert racer.is_alive(), "the second filer did not wait for the first"
-            session.commit()
-        racer.join(10)
+        first, second = file_while_held(table, (first_db, items), (second_db, items))
         assert [f.outcome for f in first] == ["created"]
-        assert second_result == [[]]
+        assert second == []
         row = first_db.run_read(lambda s: s.get(Inbound, inbound_id))
         assert row is not None
         assert (row.status, row.attempts) == ("processed", 1)
@@ -337,15 +353,8 @@ def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path)
     database = Database(database_url)
     database.create_schema()
 
-    def file(*messages: Any) -> list[Any]:
-        deliveries = [
-            Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], m.as_bytes())
-            for m in messages
-        ]
-        ids = database.run_write(lambda s: insert_deliveries(s, deliveries))
-        items: list[tuple[int, ParsedMessage | BaseException]] = [
-            (i, parse_message(d.raw)) for i, d in zip(ids, deliveries, strict=True)
-        ]
+    def file(*messages: Any) -> list[Filed]:
+        items = deliver(database, *messages)
         return database.run_write(partial(file_batch, table=table, items=items))
 
     try:
@@ -414,12 +423,6 @@ def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules
     first_db, second_db = Database(database_url), Database(database_url)
     first_db.create_schema()
 
-    def deliver(db: Database, message: Any) -> list[tuple[int, ParsedMessage | BaseException]]:
-        raw = message.as_bytes()
-        delivery = Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], raw)
-        (inbound_id,) = db.run_write(lambda s: insert_deliveries(s, [delivery]))
-        return [(inbound_id, parse_message(raw))]
-
     try:
         first = mail("Site down")
         (created,) = first_db.run_write(
@@ -437,22 +440,9 @@ def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules
                 Auto_Submitted="auto-replied",
             ),
         )
-        second: list[Any] = []
-        with first_db.write_session() as session:
-            (reopening,) = file_batch(session, table, human)
-            session.flush()
-            racer = threading.Thread(
-                target=lambda: second.append(
-                    second_db.run_write(partial(file_batch, table=table, items=away))
-                )
-            )
-            racer.start()
-            racer.join(0.5)
-            assert racer.is_alive(), "the second filer did not wait for the ticket"
-            session.commit()
-        racer.join(10)
+        (reopening,), second = file_while_held(table, (first_db, human), (second_db, away))
         assert reopening.outcome == "threaded"
-        assert [(f.outcome, f.kind) for f in second[0]] == [("threaded", "auto")]
+        assert [(f.outcome, f.kind) for f in second] == [("threaded", "auto")]
         view = first_db.run_read(lambda s: show_ticket(s, ticket))
         assert view["status"] == "open"
         assert view["message_count"] == 3
