@@ -34,7 +34,6 @@ from typing import Any
 
 from bench.client import Corpus, run_load
 from bench.servers import Server, cpu_seconds
-from maild.config import load_settings
 from maild.database import Database
 from maild.escalation import EscalationPolicy
 from maild.parsing import parse_message
@@ -46,23 +45,17 @@ REPO = Path(__file__).resolve().parent.parent
 SPOOL_GROUP = 8  # deliveries per spool commit: the mean under the 20 × 10 load
 
 
-def _policy(folder: Path, url: str) -> EscalationPolicy:
-    """Paging as the bench configures it (every sysops@ message pages)."""
-    config = folder / "floor.toml"
-    config.write_text(
-        f'[database]\nurl = "{url}"\n[rules]\npath = "{REPO / "rules"}"\n'
-        '[pagerduty]\nrouting_key = "0123456789abcdef0123456789abcdef"\n'
-        "[escalation]\nmax_pages_per_sender_per_hour = 0\n"
-    )
-    return EscalationPolicy.from_settings(load_settings(config))
+# Paging as the bench configures it: enabled, every sysops@ message pages.
+POLICY = EscalationPolicy(
+    enabled=True, allowed_senders=(), max_per_hour=0, source="bench.invalid", ticket_url=""
+)
 
 
-def measure(url: str, count: int, folder: Path) -> dict[str, Any]:
+def measure(url: str, count: int) -> dict[str, Any]:
     database = Database(url)
     database.create_schema()
     try:
         table = load_rules(REPO / "rules")
-        policy = _policy(folder, url)
         corpus = Corpus(4096, "floor")
         mails = [corpus.next() for _ in range(count)]
         deliveries = [
@@ -83,7 +76,7 @@ def measure(url: str, count: int, folder: Path) -> dict[str, Any]:
 
         step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
         started = time.process_time()
-        filed = _file_ids(database, ids, step, parse_message, table, policy, None)
+        filed = _file_ids(database, ids, step, parse_message, table, POLICY, None)
         file_and_parse = time.process_time() - started
     finally:
         database.close()
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="maild-floor-") as folder:
             ref = reference(Path(folder), args.seconds)
             url = args.database_url or f"sqlite:///{folder}/maild.db"
-            steps = measure(url, args.messages, Path(folder))
+            steps = measure(url, args.messages)
         rounds.append({"reference": ref, "steps": steps, **budget(ref, steps, cores)})
         print(json.dumps(rounds[-1]), flush=True)
         if args.database_url and n + 1 < args.rounds:
