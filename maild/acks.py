@@ -6,13 +6,18 @@ outbound, kind ack, its own Message-ID), its `outmail` row (bytes and
 envelope) and one `outmail_rcpt` row per recipient commit with the ticket or
 not at all. The mailer (maild/mailer.py) sends them later, like the pager.
 
-What goes out:
+What goes out (through maild/outgoing.py, the door all outgoing mail takes):
 
 - To the requester, Cc the other participants (people in To and Cc of the
-  customer's mail, never the desk's own addresses), except addresses a bounce
-  marked undeliverable and addresses that already received
-  `[outbound] max_acks_per_sender_per_hour` acknowledgements in the last hour
-  (those are recorded as withheld).
+  customer's mail, never the desk's own addresses), at most `[outbound]
+  max_recipients` addresses in all, except addresses a bounce marked
+  undeliverable and addresses that already received `[outbound]
+  max_acks_per_sender_per_hour` mails in the last hour (those are recorded as
+  withheld).
+- A requester who is a stranger (a participant of no other ticket) is
+  acknowledged alone: the first mail of an unknown sender never makes maild
+  write to the addresses it copied. The stranger's display name and subject are
+  echoed shortened and without links (`outgoing.echo`).
 - Subject `[#ID] original subject`; body from the route's template.
 - `Reply-To` and envelope sender: the desk address the customer wrote to with
   a `+token` subaddress, `<token>` = ticket id and an HMAC under
@@ -28,9 +33,8 @@ import hmac
 import re
 import secrets
 import string
-import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
@@ -39,15 +43,24 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from maild import addresses, hygiene
 from maild.addresses import Address
 from maild.config import OutboundSettings
-from maild.enums import Direction, MailStatus, MessageKind, ParticipantRole, RecipientState
+from maild.enums import MailStatus, MessageKind, ParticipantRole
 from maild.errors import ConfigError
 from maild.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
+from maild.outgoing import (
+    STRANGER_NAME_CHARS,
+    STRANGER_SUBJECT_CHARS,
+    OutboundLimits,
+    choose_recipients,
+    echo,
+    is_known,
+    one_line,
+    queue_mail,
+)
 from maild.parsing import message_id_hash
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
@@ -172,8 +185,8 @@ class AckPolicy:
     from_address: str
     message_id_domain: str
     loop_id: str
-    max_per_hour: int
     templates: Templates
+    limits: OutboundLimits = field(default_factory=OutboundLimits)
 
     @classmethod
     def from_settings(cls, settings: OutboundSettings) -> AckPolicy:
@@ -188,8 +201,11 @@ class AckPolicy:
             from_address=from_address,
             message_id_domain=domain,
             loop_id=hygiene.loop_id(domain),
-            max_per_hour=settings.max_acks_per_sender_per_hour,
             templates=load_templates(settings.templates),
+            limits=OutboundLimits(
+                max_recipients=settings.max_recipients,
+                max_per_hour=settings.max_acks_per_sender_per_hour,
+            ),
         )
 
     def ticket_for(self, recipients: list[str]) -> int | None:
@@ -205,14 +221,8 @@ class AckPolicy:
         return None
 
 
-def _one_line(text: str) -> str:
-    """No line breaks or control characters: nothing can start a header of its own."""
-    cleaned = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
-    return " ".join(cleaned.split())
-
-
 def ack_subject(ticket_id: int, subject: str) -> str:
-    subject = _one_line(subject)[:SUBJECT_CHARS]
+    subject = one_line(subject)[:SUBJECT_CHARS]
     tag = f"[#{ticket_id}]"
     if tag in subject:
         return subject
@@ -221,7 +231,7 @@ def ack_subject(ticket_id: int, subject: str) -> str:
 
 def _header_address(person: Address) -> HeaderAddress | str:
     try:
-        return HeaderAddress(display_name=_one_line(person.name), addr_spec=person.email)
+        return HeaderAddress(display_name=one_line(person.name), addr_spec=person.email)
     except (ValueError, IndexError, TypeError):
         return person.email
 
@@ -246,17 +256,24 @@ def render_ack(
     in_reply_to: str,
     now: datetime,
     paged: bool = False,
+    stranger: bool = False,
 ) -> Rendered:
-    """The acknowledgement's bytes. Header values are one line: no injection through names."""
+    """The acknowledgement's bytes. Header values are one line: no injection through names.
+    A stranger's name and subject are echoed shortened and without links."""
     assert ticket.id is not None
-    subject = ack_subject(ticket.id, ticket.subject)
+    if stranger:
+        said = echo(ticket.subject, STRANGER_SUBJECT_CHARS)
+        to = Address(echo(to.name, STRANGER_NAME_CHARS), to.email)
+    else:
+        said = one_line(ticket.subject)
+    subject = ack_subject(ticket.id, said)
     body = policy.templates.for_route(route).substitute(
         ticket_id=ticket.id,
-        subject=_one_line(ticket.subject) or "(no subject)",
+        subject=said or "(no subject)",
         ticket_type=ticket.type,
         priority=ticket.priority,
-        greeting_name=_one_line(to.name) or to.email,
-        requester_name=_one_line(to.name),
+        greeting_name=one_line(to.name) or to.email,
+        requester_name=one_line(to.name),
         requester_email=to.email,
         reply_address=reply_to,
         desk_address=desk_address,
@@ -292,29 +309,6 @@ def render_ack(
     )
 
 
-def _recent_acks(session: Session, email: str, now: datetime) -> int:
-    counted = (RecipientState.PENDING, RecipientState.SENT, RecipientState.BOUNCED)
-    return session.exec(
-        select(func.count(col(OutmailRecipient.id))).where(
-            OutmailRecipient.email == email,
-            col(OutmailRecipient.status).in_([s.value for s in counted]),
-            OutmailRecipient.created_at >= now - timedelta(hours=1),
-        )
-    ).one()
-
-
-def undeliverable(session: Session, emails: list[str]) -> set[str]:
-    """The addresses a bounce marked undeliverable, on any ticket."""
-    if not emails:
-        return set()
-    rows = session.exec(
-        select(Participant.email).where(
-            col(Participant.email).in_(emails), col(Participant.undeliverable_at).is_not(None)
-        )
-    ).all()
-    return set(rows)
-
-
 def plan_ack(
     session: Session,
     policy: AckPolicy,
@@ -337,24 +331,12 @@ def plan_ack(
     requester = next((p for p in people if p.role == ParticipantRole.REQUESTER), None)
     if requester is None:
         return None
-    others = [p for p in people if p is not requester]
-    bad = undeliverable(session, [p.email for p in people])
-    states: dict[str, tuple[RecipientState, str | None]] = {}
-    for person in [requester, *others]:
-        if person.email in bad:
-            states[person.email] = (RecipientState.WITHHELD, "undeliverable (a bounce said so)")
-        elif hygiene.robot_address(person.email):
-            states[person.email] = (RecipientState.WITHHELD, "an automatic address")
-        elif (
-            policy.max_per_hour and _recent_acks(session, person.email, now) >= policy.max_per_hour
-        ):
-            states[person.email] = (
-                RecipientState.WITHHELD,
-                f"already acknowledged {policy.max_per_hour} times in the last hour "
-                f"([outbound] max_acks_per_sender_per_hour = {policy.max_per_hour})",
-            )
-        else:
-            states[person.email] = (RecipientState.PENDING, None)
+    known = is_known(session, requester.email, besides_ticket=ticket.id)
+    candidates = [requester] + ([p for p in people if p is not requester] if known else [])
+    recipients, left_out = choose_recipients(
+        session, policy.limits, [Address(p.name, p.email) for p in candidates], now
+    )
+    to, cc = recipients[0].person, [r.person for r in recipients[1:]]
     reply_to = reply_address(desk_address, make_token(policy.secret, ticket.id))
     rendered = render_ack(
         policy,
@@ -362,54 +344,39 @@ def plan_ack(
         route=route,
         desk_address=addresses.route_key(desk_address),
         reply_to=reply_to,
-        to=Address(requester.name, requester.email),
-        cc=[Address(p.name, p.email) for p in others],
+        to=to,
+        cc=cc,
         in_reply_to=in_reply_to,
         now=now,
         paged=paged,
+        stranger=not known,
     )
     message = Message(
         ticket_id=ticket.id,
         message_id=rendered.message_id,
         message_id_hash=message_id_hash(rendered.message_id),
         from_email=policy.from_address,
-        to=[{"name": requester.name, "email": requester.email}],
-        cc=[{"name": p.name, "email": p.email} for p in others],
+        to=[to.as_dict()],
+        cc=[p.as_dict() for p in cc],
         subject=rendered.subject,
         date=now,
         text=rendered.body,
         rule=route,
-        direction=Direction.OUTBOUND.value,
         kind=MessageKind.ACK.value,
         created_at=now,
     )
-    session.add(message)
-    session.flush()
-    assert message.id is not None
-    sending = [email for email, (state, _) in states.items() if state == RecipientState.PENDING]
-    reasons = sorted({why for state, why in states.values() if why})
-    outmail = Outmail(
+    return queue_mail(
+        session,
+        policy.limits,
         ticket_id=ticket.id,
-        message_pk=message.id,
-        status=MailStatus.PENDING.value if sending else MailStatus.WITHHELD.value,
-        reason=None if sending else "; ".join(reasons),
-        mail_from=reply_to,
+        kind=MessageKind.ACK.value,
+        message=message,
         raw=rendered.raw,
-        next_attempt_at=now,
-        queued_at=now,
-        created_at=now,
+        mail_from=reply_to,
+        recipients=recipients,
+        now=now,
+        left_out=left_out,
     )
-    session.add(outmail)
-    session.flush()
-    assert outmail.id is not None
-    for email, (state, why) in states.items():
-        session.add(
-            OutmailRecipient(
-                outmail_id=outmail.id, email=email, status=state.value, error=why, created_at=now
-            )
-        )
-    session.flush()
-    return outmail
 
 
 def outmail_view(session: Session, outmail: Outmail) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from maild import __version__
 from maild.config import Settings, default_config_path, load_settings
+from maild.display import for_display, json_safe
 from maild.enums import InboundStatus
 from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
 from maild.logs import configure_logging
@@ -66,11 +67,18 @@ def _settings(config_path: Path | None, *, quiet: bool = True) -> Settings:
 
 
 def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    click.echo(json_safe(json.dumps(value, indent=2, ensure_ascii=False)))
+
+
+def _show(text: str) -> None:
+    """One line (or block) of human output: controls and bidi controls made visible."""
+    click.echo(for_display(text))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[("" if v is None else str(v)) for v in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        [("" if v is None else for_display(str(v))) for v in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for index, row in enumerate(cells):
@@ -150,14 +158,12 @@ def main() -> None:
     """maild: email in, support tickets out."""
 
 
-SWITCH_INTERVAL = 0.0005
-
-
 @main.command()
 @config_option
 def serve(config_path: Path | None) -> None:
     """Run the SMTP (and LMTP) server until SIGTERM."""
     from maild.service import Service
+    from maild.tuning import tune_process
 
     settings = _settings(config_path, quiet=False)
     configure_logging(settings.log.format, settings.log.level)  # the daemon logs to stdout
@@ -168,11 +174,7 @@ def serve(config_path: Path | None) -> None:
     except MaildError as exc:
         _fail(f"refusing to start: {exc}", EX_CONFIG)
     try:
-        # The event loop and the database writer thread share the GIL. At Python's
-        # default 5 ms switch interval a commit that releases the GIL for its fsync
-        # can wait 5 ms to get it back from a busy loop, several times per commit;
-        # 0.5 ms keeps the spool's commits (and so every 250) from queueing behind SMTP.
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        tune_process()  # the GIL switch interval and malloc's thresholds (maild/tuning.py)
         asyncio.run(service.run())
     except MaildError as exc:  # an out-of-date schema, say
         _fail(f"refusing to start: {exc}", EX_CONFIG)
@@ -394,21 +396,21 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
     if as_json:
         _print_json(view)
         return
-    click.echo(f"Ticket #{view['id']}: {view['subject'] or '(no subject)'}")
-    click.echo(f"  {view['type']}, {view['priority']}, {view['status']}; route {view['rule']}")
-    click.echo(f"  created {view['created_at']}, updated {view['updated_at']}")
+    _show(f"Ticket #{view['id']}: {view['subject'] or '(no subject)'}")
+    _show(f"  {view['type']}, {view['priority']}, {view['status']}; route {view['rule']}")
+    _show(f"  created {view['created_at']}, updated {view['updated_at']}")
     for page in view["pages"]:
         why = f": {page['reason']}" if page["reason"] else ""
-        click.echo(f"  page {page['id']}: {page['action']} {page['status']}{why}")
+        _show(f"  page {page['id']}: {page['action']} {page['status']}{why}")
     for ack in view["acknowledgements"]:
         why = (
             f": {ack['reason'] or ack['last_error']}" if ack["reason"] or ack["last_error"] else ""
         )
-        click.echo(f"  acknowledgement {ack['id']}: {ack['status']}{why}")
+        _show(f"  acknowledgement {ack['id']}: {ack['status']}{why}")
     for person in view["participants"]:
         name = f"{person['name']} " if person["name"] else ""
         bad = f" (undeliverable: {person['undeliverable']})" if "undeliverable" in person else ""
-        click.echo(f"  {person['role']:<9} {name}<{person['email']}>{bad}")
+        _show(f"  {person['role']:<9} {name}<{person['email']}>{bad}")
     for number, message in enumerate(view["messages"], start=1):
         sender = message["from"]
         flags = ""
@@ -416,17 +418,19 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
             flags = " (sent by maild)"
         elif message["kind"] != "human":
             flags = f" ({message['kind']}: {', '.join(message['auto_reasons'])})"
-        click.echo(f"\n--- message {number}: {message['message_id']}{flags}")
-        click.echo(f"From: {sender['name']} <{sender['email']}>".strip())
-        click.echo(f"Date: {message['date'] or message['received_at']}")
-        click.echo(f"Subject: {message['subject']}")
+        _show(f"\n--- message {number}: {message['message_id']}{flags}")
+        _show(f"From: {sender['name']} <{sender['email']}>".strip())
+        _show(f"Date: {message['date'] or message['received_at']}")
+        _show(f"Subject: {message['subject']}")
+        if message["defects"]:  # what the parser and filing found (a reused Message-ID, ...)
+            _show(f"Defects: {'; '.join(message['defects'])}")
         for att in message["attachments"]:
-            click.echo(
+            _show(
                 f"Attachment: {att['filename']} ({att['content_type']}, "
                 f"{att['size']} bytes, sha256 {att['sha256'][:12]}…)"
             )
-        click.echo("")
-        click.echo(message["text"])
+        _show("")
+        _show(message["text"])
 
 
 def _status_command(name: str, status: str, help_text: str) -> None:
@@ -626,7 +630,7 @@ def rules_explain(
         assert file is not None
         raw = file.read_bytes()
         recipients = list(rcpts)
-    parsed = parse_message(raw)
+    parsed = parse_message(raw, table.header_names)
     if not recipients:
         recipients = [a.email for a in [*parsed.to, *parsed.cc]]
     sender = parsed.from_.email if parsed.from_ else mail_from

@@ -110,9 +110,15 @@ class SmtpSettings(_Section):
     max_connections_per_ip: int = Field(default=20, ge=0, strict=True)  # the same, per client IP
     max_recipients: int = Field(default=100, ge=0, strict=True)  # per transaction
     max_errors: int = Field(default=10, ge=0, strict=True)  # 5xx replies to commands
+    # NOOP, RSET, HELP, VRFY, EXPN, extra HELO/EHLO since the connection's last accepted message
+    max_junk_commands: int = Field(default=20, ge=0, strict=True)
+    max_session_time: float = 1800.0  # a connection's whole life; closed between transactions
+    max_data_memory: int = 256 * MIB  # message bytes held by all DATA transfers at once
 
-    _size = field_validator("max_message_size", mode="before")(parse_size)
-    _duration = field_validator("timeout", "shutdown_timeout", mode="before")(parse_duration)
+    _size = field_validator("max_message_size", "max_data_memory", mode="before")(parse_size)
+    _duration = field_validator("timeout", "shutdown_timeout", "max_session_time", mode="before")(
+        parse_duration
+    )
 
     @field_validator("listen")
     @classmethod
@@ -266,15 +272,30 @@ class OutboundSettings(_Section):
     templates: Path = Path("templates")
     message_id_domain: str = ""  # "" means the domain of `from`
     max_acks_per_sender_per_hour: int = Field(default=5, ge=0)  # 0: no limit
-    timeout: float = 30.0  # one SMTP attempt
+    # addresses one outgoing mail reaches, and participants one inbound message adds
+    max_recipients: int = Field(default=20, ge=1, le=1000, strict=True)
+    # RFC 5321 4.5.3.2's timeouts, connecting kept apart from the replies (maild/mailer.py)
+    timeout: float = 30.0  # the TCP connection, TLS and the greeting
+    command_timeout: float = 300.0  # each reply to EHLO, STARTTLS, AUTH, MAIL, RCPT
+    data_timeout: float = 600.0  # the reply to DATA and to the end of the message
     give_up_after: float = 86400.0
     retry_initial: float = 30.0
     retry_max: float = 1800.0
 
     _smarthost = field_validator("smarthost")(_optional_hostport)
     _duration = field_validator(
-        "timeout", "give_up_after", "retry_initial", "retry_max", mode="before"
+        "timeout",
+        "command_timeout",
+        "data_timeout",
+        "give_up_after",
+        "retry_initial",
+        "retry_max",
+        mode="before",
     )(parse_duration)
+
+    def attempt_limit(self) -> float:
+        """The longest one SMTP attempt may take: connecting, two slow replies, the data."""
+        return self.timeout + 2 * self.command_timeout + self.data_timeout
 
     @field_validator("from_")
     @classmethod
@@ -538,6 +559,13 @@ def load_settings(path: Path) -> Settings:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(path, text, data, exc)) from None
+    if settings.smtp.max_data_memory < settings.smtp.max_message_size:
+        raise ConfigError(
+            f"{_where(path, text, 'smtp', 'max_data_memory')}: "
+            f"{settings.smtp.max_data_memory} bytes is less than [smtp] max_message_size "
+            f"({settings.smtp.max_message_size} bytes): no message of the largest size "
+            "could ever be received"
+        )
     base = path.resolve().parent
     pagerduty = _resolve_pagerduty(path, text, base, settings.pagerduty)
     return settings.model_copy(

@@ -64,6 +64,25 @@ def _sqlite_engine(url: URL, busy_timeout: float, immediate: bool) -> Engine:
     return engine
 
 
+# A PostgreSQL server that vanishes (host down, network cut) is noticed within about a
+# minute on an idle connection, and within TCP_USER_TIMEOUT when data is unacknowledged,
+# rather than after the kernel's two hours. (A server that is only frozen still answers
+# at the TCP level: the spool's own timeout answers the senders then; see spool.py.)
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms
+}
+
+
+def statement_timeout(busy_timeout: float) -> float:
+    """The longest any statement of maild may run on PostgreSQL: 60 s, or 12 x
+    busy_timeout when that is longer (migrations are exempt: schema.upgrade)."""
+    return max(60.0, 12 * busy_timeout)
+
+
 def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engine]:
     """(write engine, read engine) for a database URL; the same engine on PostgreSQL."""
     try:
@@ -78,13 +97,15 @@ def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engi
     if url.get_backend_name() == "postgresql":
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
-        # a write waits this long for a lock, then fails (and SMTP answers 451);
-        # options already in the URL (search_path, say) are kept
+        # A write waits busy_timeout for a lock, then fails (and SMTP answers 451); no
+        # statement runs longer than statement_timeout(busy_timeout). Options already in
+        # the URL (search_path, say) are kept.
         given = url.query.get("options", "")
         options = " ".join(
             [
                 *(given if isinstance(given, tuple) else [given]),
                 f"-c lock_timeout={int(busy_timeout * 1000)}",
+                f"-c statement_timeout={int(statement_timeout(busy_timeout) * 1000)}",
                 "-c timezone=UTC",  # timestamps are stored and compared as UTC
             ]
         ).strip()
@@ -92,7 +113,12 @@ def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engi
             url.difference_update_query(["options"]),
             pool_pre_ping=True,
             pool_size=5,
-            connect_args={"connect_timeout": max(1, int(busy_timeout)), "options": options},
+            connect_args={
+                "connect_timeout": max(1, int(busy_timeout)),
+                "options": options,
+                **KEEPALIVES,
+                **({} if "application_name" in url.query else {"application_name": "maild"}),
+            },
         )
         return engine, engine
     raise ConfigError(
@@ -143,6 +169,14 @@ class Database:
             if self.is_sqlite and database and database != ":memory:"
             else None
         )
+
+    @property
+    def file(self) -> Path | None:
+        """The SQLite database's file; None on PostgreSQL (or an in-memory database)."""
+        database = self.write_engine.url.database
+        if self.is_sqlite and database and database != ":memory:":
+            return Path(database)
+        return None
 
     @property
     def is_sqlite(self) -> bool:

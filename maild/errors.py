@@ -10,6 +10,7 @@ exit codes.
     ├── RulesError             the routing table is wrong (names file:line)
     ├── TemporaryFailure       our fault: answer 4xx / exit 75, keep the mail
     │   └── StorageUnavailable the database did not take the write
+    │       └── StorageTimeout the write did not finish within busy_timeout
     └── PermanentFailure       the sender's fault: answer 5xx / exit 6x
         ├── RecipientRefused   no route for this address, or not our domain
         └── MessageTooLarge    over [smtp] max_message_size
@@ -55,7 +56,15 @@ class TemporaryFailure(MaildError):
 
 
 class StorageUnavailable(TemporaryFailure):
-    """The database did not commit the message in time."""
+    """The database did not take the write: it failed."""
+
+    reason = "store_failed"  # the label of maild_messages_deferred_total
+
+
+class StorageTimeout(StorageUnavailable):
+    """The write did not finish within [database] busy_timeout (it may still commit)."""
+
+    reason = "store_timeout"
 
 
 class PermanentFailure(MaildError):

@@ -44,6 +44,7 @@ from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.models import Envelope, Page, Ticket, as_utc
 from maild.outbox import reopen
+from maild.ratelimit import limit_key
 
 if TYPE_CHECKING:
     from maild.parsing import ParsedMessage
@@ -104,10 +105,12 @@ def latest_page(session: Session, ticket_id: int) -> Page | None:
 
 
 def _recent_pages(session: Session, sender: str, now: datetime) -> int:
+    """Triggers from this sender (any case, any `+tag`) in the last hour that count:
+    pending, sent or failed, not withheld. Filing holds the sender's ratelimit lock."""
     counted = (PageStatus.PENDING.value, PageStatus.SENT.value, PageStatus.FAILED.value)
     return session.exec(
         select(func.count(col(Page.id))).where(
-            Page.sender == sender,
+            Page.sender_key == limit_key(sender),
             Page.action == PageAction.TRIGGER.value,
             col(Page.status).in_(counted),
             Page.created_at >= now - timedelta(hours=1),
@@ -246,6 +249,7 @@ def plan_trigger(
         status=PageStatus.WITHHELD.value if reason else PageStatus.PENDING.value,
         reason=reason,
         sender=email,
+        sender_key=limit_key(email),
         route=route,
         event=trigger_event(policy, ticket, key, route, sender, inbound, parsed, why),
         next_attempt_at=now,
@@ -270,6 +274,7 @@ def queue_resolve(session: Session, ticket: Ticket, now: datetime) -> Page | Non
         action=PageAction.RESOLVE.value,
         dedup_key=last.dedup_key,
         sender=last.sender,
+        sender_key=last.sender_key,
         route=last.route,
         event={"event_action": PageAction.RESOLVE.value, "dedup_key": last.dedup_key},
         next_attempt_at=now,

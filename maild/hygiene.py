@@ -26,7 +26,7 @@ OUR_MESSAGE_ID_PREFIX = "maild."
 # Precedence values that mean "a program sent this to many" (RFC 2076, RFC 3834 §2).
 _PRECEDENCE = frozenset({"bulk", "junk", "list", "auto_reply"})
 # Headers whose mere presence marks an auto-responder (any value), as reasons name them.
-_PRESENCE = (
+AUTO_HEADERS = (
     "X-Autoreply",
     "X-Autorespond",
     "X-Autoreply-From",
@@ -52,11 +52,13 @@ _ROBOT_LOCAL_PARTS = frozenset(
 
 
 def _local_part(address: str) -> str:
-    return addresses.split(addresses.normalize(address))[0]
+    """The local part without its `+tag`: `noreply+bounces@x` is `noreply`."""
+    return addresses.split(addresses.route_key(address))[0]
 
 
 def robot_address(address: str) -> bool:
-    """mailer-daemon@, postmaster@, no-reply@ and the like: nobody reads what is sent there."""
+    """mailer-daemon@, postmaster@, no-reply@ (any `+tag`) and the like: nobody reads
+    what is sent there."""
     return _local_part(address) in _ROBOT_LOCAL_PARTS
 
 
@@ -89,7 +91,7 @@ def auto_reasons(
         word = value.strip().lower()
         if word in _PRECEDENCE:
             reasons.append(f"Precedence: {word}")
-    reasons += [name for name in _PRESENCE if name.lower() in fields]
+    reasons += [name for name in AUTO_HEADERS if name.lower() in fields]
     return_path = envelope_sender
     if return_path is None:
         return_path = next(iter(fields.get("return-path", ())), None)

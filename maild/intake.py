@@ -32,6 +32,7 @@ Before all of this, hygiene decides what kind of mail it is:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from maild import addresses, hygiene
+from maild import addresses, hygiene, ratelimit
 from maild.acks import AckPolicy, plan_ack
 from maild.addresses import Address
 from maild.dsn import DeliveryReport
@@ -75,12 +76,14 @@ from maild.models import (
     as_utc,
     utcnow,
 )
-from maild.parsing import MAX_ADDRESS, ParsedMessage, message_id_hash
+from maild.outgoing import DEFAULT_MAX_RECIPIENTS
+from maild.parsing import MAX_ADDRESS, SYNTHETIC_DOMAIN, ParsedMessage, message_id_hash
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")
 SUBJECT_TAG = re.compile(r"\[#(\d{1,18})\]")
 REOPENS = frozenset({TicketStatus.PENDING, TicketStatus.SOLVED, TicketStatus.CLOSED})
+CLOSED_STATUSES = frozenset({TicketStatus.SOLVED, TicketStatus.CLOSED})
 
 
 class ProcessingError(Exception):
@@ -151,9 +154,9 @@ _LOCK_TICKET = (
 _SELECT_PEOPLE = core_select(_PARTICIPANT.c.email).where(
     _PARTICIPANT.c.ticket_id == bindparam("id")
 )
-_SELECT_HASHES = core_select(_MESSAGE.c.message_id_hash, _MESSAGE.c.ticket_id).where(
-    _MESSAGE.c.message_id_hash.in_(bindparam("digests", expanding=True))
-)
+_SELECT_HASHES = core_select(
+    _MESSAGE.c.message_id_hash, _MESSAGE.c.ticket_id, _MESSAGE.c.fingerprint
+).where(_MESSAGE.c.message_id_hash.in_(bindparam("digests", expanding=True)))
 
 
 def _update_by_id(table: Any, *columns: str) -> Any:
@@ -202,6 +205,7 @@ class _Filing:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._ticket_of: dict[str, int | None] = {}
+        self._fingerprint_of: dict[str, str | None] = {}  # of each stored Message-ID hash
         self._tickets: dict[int, Ticket] = {}
         self._people: dict[int, set[str]] = {}
         self._changed: dict[int, Ticket] = {}
@@ -213,15 +217,27 @@ class _Filing:
         wanted = list(dict.fromkeys(d for d in digests if d not in self._ticket_of))
         for start in range(0, len(wanted), _IN_LIST):
             part = wanted[start : start + _IN_LIST]
-            found = dict(self.session.execute(_SELECT_HASHES, {"digests": part}).all())
+            found = {
+                digest: (ticket_id, fingerprint)
+                for digest, ticket_id, fingerprint in self.session.execute(
+                    _SELECT_HASHES, {"digests": part}
+                ).all()
+            }
             for digest in part:
-                self._ticket_of[digest] = found.get(digest)
+                self._ticket_of[digest], self._fingerprint_of[digest] = found.get(
+                    digest, (None, None)
+                )
 
     def ticket_of(self, digest: str) -> int | None:
         """The ticket holding the message with this Message-ID hash, or None."""
         if digest not in self._ticket_of:
             self.learn([digest])
         return self._ticket_of[digest]
+
+    def stored(self, digest: str) -> tuple[int, str | None] | None:
+        """(ticket, fingerprint) of the stored message with this Message-ID hash, or None."""
+        ticket_id = self.ticket_of(digest)
+        return None if ticket_id is None else (ticket_id, self._fingerprint_of.get(digest))
 
     def ticket(self, ticket_id: int) -> Ticket | None:
         """The ticket, read (and locked) once per transaction; changes go through
@@ -257,6 +273,7 @@ class _Filing:
 
     def add_message(self, row: dict[str, Any], attachments: Sequence[Any] = ()) -> None:
         self._ticket_of[row["message_id_hash"]] = row["ticket_id"]
+        self._fingerprint_of[row["message_id_hash"]] = row["fingerprint"]
         self._messages.append((row, attachments))
 
     def flush(self) -> None:
@@ -369,13 +386,21 @@ def _add_participants(
     people: Iterable[tuple[Address, ParticipantRole]],
     table: RuleTable,
     now: datetime,
-) -> None:
+    limit: int,
+) -> int:
+    """Add the people not yet on the ticket, at most `limit` of them (the sender first);
+    how many more there were, kept on the message but not added."""
     assert ticket.id is not None
     known = filing.people(ticket.id)
+    added = left_out = 0
     for person, role in people:
         email = person.email.lower()
         if not email or email in known or table.is_ours(email):
             continue
+        if added >= limit:
+            left_out += 1
+            continue
+        added += 1
         filing.add_participant(
             {
                 "ticket_id": ticket.id,
@@ -385,6 +410,31 @@ def _add_participants(
                 "created_at": now,
             }
         )
+    return left_out
+
+
+def _fingerprint(sender: Address | None, parsed: ParsedMessage) -> str:
+    """What makes two copies of one Message-ID the same message: the sender and the body."""
+    who = sender.email.lower() if sender else ""
+    return hashlib.sha256(f"{who}\n{parsed.body_sha256}".encode()).hexdigest()
+
+
+def _own_message_id(parsed: ParsedMessage, ticket_id: int, fingerprint: str) -> ParsedMessage:
+    """The message with a Message-ID of its own: its id already names another message
+    (a stranger reusing it, or several alerts sharing one). Stable for retries of it."""
+    reused = parsed.message_id
+    unique = hashlib.sha256(f"{reused}\n{fingerprint}".encode("utf-8", "surrogatepass"))
+    own = f"reused-{unique.hexdigest()}@{SYNTHETIC_DOMAIN}"
+    defect = (
+        f"ReusedMessageId: <{reused}> already names another message (ticket #{ticket_id}, "
+        f"another sender or body); filed as <{own}>"
+    )
+    return replace(
+        parsed,
+        message_id=own,
+        message_id_synthesized=True,
+        defects=[*parsed.defects, defect],
+    )
 
 
 def _store_message(
@@ -397,8 +447,11 @@ def _store_message(
     kind: MessageKind = MessageKind.HUMAN,
     auto_reasons: Sequence[str] = (),
     report: DeliveryReport | None = None,
+    fingerprint: str | None = None,
+    notes: Sequence[str] = (),
 ) -> None:
-    """Queue the message (and its attachments) for the transaction's flush."""
+    """Queue the message (and its attachments) for the transaction's flush; `notes` are
+    what filing found, stored with the parser's defects."""
     assert ticket.id is not None
     filing.add_message(
         dict(
@@ -407,6 +460,7 @@ def _store_message(
             message_id=parsed.message_id,
             message_id_hash=message_id_hash(parsed.message_id),
             message_id_synthesized=parsed.message_id_synthesized,
+            fingerprint=fingerprint,
             in_reply_to=parsed.in_reply_to,
             references=parsed.references,
             from_email=parsed.from_.email if parsed.from_ else "",
@@ -417,7 +471,7 @@ def _store_message(
             date=parsed.date,
             text=parsed.text,
             rule=route.name if route else "",
-            defects=parsed.defects,
+            defects=[*parsed.defects, *notes],
             direction=Direction.INBOUND.value,
             kind=kind.value,
             auto_reasons=list(auto_reasons),
@@ -463,6 +517,7 @@ def _file_bounce(
     reasons: list[str],
     acks: AckPolicy | None,
     now: datetime,
+    fingerprint: str,
 ) -> Filed:
     """Attach a DSN to the ticket of the message it reports on; never a new ticket."""
     filing.flush()  # what follows reads participants, messages and outmail itself
@@ -513,6 +568,7 @@ def _file_bounce(
         kind=MessageKind.BOUNCE,
         auto_reasons=reasons,
         report=report,
+        fingerprint=fingerprint,
     )
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     return Filed(
@@ -551,15 +607,22 @@ def file_message(
         headers=tuple(parsed.headers),
     )
     routes, unrouted = table.decide_all(inbound.rcpt_tos, context)
-    existing = filing.ticket_of(message_id_hash(parsed.message_id))
-    if existing is not None:
-        ticket = filing.ticket(existing)
+    fingerprint = _fingerprint(sender, parsed)
+    stored = filing.stored(message_id_hash(parsed.message_id))
+    if stored is not None and stored[1] is not None and stored[1] != fingerprint:
+        # Not the same message: its own id; it threads by its own headers, like any other.
+        parsed = _own_message_id(parsed, stored[0], fingerprint)
+        stored = filing.stored(message_id_hash(parsed.message_id))  # a retry of this one
+    if stored is not None:
+        ticket = filing.ticket(stored[0])
         assert ticket is not None
         if routes:
             _raise_priority(filing, ticket, best_decision(routes))
         _mark(inbound, InboundStatus.DUPLICATE, now, ticket.id)
         page = None
-        if policy is not None:  # the same message reached sysops@ in a second delivery
+        # The same message reached sysops@ in a second delivery: page, unless the desk
+        # has solved or closed the ticket since (nothing would explain the page then).
+        if policy is not None and TicketStatus(ticket.status) not in CLOSED_STATUSES:
             page = plan_trigger(
                 session,
                 policy,
@@ -580,7 +643,7 @@ def file_message(
     )
     if parsed.report is not None:
         reasons = ["delivery status notification", *reasons]
-        return _file_bounce(filing, inbound, parsed, parsed.report, reasons, acks, now)
+        return _file_bounce(filing, inbound, parsed, parsed.report, reasons, acks, now, fingerprint)
     kind = MessageKind.AUTO if reasons else MessageKind.HUMAN
     if not routes:
         raise ProcessingError(
@@ -625,8 +688,26 @@ def file_message(
         filing.changed(ticket)
         outcome = "threaded"
         people = ([(sender, ParticipantRole.CC)] if sender else []) + others
-    _add_participants(filing, ticket, people, table, now)
-    _store_message(filing, ticket, inbound, parsed, route, now, kind=kind, auto_reasons=reasons)
+    limit = acks.limits.max_recipients if acks is not None else DEFAULT_MAX_RECIPIENTS
+    left_out = _add_participants(filing, ticket, people, table, now, limit)
+    notes = []
+    if left_out:
+        notes.append(
+            f"TooManyAddresses: {left_out} more addresses in From, To and Cc were not added "
+            f"as participants ([outbound] max_recipients = {limit})"
+        )
+    _store_message(
+        filing,
+        ticket,
+        inbound,
+        parsed,
+        route,
+        now,
+        kind=kind,
+        auto_reasons=reasons,
+        fingerprint=fingerprint,
+        notes=notes,
+    )
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     page = None
     if policy is not None:
@@ -730,6 +811,9 @@ def file_batch(
             continue  # already handled (by reprocess, or by another instance)
         inbound.attempts += 1
         todo.append((inbound, parsed))
+    # Before anything counts toward a per-address limit: serialise those counts with
+    # every other filer (PostgreSQL; SQLite's writers take turns anyway).
+    ratelimit.lock(session, _limit_keys(todo, acks))
     try:
         results = _file_in_savepoint(session, table, todo, policy, acks)
     except Exception:  # filed again one by one, to find which
@@ -750,6 +834,26 @@ def file_batch(
             ],
         )
     return results
+
+
+def _limit_keys(
+    todo: Sequence[tuple[Envelope, ParsedMessage | BaseException]], acks: AckPolicy | None
+) -> set[str]:
+    """Every address filing these deliveries may count toward a per-address limit: each
+    sender (pages), and the people an acknowledgement may go to (the first
+    max_recipients of To and Cc, the same ones filing adds as participants)."""
+    keys: set[str] = set()
+    acked = acks is not None and acks.enabled and acks.limits.max_per_hour > 0
+    for inbound, parsed in todo:
+        if isinstance(parsed, BaseException):
+            continue
+        sender = _sender(parsed, inbound.mail_from)
+        if sender is not None:
+            keys.add(ratelimit.limit_key(sender.email))
+        if acked and acks is not None:
+            others = [*parsed.to, *parsed.cc][: acks.limits.max_recipients]
+            keys.update(ratelimit.limit_key(a.email) for a in others)
+    return keys
 
 
 def _file_in_savepoint(

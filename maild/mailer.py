@@ -24,6 +24,8 @@ restart: a customer may see a second copy of an acknowledgement, never none.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -50,6 +52,10 @@ class MailError(Exception):
 
 class TransientMailError(MailError):
     """Worth trying again: network, timeout, 4xx, a login the operator may fix."""
+
+    def __init__(self, message: str, *, possibly_delivered: bool = False) -> None:
+        super().__init__(message)
+        self.possibly_delivered = possibly_delivered  # no reply came to the end of DATA
 
 
 class PermanentMailError(MailError):
@@ -209,7 +215,18 @@ def _reply(code: int, message: str) -> str:
 
 
 class SmtpClient:
-    """One SMTP transaction per call to the smarthost; failures classified."""
+    """One SMTP transaction per call to the smarthost; failures classified.
+
+    Timeouts as RFC 5321 4.5.3.2 has them, kept apart from connecting: `[outbound]
+    timeout` for the TCP connection, TLS and the greeting; `command_timeout` (5 min)
+    for each reply to EHLO, STARTTLS, AUTH, MAIL and RCPT; `data_timeout` (10 min) for
+    the reply to DATA and to the end of the message. A slow smarthost that takes 40 s
+    to accept a message is waited for, not sent the message again. The whole attempt is
+    bounded by `attempt_limit`, which the mailer's lease outlasts.
+
+    No reply to the end of DATA (a timeout, a dropped connection) leaves the mail
+    possibly delivered: the error says so, and the retry may be a second copy.
+    """
 
     def __init__(self, settings: OutboundSettings, local_hostname: str | None = None) -> None:
         assert settings.smarthost is not None
@@ -221,32 +238,41 @@ class SmtpClient:
     async def send(
         self, job: MailJob, recipients: list[str]
     ) -> dict[str, tuple[RecipientState, str | None]]:
-        """Send to `recipients`; each one's outcome (sent, refused, or pending after a 4xx)."""
+        """Send to `recipients`; each one's outcome (sent, refused, or pending after a 4xx).
+        More recipients than [outbound] max_recipients is refused unsent, whoever wrote
+        the row (outgoing.queue_mail never does)."""
         settings = self._settings
+        if len(recipients) > settings.max_recipients:
+            raise PermanentMailError(
+                f"not sent: {len(recipients)} recipients, more than [outbound] "
+                f"max_recipients = {settings.max_recipients}"
+            )
         password = settings.password.get_secret_value() if settings.password else None
         client = aiosmtplib.SMTP(
             hostname=self._host,
             port=self._port,
             local_hostname=self._local_hostname,
-            timeout=settings.timeout,
+            timeout=settings.command_timeout,
             use_tls=settings.tls == "implicit",
             start_tls=settings.tls == "starttls",
             tls_context=self._context,
             username=settings.username,
             password=password,
         )
-        options = ["SMTPUTF8"] if job.smtputf8 else []
-        outcome: dict[str, tuple[RecipientState, str | None]] = {}
+        stage = "connect"
         try:
-            async with client:
-                try:
-                    errors, _ = await client.sendmail(
-                        job.mail_from, recipients, job.raw, mail_options=options
-                    )
-                except aiosmtplib.SMTPRecipientsRefused as refused:
-                    for r in refused.recipients:
-                        outcome[r.recipient] = _rcpt_state(r.code, r.message)
-                    return outcome
+            async with asyncio.timeout(settings.attempt_limit()):
+                await client.connect(timeout=settings.timeout)
+                stage = "envelope"
+                outcome, accepted = await self._envelope(client, job, recipients)
+                if accepted:
+                    stage = "data"
+                    await client.data(job.raw, timeout=settings.data_timeout)
+                    outcome.update((a, (RecipientState.SENT, None)) for a in accepted)
+            # The mail is the smarthost's now: a slow goodbye changes nothing.
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit(timeout=settings.timeout)
+            return outcome
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise TransientMailError(
                 f"login refused by {settings.smarthost} ({_reply(exc.code, exc.message)}); "
@@ -259,18 +285,44 @@ class SmtpClient:
             if 500 <= exc.code < 600:
                 raise PermanentMailError(f"{settings.smarthost} refused the mail: {what}") from None
             raise TransientMailError(f"{settings.smarthost}: {what}") from None
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
+            if stage == "data":
+                raise TransientMailError(
+                    f"{settings.smarthost}: no reply to the end of DATA "
+                    f"({type(exc).__name__}: {detail}); possibly delivered",
+                    possibly_delivered=True,
+                ) from None
             raise TransientMailError(
                 f"{settings.smarthost}: {type(exc).__name__}: {detail}"
             ) from None
+        finally:
+            client.close()
+
+    async def _envelope(
+        self, client: aiosmtplib.SMTP, job: MailJob, recipients: list[str]
+    ) -> tuple[dict[str, tuple[RecipientState, str | None]], list[str]]:
+        """MAIL FROM and one RCPT each: the refused recipients' outcomes, and the accepted."""
+        options = []
+        encoding = "ascii"
+        if job.smtputf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if client.supports_extension("size"):
+            options.insert(0, f"SIZE={len(job.raw)}")
+        await client.mail(job.mail_from, options=options, encoding=encoding)
+        outcome: dict[str, tuple[RecipientState, str | None]] = {}
+        accepted = []
         for address in recipients:
-            if address in errors:
-                code, text = errors[address]
-                outcome[address] = _rcpt_state(code, text)
+            try:
+                await client.rcpt(address, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as refused:
+                outcome[address] = _rcpt_state(refused.code, refused.message)
             else:
-                outcome[address] = (RecipientState.SENT, None)
-        return outcome
+                accepted.append(address)
+        return outcome, accepted
 
 
 def _rcpt_state(code: int, text: str) -> tuple[RecipientState, str | None]:
@@ -294,7 +346,8 @@ class Mailer(OutboxWorker[MailJob]):
         claimer: str,
         poll_interval: float = POLL_SECONDS,
     ) -> None:
-        super().__init__(database, claimer, poll_interval, lease=settings.timeout * 4 + 5)
+        # A claimed row is not claimed again until this long after: the longest attempt.
+        super().__init__(database, claimer, poll_interval, lease=settings.attempt_limit() + 60)
         self._client = client
         self._settings = settings
 
@@ -336,7 +389,9 @@ class Mailer(OutboxWorker[MailJob]):
             )
             metrics.ACKS.labels("retried").inc()
             log.warning(
-                "acknowledgement attempt failed; will retry",
+                "acknowledgement possibly delivered; sending it again"
+                if getattr(error, "possibly_delivered", False)
+                else "acknowledgement attempt failed; will retry",
                 outmail=job.id,
                 ticket=job.ticket_id,
                 attempts=attempts,

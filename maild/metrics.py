@@ -6,8 +6,9 @@
 - `/healthz`: 200 when every SMTP/LMTP listener is open and the database answers;
   503 otherwise. The JSON body names each check and the backlogs (deliveries not
   yet processed, pages not yet sent), so a probe's log says what is wrong.
-- `/readyz`: 200 while maild accepts mail; 503 while starting or stopping, so a
-  load balancer drains it first.
+- `/readyz`: 200 while maild accepts mail and can store it; 503 while starting
+  or stopping, or while writes fail or the disk is too full (the body says which),
+  so a load balancer drains it first.
 
 The listener is plain asyncio (GET only, one request per connection): it has
 three fixed answers and should not cost a web framework.
@@ -116,7 +117,7 @@ Check = Callable[[], Awaitable[dict[str, Any]]]
 class HttpListener:
     """GET /metrics, /healthz and /readyz on one address."""
 
-    def __init__(self, health: Check, ready: Callable[[], bool], backlog: Check) -> None:
+    def __init__(self, health: Check, ready: Check, backlog: Check) -> None:
         self._health = health
         self._ready = ready
         self._backlog = backlog
@@ -171,7 +172,7 @@ class HttpListener:
             code = 200 if report["status"] == "ok" else 503
             return code, "application/json", json.dumps(report).encode() + b"\n"
         if path == "/readyz":
-            ready = self._ready()
-            body = b'{"status": "ready"}\n' if ready else b'{"status": "not ready"}\n'
-            return (200 if ready else 503), "application/json", body
+            report = await self._ready()
+            code = 200 if report["status"] == "ready" else 503
+            return code, "application/json", json.dumps(report).encode() + b"\n"
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

@@ -13,6 +13,7 @@ outmail      the mail outbox (acknowledgements): the rendered bytes and envelope
              written with the ticket; its message row holds its Message-ID
 outmail_rcpt one recipient of an outgoing mail: sent, refused, bounced or withheld;
              the hourly per-address limit counts these
+storage_probe one row per host, rewritten by the health checks' write probe
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class Message(SQLModel, table=True):
     message_id: str = Field(sa_type=Text)
     message_id_hash: str = Field(max_length=64, unique=True)
     message_id_synthesized: bool = False
+    # sha256 of the sender and the body: the same Message-ID is the same message only when
+    # this matches too (NULL: our own mail, and mail stored before maild kept it)
+    fingerprint: str | None = Field(default=None, max_length=64)
     in_reply_to: list[str] = Field(default_factory=list, sa_type=JSON)
     references: list[str] = Field(default_factory=list, sa_type=JSON)
     from_email: str = Field(default="", max_length=320)
@@ -170,7 +174,7 @@ class Page(SQLModel, table=True):
     __tablename__ = "page"
     __table_args__ = (
         Index("ix_page_status_next_attempt_at", "status", "next_attempt_at"),
-        Index("ix_page_sender_created_at", "sender", "created_at"),
+        Index("ix_page_sender_key_created_at", "sender_key", "created_at"),
         Index("ix_page_dedup_key_id", "dedup_key", "id"),
     )
 
@@ -182,6 +186,7 @@ class Page(SQLModel, table=True):
     status: str = Field(default="pending", max_length=16)
     reason: str | None = Field(default=None, sa_type=Text)  # why withheld, or why it failed
     sender: str = Field(default="", max_length=320)
+    sender_key: str = Field(default="", max_length=320)  # what the hourly limit counts
     route: str = Field(default="", max_length=255)
     event: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # without routing_key
     attempts: int = 0
@@ -220,11 +225,21 @@ class OutmailRecipient(SQLModel, table=True):
     """One envelope recipient of an outgoing mail and what became of it."""
 
     __tablename__ = "outmail_rcpt"
-    __table_args__ = (Index("ix_outmail_rcpt_email_created_at", "email", "created_at"),)
+    __table_args__ = (Index("ix_outmail_rcpt_address_key_created_at", "address_key", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     outmail_id: int = Field(foreign_key="outmail.id", index=True)
     email: str = Field(max_length=320)
+    address_key: str = Field(default="", max_length=320)  # what the hourly limit counts
     status: str = Field(default="pending", max_length=16)
     error: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class StorageProbe(SQLModel, table=True):
+    """The health checks' write probe: can mail be stored now (disk, locks, server)?"""
+
+    __tablename__ = "storage_probe"
+
+    host: str = Field(primary_key=True, max_length=255)
+    checked_at: datetime = Field(default_factory=utcnow)

@@ -124,6 +124,10 @@ class EventsClient:
         except pagerduty.Error as exc:  # no response: network, TLS, timeout
             cause = exc.__cause__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
+            if isinstance(cause, httpx2.ReadTimeout | httpx2.RemoteProtocolError):
+                # The event was sent and no answer came: the retry carries the same
+                # dedup key, so PagerDuty folds it into the alert it may have opened.
+                detail += "; possibly delivered"
             raise TransientPageError(detail) from None
         except OSError as exc:
             raise TransientPageError(f"{type(exc).__name__}: {exc}") from None

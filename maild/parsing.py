@@ -37,14 +37,33 @@ from datetime import UTC, datetime
 
 import mailparser
 
-from maild import dsn
+from maild import dsn, hygiene
 from maild.addresses import Address
 from maild.htmltext import html_to_text
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
-MAX_HEADERS = 500
+MAX_HEADERS = 500  # header fields kept, and as many more of the names maild acts on
 MAX_HEADER_CHARS = 8192
+# Header fields maild acts on: found wherever they stand, even after MAX_HEADERS others
+# (an Auto-Submitted placed 600 fields down must still stop an acknowledgement).
+ACTED_ON = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "return-path",
+        "auto-submitted",
+        "precedence",
+        *(name.lower() for name in hygiene.AUTO_HEADERS),
+        hygiene.LOOP_HEADER.lower(),
+    }
+)
 MAX_ADDRESS = 320
 MAX_ADDRESS_CHARS = 65536  # of one address field name (To, Cc): ~1,500 addresses
 SYNTHETIC_DOMAIN = "maild.invalid"
@@ -130,6 +149,7 @@ class ParsedMessage:
     headers: list[tuple[str, str]]
     defects: list[str] = field(default_factory=list)
     report: dsn.DeliveryReport | None = None  # set when the message is a DSN (a bounce)
+    body_sha256: str = ""  # of the body as received (CRLF read as LF): see body_digest
 
 
 def normalize_message_id(value: str) -> str:
@@ -170,6 +190,22 @@ def extract_ids(value: str | list[str] | None) -> list[str]:
     if not tokens:  # broken senders: bare ids separated by spaces or commas
         tokens = [t for t in re.split(r"[\s,]+", text) if "@" in t]
     return list(dict.fromkeys(t for t in tokens if t))
+
+
+def body_digest(raw: bytes) -> str:
+    """sha256 of everything after the header section, line endings read as LF: the same
+    for every delivery of one message (retries, split deliveries, SMTP or a pipe),
+    whatever headers the MTAs on the way added. Hashed in chunks, never copied whole."""
+    end = _EMPTY_LINE.search(raw)
+    digest = hashlib.sha256()
+    view = memoryview(raw)
+    carry = b""
+    for offset in range(end.end() if end else len(raw), len(raw), FEED_CHUNK):
+        chunk = carry + bytes(view[offset : offset + FEED_CHUNK])
+        carry = b"\r" if chunk.endswith(b"\r") else b""
+        digest.update(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
+    digest.update(carry)
+    return digest.hexdigest()
 
 
 def synthesized_message_id(raw: bytes) -> str:
@@ -556,22 +592,31 @@ class HeaderBlock:
     fields: list[tuple[str, str]]
 
     @classmethod
-    def from_raw(cls, raw: bytes) -> HeaderBlock:
+    def from_raw(cls, raw: bytes, wanted: frozenset[str] = frozenset()) -> HeaderBlock:
+        """The fields of the header section: the first MAX_HEADERS, and after them up to
+        MAX_HEADERS more of those named in ACTED_ON or `wanted` (lower-case names the
+        rules' header conditions read)."""
         end = _EMPTY_LINE.search(raw)  # the first empty line, CRLF or LF
         body_start = len(raw) if end is None else end.start()
         head = raw[:body_start].replace(b"\r\n", b"\n")
         fields: list[tuple[str, list[bytes]]] = []
+        keep = ACTED_ON | wanted
+        kept = False  # whether the field being read was kept (its continuations go with it)
         length = 0  # of the field being read, so a million continuations stay linear
         for line in head.split(b"\n"):
             if line[:1] in (b" ", b"\t"):  # a folded continuation of the field above
-                if fields and length < MAX_HEADER_CHARS * 4:
+                if kept and length < MAX_HEADER_CHARS * 4:
                     fields[-1][1].append(line.strip())
                     length += len(line)
                 continue
             field_name, sep, value = line.partition(b":")
             field_name = field_name.strip()
-            if not sep or not field_name or b" " in field_name or len(fields) >= MAX_HEADERS:
-                continue  # an mbox "From " line, garbage, or too many fields
+            kept = bool(sep and field_name and b" " not in field_name)  # not "From " or garbage
+            if kept and len(fields) >= MAX_HEADERS:  # past the cap, only what maild reads
+                name = field_name.decode("ascii", "replace")
+                kept = len(fields) < 2 * MAX_HEADERS and name.lower() in keep
+            if not kept:
+                continue
             fields.append((field_name.decode("ascii", "replace"), [value.strip()]))
             length = len(value)
         return cls(
@@ -657,7 +702,7 @@ def _cleaned(parsed: ParsedMessage) -> ParsedMessage:
     return parsed
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
+def parse_message(raw: bytes, wanted_headers: frozenset[str] = frozenset()) -> ParsedMessage:
     """Parse raw message bytes; never raises for any input.
 
     Every reader below (mail-parser, HeaderBlock, the DSN reader) gets the same
@@ -667,8 +712,9 @@ def parse_message(raw: bytes) -> ParsedMessage:
     """
     received = raw
     raw, repaired = repair_header_line_breaks(received)
-    parsed, message = _parse(raw, received)
+    parsed, message = _parse(raw, received, wanted_headers)
     parsed = _cleaned(parsed)
+    parsed.body_sha256 = body_digest(received)
     if repaired:
         parsed.defects.append(BARE_LINE_BREAK_DEFECT)
     # None also when the standard library could not parse it (nested too deeply)
@@ -676,21 +722,23 @@ def parse_message(raw: bytes) -> ParsedMessage:
     return parsed
 
 
-def _parse(raw: bytes, received: bytes) -> tuple[ParsedMessage, email.message.Message | None]:
+def _parse(
+    raw: bytes, received: bytes, wanted: frozenset[str] = frozenset()
+) -> tuple[ParsedMessage, email.message.Message | None]:
     """The parsed message, and the standard library's Message of it when there is one."""
     message: email.message.Message | None = None
     head: HeaderBlock | None = None
     try:
         message = _for_mailparser(raw)
         mail = mailparser.MailParser(message)
-        head = HeaderBlock.from_raw(raw)
+        head = HeaderBlock.from_raw(raw, wanted)
         return _from_mailparser(mail, head, raw, received), message
     except RecursionError:
         reason = "RecursionError: MIME nested too deeply"
     except Exception as exc:  # mail-parser raises AttributeError/ValueError on broken MIME too
         reason = f"{type(exc).__name__}: {exc}"[:500]
     try:
-        return _fallback(head or HeaderBlock.from_raw(raw), raw, received, reason), message
+        return _fallback(head or HeaderBlock.from_raw(raw, wanted), raw, received, reason), message
     except Exception as exc:  # the last resort: an empty message that still makes a ticket
         return ParsedMessage(
             message_id=synthesized_message_id(received),

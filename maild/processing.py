@@ -182,7 +182,8 @@ def process_now(
     acks: AckPolicy | None = None,
 ) -> list[Filed]:
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
-    results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse_message, table, policy, acks)
+    parse = partial(parse_message, wanted_headers=table.header_names)
+    results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse, table, policy, acks)
     _log_results(results)
     return results
 
@@ -280,11 +281,13 @@ def _deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def parse_within(raw: bytes, timeout: float) -> ParsedMessage | BaseException:
+def parse_within(
+    raw: bytes, timeout: float, wanted_headers: frozenset[str] = frozenset()
+) -> ParsedMessage | BaseException:
     """Parse one message, or the exception that stopped it (ParseTimeout past `timeout`)."""
     try:
         with _deadline(timeout):
-            return parse_message(raw)
+            return parse_message(raw, wanted_headers)
     except _Alarm:
         return ParseTimeout(f"parsing took longer than {timeout:g} s")
     except Exception as exc:  # parse_message never raises; this is a bug's safety net
@@ -303,7 +306,7 @@ def process_batch(
     database = _worker_database
     assert database is not None, "the pool initializer opens the database"
     step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
-    parse = partial(parse_within, timeout=parse_timeout)
+    parse = partial(parse_within, timeout=parse_timeout, wanted_headers=table.header_names)
     return _file_ids(database, ids, step, parse, table, policy, acks)
 
 
@@ -344,6 +347,7 @@ class Processor:
         self._log = log
         self._pool: ProcessPoolExecutor | None = None
         self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()  # set by stop(): cuts the wait between retries short
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._batch_limit = MAX_BATCH_MESSAGES
@@ -374,12 +378,20 @@ class Processor:
             chosen += [i for i in oldest if i not in taken][: limit - len(chosen)]
         return chosen
 
-    async def stop(self) -> None:
-        """Finish the batch in hand, then stop; unstarted rows stay `received`."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Finish the batch in hand (within `grace` seconds, when given), then stop;
+        unstarted rows stay `received`, and so do those of a batch cut at the grace (its
+        transaction never commits), to be filed after the restart."""
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         if self._task is not None:
-            await self._task
+            done, _ = await asyncio.wait([self._task], timeout=grace)
+            if not done:
+                log.warning("processing batch cut at shutdown; it is filed after restart")
+                self._task.cancel()
+                await asyncio.wait([self._task])
+                self._kill_workers(self._pool)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -387,9 +399,14 @@ class Processor:
         old = self._pool
         self._pool = _make_pool(self._workers, self._database, self._log)
         if old is not None:
-            for process in list(getattr(old, "_processes", {}).values()):
-                process.kill()  # a stuck parse holds its worker; nothing else will free it
+            self._kill_workers(old)
             old.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _kill_workers(pool: ProcessPoolExecutor | None) -> None:
+        """A stuck parse or filing holds its worker; nothing else will free it."""
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
 
     async def _count_failure(self, inbound_id: int, exc: Exception) -> None:
         """A message that alone fails its batch three times is set aside as failed."""
@@ -487,7 +504,8 @@ class Processor:
                 if self._batch_limit == 1 and ids:
                     await self._count_failure(ids[0], exc)
                 self._batch_limit = 1  # if one message is to blame, it must not hold the rest
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):  # stop() ends the wait at once
+                    await asyncio.wait_for(self._stopped.wait(), backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             self._failures.clear()

@@ -40,7 +40,7 @@ def replay(session: Session, table: RuleTable, since: datetime) -> list[dict[str
     ).all()
     result = []
     for row in rows:
-        parsed = parse_message(row.raw)
+        parsed = parse_message(row.raw, table.header_names)
         sender = parsed.from_.email if parsed.from_ else row.mail_from
         context = MessageContext(
             sender=sender, subject=parsed.subject, headers=tuple(parsed.headers)

@@ -193,6 +193,11 @@ class RuleTable:
     folder: str
     domains: frozenset[str]
 
+    @property
+    def header_names(self) -> frozenset[str]:
+        """The header fields the routes' `headers` conditions read (lower-case)."""
+        return frozenset(name for route in self.routes for name, _ in route.headers)
+
     def _base(self, address: str) -> Route | None:
         return next((r for r in self.routes if r.unconditional and r.takes(address)), None)
 

@@ -74,6 +74,8 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate to `revision`; (revision before, revision after)."""
     before = schema_state(engine)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # an index on a large table takes time
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         config = _config(connection)
         if before.current is None and not before.empty:
             command.stamp(config, FIRST_REVISION)  # a pre-migrations development database

@@ -13,6 +13,8 @@ batch, let page and mail attempts in flight finish, close the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 from collections.abc import Sequence
@@ -32,11 +34,16 @@ from maild.mailer import Mailer, SmtpClient
 from maild.pager import EventsClient, Pager
 from maild.processing import Processor
 from maild.rules import RuleTable, load_rules
-from maild.smtp import Handler, Listener
+from maild.smtp import DataBudget, Handler, Listener, SessionLimits
 from maild.spool import Spool
 
 log = structlog.get_logger("maild.service")
 WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes
+# The health checks' view of storage: a write younger than STORAGE_FRESH seconds that
+# worked says mail can be stored; otherwise they write a probe row first (while writes
+# fail, at most every PROBE_INTERVAL seconds).
+STORAGE_FRESH = 30.0
+PROBE_INTERVAL = 2.0
 
 
 def check_paging(settings: Settings, table: RuleTable) -> None:
@@ -94,6 +101,7 @@ class Service:
             log=(settings.log.format, settings.log.level),
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
+        self._probe_lock = asyncio.Lock()
         self.listeners: list[Listener] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._stop = asyncio.Event()
@@ -193,6 +201,12 @@ class Service:
         wanted = [("smtp", smtp.listen)]
         if self.settings.lmtp.listen or "lmtp" in passed:
             wanted.append(("lmtp", self.settings.lmtp.listen or "127.0.0.1:0"))
+        limits = SessionLimits(
+            max_errors=smtp.max_errors,
+            max_junk_commands=smtp.max_junk_commands,
+            max_session_time=smtp.max_session_time,
+            data_budget=DataBudget(smtp.max_data_memory),  # one for every listener
+        )
         for protocol, listen in wanted:
             listener = Listener(
                 protocol,
@@ -204,14 +218,14 @@ class Service:
                 timeout=smtp.timeout,
                 max_connections=smtp.max_connections,
                 max_connections_per_ip=smtp.max_connections_per_ip,
-                max_errors=smtp.max_errors,
+                limits=limits,
             )
             host, port = parse_hostport(listen)
             self.addresses[protocol] = await listener.start(host, port, passed.get(protocol))
             self.listeners.append(listener)
             metrics.UP.labels(protocol).set(1)
         if self.settings.http.listen:
-            self.http = metrics.HttpListener(self._health, lambda: self._ready, self._backlog)
+            self.http = metrics.HttpListener(self._health, self._readiness, self._backlog)
             host, port = parse_hostport(self.settings.http.listen)
             self.addresses["http"] = await self.http.start(host, port)
         self._ready = True
@@ -277,6 +291,7 @@ class Service:
         except Exception as exc:
             checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
             backlog = None
+        checks["storage"] = await self._storage()
         status = "ok" if all(v == "ok" for v in checks.values()) and self._ready else "failing"
         rules = {
             "version": self.rules.version,
@@ -286,6 +301,49 @@ class Service:
             "reload_problems": list(self.rules_problems),
         }
         return {"status": status, "checks": checks, "backlog": backlog, "rules": rules}
+
+    async def _readiness(self) -> dict[str, Any]:
+        """What /readyz reports: ready while maild accepts mail and can store it."""
+        if not self._ready:
+            return {"status": "not ready", "reason": "starting or stopping"}
+        storage = await self._storage()
+        if storage != "ok":
+            return {"status": "not ready", "reason": f"mail cannot be stored: {storage}"}
+        return {"status": "ready"}
+
+    async def _storage(self) -> str:
+        """ "ok" when mail can be stored now, else why not: the disk under a SQLite database
+        has room for the largest message, and the last write (a spool commit, or the
+        probe written here when that is stale or failed) worked."""
+        full = self._disk_too_full()
+        if full:
+            return full
+        storage = self.spool.storage
+        loop = asyncio.get_running_loop()
+        stale = loop.time() - storage.at >= (PROBE_INTERVAL if not storage.ok else STORAGE_FRESH)
+        if stale and not self._probe_lock.locked():
+            async with self._probe_lock:
+                with contextlib.suppress(Exception):  # recorded in spool.storage
+                    await self.spool.probe()
+        return "ok" if storage.ok else storage.error or "the last write failed"
+
+    def _disk_too_full(self) -> str:
+        """Why the disk of a SQLite database cannot take the largest message, or ""."""
+        path = self.database.file
+        if path is None:
+            return ""
+        needed = 2 * self.settings.smtp.max_message_size  # the WAL, then the database file
+        try:
+            stat = os.statvfs(path.parent)
+        except OSError as exc:
+            return f"cannot read free space of {path.parent}: {exc.strerror or exc}"
+        free = stat.f_bavail * stat.f_frsize
+        if free < needed:
+            return (
+                f"disk nearly full: {free // 1024} KiB free in {path.parent}, a message of "
+                f"[smtp] max_message_size needs up to {needed // 1024} KiB"
+            )
+        return ""
 
     async def stop(self) -> None:
         self._ready = False
@@ -304,8 +362,12 @@ class Service:
             log.warning(
                 "open transactions cut at shutdown; their senders will retry", transactions=sum(cut)
             )
-        await self.spool.drain()
-        await self.processor.stop()
+        try:  # a hung database: its senders had their 451 at busy_timeout already
+            async with asyncio.timeout(self.database.busy_timeout + 1):
+                await self.spool.drain()
+        except TimeoutError:
+            log.warning("spool commits still hanging at shutdown; their senders got 451")
+        await self.processor.stop(grace=timeout)
         if self.pager is not None:
             await self.pager.stop(grace=self.settings.pagerduty.timeout)
         if self.mailer is not None:

@@ -6,9 +6,12 @@ DATA: the raw bytes and envelope go to the spool, which commits them; only
 then 250. Any failure of ours answers 451 4.3.0 so the sending MTA retries.
 LMTP answers one line per accepted recipient after DATA (RFC 2033).
 
-aiosmtpd fixes made here: lines longer than 1000 bytes are accepted (real mail
-has them), the per-command size limits are per connection (aiosmtpd keeps them
-in one dict shared by all connections), and the hostname is computed once.
+aiosmtpd fixes made here: lines longer than 1000 bytes are accepted inside DATA
+(real mail has them) while command lines stay capped at COMMAND_LINE_LIMIT (the
+stream's buffer limit, so a line without CRLF is read and dropped in pieces,
+never held whole), the per-command size limits are per connection (aiosmtpd
+keeps them in one dict shared by all connections), and the hostname is
+computed once.
 
 Abuse limits (aiosmtpd has none of its own), each 0 for no limit:
 - max_connections / max_connections_per_ip: connections open on one listener,
@@ -22,6 +25,20 @@ Abuse limits (aiosmtpd has none of its own), each 0 for no limit:
   being stored is never cut.
 - The idle timeout ([smtp] timeout) says 421 4.4.2 before closing; aiosmtpd
   itself closes without a word.
+- max_junk_commands: NOOP, RSET, HELP, VRFY, EXPN and greetings after the
+  second, per connection since its last accepted message (as Postfix's
+  smtpd_junk_command_limit); the one beyond it gets 421 4.7.0 and the close.
+- max_session_time: a connection still open after it is closed with 421 4.4.2
+  as soon as it is not inside a transaction.
+- A full listener (max_connections) makes room for a new client by closing the
+  connection that has done nothing useful (no greeting, MAIL, RCPT or DATA) for
+  the longest, if that is over EVICT_AFTER_IDLE seconds and it is not inside a
+  transaction: connections that only NOOP cannot lock the desk out.
+- max_data_memory (DataBudget): message bytes held in memory by all DATA
+  transfers of the daemon at once. DATA beyond it is answered
+  452 4.3.1 (insufficient system storage; the sender retries later), at once
+  when the budget is already spent, else after the rest of the message is read
+  and dropped.
 """
 
 from __future__ import annotations
@@ -32,14 +49,15 @@ import re
 import secrets
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _DataState, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from maild import metrics
-from maild.errors import MessageTooLarge, RecipientRefused, TemporaryFailure
+from maild.errors import MessageTooLarge, RecipientRefused, StorageUnavailable, TemporaryFailure
 from maild.rules import RuleTable
 from maild.spool import Delivery, Spool
 
@@ -48,7 +66,6 @@ log = structlog.get_logger("maild.smtp")
 TEMPFAIL = TemporaryFailure.smtp_reply
 IDENT = "maild"
 _SIZE_REPLIES = (
-    "500 Line too long",
     "552 Error: Too much mail data",
     "552 Error: message size exceeds",
 )
@@ -57,7 +74,17 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 {hostname} Too many connections, try again lat
 TOO_MANY_CONNECTIONS_PER_IP = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing connection"
 IDLE_TIMEOUT = "421 4.4.2 {hostname} Timeout, closing connection"
+SESSION_TOO_LONG = "421 4.4.2 {hostname} Session time limit reached, closing connection"
+EVICTED = "421 4.7.0 {hostname} Busy: closing an idle connection for a new client"
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+# RFC 5321's 512 octets for a command line, and room for extensions' parameters. It is
+# the stream's buffer limit: a longer line is read and dropped in pieces of this size,
+# then answered 500 (and counted against max_errors).
+COMMAND_LINE_LIMIT = 4096
+LINE_TOO_LONG = "500 Command line too long"  # aiosmtpd's reply to one
+EVICT_AFTER_IDLE = 5.0  # seconds without a useful command before a full listener may evict
 
 # The path nearly every client sends: <dot-atom@dot-atom> and the parameters after it.
 # aiosmtpd's email-header parser gives the same answer for it, at 40 times the cost.
@@ -68,6 +95,53 @@ _SIMPLE_PATH = re.compile(
 )
 
 
+class DataBudget:
+    """Message bytes held in memory by every DATA transfer at once ([smtp] max_data_memory).
+
+    Shared by all listeners of a daemon. A transfer takes bytes as its lines
+    arrive and gives them back when its reply has been decided (after the spool
+    has committed the message, or after a refusal)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no limit
+        self.used = 0
+
+    @property
+    def spent(self) -> bool:
+        return bool(self.limit) and self.used >= self.limit
+
+    def take(self, size: int) -> bool:
+        """Take `size` bytes; False (and nothing taken) when that would pass the limit."""
+        if self.limit and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What one connection may do, from [smtp]; 0 turns a limit off."""
+
+    max_errors: int = 0
+    max_junk_commands: int = 0
+    max_session_time: float = 0.0
+    data_budget: DataBudget = field(default_factory=lambda: DataBudget(0))
+
+
+def _junk_command(name: str, help_text: str | None) -> Any:
+    """aiosmtpd's smtp_<name>, run unless the command is one junk command too many."""
+
+    async def command(self: _ConnectionFixes, arg: str) -> None:
+        if not await self._one_junk_too_many(name):
+            await getattr(super(_ConnectionFixes, self), f"smtp_{name}")(arg)
+
+    command.__name__ = f"smtp_{name}"
+    return syntax(help_text)(command) if help_text else command
+
+
 class _ConnectionFixes:
     """Per-connection limits and bookkeeping shared by the SMTP and LMTP protocols."""
 
@@ -75,6 +149,7 @@ class _ConnectionFixes:
 
     envelope: Envelope | None
     hostname: str
+    loop: asyncio.AbstractEventLoop
     session: Session | None
     transport: asyncio.BaseTransport | None
     _handler_coroutine: asyncio.Task[None] | None
@@ -84,24 +159,30 @@ class _ConnectionFixes:
         self,
         handler: Any,
         *,
-        line_length_limit: int,
         admit: Callable[[Any, Any], bytes | None],
         on_lost: Callable[[Any], None],
-        max_errors: int = 0,
+        limits: SessionLimits = SessionLimits(),
         **kwargs: Any,
     ) -> None:
-        self.line_length_limit = line_length_limit
+        # Read by aiosmtpd's __init__ as the StreamReader's limit: the longest command line
+        # held in memory. DATA lines may be longer (smtp_DATA reads them in pieces).
+        self.line_length_limit = COMMAND_LINE_LIMIT
         self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
             lambda: SMTP.command_size_limit
         )
         self._admit = admit
         self._on_lost = on_lost
         self._refused = False
-        self._max_errors = max_errors
+        self._limits = limits
         self.errors = 0  # 5xx replies to commands so far
+        self.junk = 0  # junk commands since the connection's last accepted message
+        self._greetings = 0  # HELO/EHLO so far: the first two (before and after STARTTLS) count
         self._data_reply_next = False  # after 354: the next reply ends DATA
         self._data_recipients = 0  # accepted recipients of the DATA in progress
         self.peer_ip: str | None = None  # set by the listener when it admits the connection
+        self.last_useful = 0.0  # loop time of the last command that was not junk
+        self._useful_before = 0.0  # last_useful before the command being run
+        self._lifetime: asyncio.TimerHandle | None = None
         super().__init__(handler, **kwargs)  # type: ignore[call-arg]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -138,33 +219,56 @@ class _ConnectionFixes:
                 transport.write(refusal)
                 transport.close()  # sends the reply first
                 return
+            self.last_useful = self._useful_before = self.loop.time()
+            if self._limits.max_session_time:
+                self._lifetime = self.loop.call_later(
+                    self._limits.max_session_time, self._session_expired
+                )
         super().connection_made(transport)  # type: ignore[misc]
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd calls this before running each valid command: the command is useful
+        unless it turns out to be junk (`_junk` takes the mark back)."""
+        self._useful_before, self.last_useful = self.last_useful, self.loop.time()
+        super()._reset_timeout(duration)  # type: ignore[misc]
 
     async def push(self, status: str | bytes) -> None:
         """aiosmtpd's size refusals, rewritten with enhanced status codes; the error budget.
-
-        A line longer than line_length_limit (set above max_message_size) can
-        only belong to a message over the size limit, so it is answered 552
-        like one, not with aiosmtpd's 500 "Line too long".
 
         Every 5xx reply to a command counts against max_errors; the one beyond
         it is replaced by 421 and the connection closed. The reply to the end
         of DATA (the message's fate) never counts; over LMTP it is said once per
         accepted recipient (RFC 2033), whoever decided it: our handler, our
-        exception handler, or aiosmtpd's own size refusal.
+        exception handler, or aiosmtpd's own size refusal. An accepted message
+        clears the junk count.
         """
         if isinstance(status, str) and status.startswith(_SIZE_REPLIES):
             status = MessageTooLarge.smtp_reply
             metrics.MESSAGES_REFUSED.labels("too_large").inc()
+        elif status == LINE_TOO_LONG:  # aiosmtpd's, once it has read past the line's end
+            log.warning(
+                "command line too long",
+                peer=_peer(self.session) if self.session else "",
+                limit=COMMAND_LINE_LIMIT,
+            )
         if self._data_reply_next:
             self._data_reply_next = False
+            if status[:3] in ("250", b"250"):
+                self.junk = 0
             if self.per_recipient_replies and self._data_recipients:
                 line = status.decode() if isinstance(status, bytes) else status
                 status = "\r\n".join(line for _ in range(self._data_recipients))
         elif status[:1] in ("5", b"5"):
             self.errors += 1
-            if self._max_errors and self.errors > self._max_errors:
-                await self._close_for_errors()
+            if self._limits.max_errors and self.errors > self._limits.max_errors:
+                metrics.REFUSED.labels("too_many_errors").inc()
+                await self._close_with(
+                    TOO_MANY_ERRORS,
+                    "too many errors; connection closed",
+                    reason="too_many_errors",
+                    errors=self.errors,
+                    limit=self._limits.max_errors,
+                )
                 return
         elif status[:3] in ("354", b"354"):
             self._data_reply_next = True
@@ -172,17 +276,56 @@ class _ConnectionFixes:
             self._data_recipients = len(self.envelope.rcpt_tos) if self.envelope else 0
         await super().push(status)  # type: ignore[misc]
 
+    async def _junk(self) -> bool:
+        """Count a junk command: it does not count as activity, and the one beyond
+        max_junk_commands closes the connection (True: do not run the command). Junk
+        commands are NOOP, RSET, HELP, VRFY, EXPN, and greetings after the second."""
+        self.last_useful = self._useful_before
+        self.junk += 1
+        limit = self._limits.max_junk_commands
+        if limit and self.junk > limit:
+            metrics.REFUSED.labels("too_many_junk_commands").inc()
+            await self._close_with(
+                TOO_MANY_JUNK,
+                "too many commands without mail; connection closed",
+                reason="too_many_junk_commands",
+                commands=self.junk,
+                limit=limit,
+            )
+            return True
+        return False
+
+    async def _one_junk_too_many(self, command: str) -> bool:
+        """Count `command` when it is junk; True when it is one too many (the connection
+        is closing, the command must not run)."""
+        if command in ("HELO", "EHLO"):  # the first two are useful (again after STARTTLS)
+            self._greetings += 1
+            if self._greetings <= 2:
+                return False
+        return await self._junk()
+
+    smtp_NOOP = _junk_command("NOOP", "NOOP [ignored]")
+    smtp_RSET = _junk_command("RSET", "RSET")
+    smtp_HELP = _junk_command("HELP", "HELP [command]")
+    smtp_VRFY = _junk_command("VRFY", "VRFY <address>")
+    smtp_EXPN = _junk_command("EXPN", None)
+    smtp_HELO = _junk_command("HELO", "HELO hostname")
+    smtp_EHLO = _junk_command("EHLO", "EHLO hostname")
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd 1.4.6's DATA, with the message collected in one buffer.
+        """aiosmtpd 1.4.6's DATA, with the message collected in one buffer, lines of any
+        length, and the daemon-wide memory budget.
 
         aiosmtpd keeps every line as a bytearray of its own until the final "."
         (for 78-byte lines, about 54 MiB of objects for a 25 MiB message, on top
         of the joined copy); here each line is appended to one bytearray as it
-        arrives. Everything else is aiosmtpd's, in its order: the checks and
-        replies, the size and line-length limits (the rest of an oversized
-        message is read and dropped, then refused), dot-unstuffing of complete
-        lines, and the DATA hook."""
+        arrives. A line longer than the stream's limit (COMMAND_LINE_LIMIT)
+        arrives in pieces, joined once it ends. aiosmtpd's checks and replies
+        are kept, in its order: the size limit (the rest of an oversized message
+        is read and dropped, then refused 552), dot-unstuffing of complete
+        lines, and the DATA hook. A message that would take the daemon past
+        max_data_memory is read and dropped the same way, then answered 452 4.3.1."""
         if await self.check_helo_needed():  # type: ignore[attr-defined]
             return
         if await self.check_auth_needed("DATA"):  # type: ignore[attr-defined]
@@ -194,85 +337,117 @@ class _ConnectionFixes:
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        budget = self._limits.data_budget
+        if budget.spent:
+            self._over_budget()
+            await self.push(INSUFFICIENT_STORAGE)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         data = bytearray()
+        taken = 0  # bytes of the budget this transfer holds
         num_bytes = 0
         limit: int | None = self.data_size_limit  # type: ignore[attr-defined]
         fragments: list[bytes] = []
-        state = _DataState.NOMINAL
+        refusal: str | None = None  # decided early: the rest is read and dropped
         reader: asyncio.StreamReader = self._reader  # type: ignore[attr-defined]
-        while self.transport is not None:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.CancelledError:
-                self._writer.close()  # type: ignore[attr-defined]
-                raise
-            except asyncio.LimitOverrunError as exc:
-                if state == _DataState.NOMINAL:
-                    state = _DataState.TOO_LONG
-                data = bytearray()
-                line = await reader.read(exc.consumed)
-            if not fragments and line == b".\r\n":
-                break
-            num_bytes += len(line)
-            if state == _DataState.NOMINAL and limit and num_bytes > limit:
-                state = _DataState.TOO_MUCH
-                data = bytearray()
-            fragments.append(line)
-            if line.endswith(b"\r\n"):
-                if state == _DataState.NOMINAL:
+        try:
+            while self.transport is not None:
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.CancelledError:
+                    self._writer.close()  # type: ignore[attr-defined]
+                    raise
+                except asyncio.LimitOverrunError as exc:  # a long line: take what is there
+                    line = await reader.read(exc.consumed)
+                if not fragments and line == b".\r\n":
+                    break
+                num_bytes += len(line)
+                if refusal is None and limit and num_bytes > limit:
+                    refusal = "552 Error: Too much mail data"
+                    data = bytearray()
+                fragments.append(line)
+                if not line.endswith(b"\r\n"):
+                    continue
+                if refusal is None:
                     whole = line if len(fragments) == 1 else b"".join(fragments)
-                    if len(whole) > self.line_length_limit:
-                        state = _DataState.TOO_LONG
-                        data = bytearray()
-                    else:
+                    if budget.take(len(whole)):
+                        taken += len(whole)
                         data += whole[1:] if whole[:1] == b"." else whole
+                    else:
+                        self._over_budget()
+                        refusal = INSUFFICIENT_STORAGE
+                        data = bytearray()
+                        budget.give_back(taken)
+                        taken = 0
                 fragments.clear()
-        if state != _DataState.NOMINAL:
-            if state == _DataState.TOO_LONG:
-                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-            else:
-                await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()  # type: ignore[attr-defined]
-            return
-        content = bytes(data)
-        del data
-        self.envelope.content = content
-        self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
+            if refusal is not None:
+                await self.push(refusal)
+                self._set_post_data_state()  # type: ignore[attr-defined]
+                return
+            content = bytes(data)
+            del data
+            self.envelope.content = content
+            self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
+        finally:
+            budget.give_back(taken)
         self._set_post_data_state()  # type: ignore[attr-defined]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _close_for_errors(self) -> None:
-        metrics.REFUSED.labels("too_many_errors").inc()
+    def _over_budget(self) -> None:
+        budget = self._limits.data_budget
+        metrics.DEFERRED.labels("memory_budget").inc()
         log.warning(
-            "too many errors; connection closed",
-            reason="too_many_errors",
+            "message deferred: DATA memory budget spent; answered 452 4.3.1",
             peer=_peer(self.session) if self.session else "",
-            errors=self.errors,
-            limit=self._max_errors,
+            in_use=budget.used,
+            limit=budget.limit,
         )
-        await super().push(TOO_MANY_ERRORS)  # type: ignore[misc]
-        # As aiosmtpd's QUIT does: no further command of this connection runs.
+
+    async def _close_with(self, reply: str, event: str, **fields: Any) -> None:
+        """Say `reply` (a 421), log `event`, and close: as aiosmtpd's QUIT does, no further
+        command of this connection runs."""
+        log.warning(event, peer=_peer(self.session) if self.session else "", **fields)
+        await super().push(reply)  # type: ignore[misc]
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         if self.transport is not None:
             self.transport.close()
 
-    def _timeout_cb(self) -> None:
-        """The idle timeout: say 421 4.4.2 (aiosmtpd just closes), then close."""
+    def close_now(self, reply: str, event: str, **fields: Any) -> None:
+        """Say `reply` and close, from outside the connection's own task (a timer, the
+        listener); the log line says why."""
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            log.info(
-                "idle timeout; connection closed",
-                peer=_peer(self.session) if self.session else "",
-                timeout=self._timeout_duration,
-            )
-            transport.write(IDLE_TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+            log.info(event, peer=_peer(self.session) if self.session else "", **fields)
+            transport.write(reply.encode() + b"\r\n")
+            transport.close()
+
+    def _session_expired(self) -> None:
+        """max_session_time: close now if between transactions, else check again shortly."""
+        if self.in_transaction:
+            self._lifetime = self.loop.call_later(1.0, self._session_expired)
+            return
+        metrics.REFUSED.labels("session_time").inc()
+        self.close_now(
+            SESSION_TOO_LONG.format(hostname=self.hostname),
+            "session time limit reached; connection closed",
+            limit=self._limits.max_session_time,
+        )
+
+    def _timeout_cb(self) -> None:
+        """The idle timeout: say 421 4.4.2 (aiosmtpd just closes), then close."""
+        self.close_now(
+            IDLE_TIMEOUT.format(hostname=self.hostname),
+            "idle timeout; connection closed",
+            timeout=self._timeout_duration,
+        )
         super()._timeout_cb()  # type: ignore[misc]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_lost(self)
+        if self._lifetime is not None:
+            self._lifetime.cancel()
         if not self._refused:  # a refused connection never reached aiosmtpd
             super().connection_lost(error)  # type: ignore[misc]
 
@@ -371,9 +546,9 @@ class Handler:
         )
         try:
             inbound_id = await self._spool.put(delivery)
-        except TemporaryFailure as exc:
-            metrics.DEFERRED.labels("store_failed").inc()
-            log.warning("message not stored; answered 451", error=str(exc)[:300])
+        except StorageUnavailable as exc:
+            metrics.DEFERRED.labels(exc.reason).inc()
+            log.warning("message not stored; answered 451", reason=exc.reason, error=str(exc)[:300])
             return TEMPFAIL
         except Exception:
             metrics.DEFERRED.labels("internal_error").inc()
@@ -422,7 +597,7 @@ class Listener:
         timeout: float,
         max_connections: int = 0,
         max_connections_per_ip: int = 0,
-        max_errors: int = 0,
+        limits: SessionLimits = SessionLimits(),
     ) -> None:
         self.protocol = protocol
         self._handler = handler
@@ -431,7 +606,7 @@ class Listener:
         self._timeout = timeout
         self._max_connections = max_connections  # 0: no limit
         self._max_connections_per_ip = max_connections_per_ip  # 0: no limit
-        self._max_errors = max_errors  # 0: no limit
+        self.limits = limits
         self._server: asyncio.Server | None = None
         self.connections: set[_ConnectionFixes] = set()  # admitted and still open
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -443,10 +618,9 @@ class Listener:
         cls = MaildLMTP if self.protocol == "lmtp" else MaildSMTP
         connection: _ConnectionFixes = cls(
             self._handler,
-            line_length_limit=max(1001, self._max_message_size + 2),
             admit=self._admit,
             on_lost=self._release,
-            max_errors=self._max_errors,
+            limits=self.limits,
             data_size_limit=self._max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -458,9 +632,15 @@ class Listener:
         return connection
 
     def _admit(self, connection: _ConnectionFixes, peer: Any) -> bytes | None:
-        """Count the new connection in, or return the 421 that refuses it."""
+        """Count the new connection in, or return the 421 that refuses it.
+
+        A full listener first tries to make room by evicting an idle connection."""
         ip = _peer_ip(peer)
-        if self._max_connections and len(self.connections) >= self._max_connections:
+        if (
+            self._max_connections
+            and len(self.connections) >= self._max_connections
+            and not self._evict_idlest()
+        ):
             reason, limit = "too_many_connections", self._max_connections
             reply = TOO_MANY_CONNECTIONS.format(hostname=self._hostname)
         elif (
@@ -485,6 +665,29 @@ class Listener:
             open=len(self.connections),
         )
         return reply.encode() + b"\r\n"
+
+    def _evict_idlest(self) -> bool:
+        """Close the connection that has done nothing useful for longest (over
+        EVICT_AFTER_IDLE seconds, outside a transaction), counting it out at once;
+        False when every connection is busy or recently active."""
+        now = asyncio.get_running_loop().time()
+        idle = [
+            c
+            for c in self.connections
+            if not c.in_transaction and now - c.last_useful >= EVICT_AFTER_IDLE
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_useful)
+        self._release(victim)
+        metrics.REFUSED.labels("evicted_idle").inc()
+        victim.close_now(
+            EVICTED.format(hostname=self._hostname),
+            "idle connection closed to make room for a new client",
+            idle=round(now - victim.last_useful, 1),
+            limit=self._max_connections,
+        )
+        return True
 
     def _release(self, connection: _ConnectionFixes) -> None:
         if connection not in self.connections:

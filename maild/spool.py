@@ -4,13 +4,23 @@ Group commit: deliveries that arrive while a commit is in flight wait in a list
 and are committed together by the next one (one transaction, one fsync, many
 messages), like an MTA queue. `put` returns the delivery's row id only after its
 transaction committed; any failure raises StorageUnavailable (the SMTP handler
-answers 451 4.3.0 and the sender retries).
+answers 451 4.3.0 and the sender retries). So does a commit that has not
+finished within [database] busy_timeout (StorageTimeout): a database that hangs
+(a frozen server, a stalled disk, a lock held by another process) must not hold
+every sender until it recovers. A delivery whose commit has not begun by then
+(waiting for its turn, or for the write lock) is dropped; one whose INSERT was
+already under way may still commit, and the sender's retry is a duplicate that
+filing recognises (same Message-ID, sender and body).
+
+The spool remembers how its last write went (`Storage`), for /healthz and
+/readyz: whether mail can be stored now, not only whether the database answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,13 +28,13 @@ from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from maild.database import Database
-from maild.errors import StorageUnavailable
-from maild.models import Inbound, utcnow
+from maild.errors import StorageTimeout, StorageUnavailable
+from maild.models import Inbound, StorageProbe, utcnow
 
 log = structlog.get_logger("maild.spool")
 
@@ -78,25 +88,98 @@ def insert_deliveries(session: Session | Connection, deliveries: Sequence[Delive
     return [int(i) for i in result.scalars().all()]
 
 
+@dataclass
+class Storage:
+    """How the last write of the spool (a commit, or a health probe) went."""
+
+    ok: bool = True
+    at: float = 0.0  # loop time; 0: nothing written yet
+    error: str = ""
+
+    def record(self, ok: bool, at: float, error: str = "") -> None:
+        self.ok, self.at, self.error = ok, at, error
+
+
+_PROBE = StorageProbe.__table__  # type: ignore[attr-defined]
+
+
+def write_probe(connection: Connection) -> None:
+    """One small committed write: this host's row in `storage_probe` gets the time."""
+    host, now = socket.gethostname()[:255], utcnow()
+    changed = connection.execute(
+        update(_PROBE).where(_PROBE.c.host == host).values(checked_at=now)
+    ).rowcount
+    if not changed:
+        connection.execute(insert(_PROBE).values(host=host, checked_at=now))
+
+
+def _insert_live(
+    connection: Connection, batch: list[tuple[Delivery, asyncio.Future[int]]]
+) -> tuple[list[tuple[Delivery, asyncio.Future[int]]], list[int]]:
+    """On the writer thread, once it holds the write lock: insert the deliveries whose
+    senders still wait (a `put` that timed out, its 451 sent, is left out: its commit
+    had not begun), and return those with their ids."""
+    live = [(delivery, future) for delivery, future in batch if not future.done()]
+    return live, insert_deliveries(connection, [delivery for delivery, _ in live])
+
+
 class Spool:
     """Commits deliveries in groups on the database writer thread."""
 
     def __init__(
-        self, database: Database, on_stored: Callable[[list[int], list[int]], None]
+        self,
+        database: Database,
+        on_stored: Callable[[list[int], list[int]], None],
+        timeout: float | None = None,
     ) -> None:
-        """`on_stored(ids, urgent_ids)` runs after each commit."""
+        """`on_stored(ids, urgent_ids)` runs after each commit; `timeout` (default the
+        database's busy_timeout) bounds how long `put` waits for its commit."""
         self._database = database
         self._on_stored = on_stored
+        self._timeout = database.busy_timeout if timeout is None else timeout
         self._pending: list[tuple[Delivery, asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.storage = Storage()
 
     async def put(self, delivery: Delivery) -> int:
-        """Commit one delivery durably; its inbound id. Raises StorageUnavailable."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        """Commit one delivery durably; its inbound id. Raises StorageUnavailable, and
+        StorageTimeout when the commit has not finished within the timeout."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._pending.append((delivery, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="maild-spool-flush")
-        return await future
+        try:
+            # On timeout the future is cancelled: a delivery not yet written is dropped
+            # (_take_batch and _insert_live skip it); one in a commit under way may commit.
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            self.storage.record(False, loop.time(), "a commit took longer than busy_timeout")
+            log.error(
+                "spool commit did not finish within busy_timeout; answering 451",
+                busy_timeout=self._timeout,
+                size=len(delivery.raw),
+                waiting=len(self._pending),
+            )
+            raise StorageTimeout(
+                f"the database did not commit within {self._timeout:g} s ([database] busy_timeout)"
+            ) from None
+
+    async def probe(self) -> None:
+        """A small write through the spool's own writer, for the health checks: raises
+        when it fails or does not finish within the timeout; the outcome is recorded."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self._database.write_core(write_probe), self._timeout)
+        except Exception as exc:
+            error = (
+                f"a write took longer than {self._timeout:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"[:300]
+            )
+            self.storage.record(False, loop.time(), error)
+            raise
+        self.storage.record(True, loop.time())
 
     def _take_batch(self) -> list[tuple[Delivery, asyncio.Future[int]]]:
         batch: list[tuple[Delivery, asyncio.Future[int]]] = []
@@ -118,10 +201,11 @@ class Spool:
             if not batch:
                 continue
             try:
-                ids = await self._database.write_core(
-                    partial(insert_deliveries, deliveries=[d for d, _ in batch])
-                )
+                batch, ids = await self._database.write_core(partial(_insert_live, batch=batch))
             except Exception as exc:
+                self.storage.record(
+                    False, asyncio.get_running_loop().time(), f"{type(exc).__name__}: {exc}"[:300]
+                )
                 log.error(
                     "spool commit failed; answering 451",
                     error=str(exc)[:500],
@@ -132,6 +216,7 @@ class Spool:
                     if not future.done():
                         future.set_exception(StorageUnavailable(str(exc)))
                 continue
+            self.storage.record(True, asyncio.get_running_loop().time())
             urgent = []
             for (delivery, future), inbound_id in zip(batch, ids, strict=True):
                 if not future.done():

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import smtplib
+import socket
 import threading
 import time
 import uuid
@@ -269,3 +270,41 @@ def mail(
         message[key.replace("_", "-")] = value
     message.set_content(body)
     return message
+
+
+class Client:
+    """A plain-socket SMTP client that reads one whole reply per command."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=30, source_address=(source, 0)
+        )
+        self.reader = self.sock.makefile("rb")
+
+    def reply(self) -> bytes:
+        """The last line of the next reply (b"" once the server has closed)."""
+        line = self.reader.readline()
+        while line[3:4] == b"-":
+            line = self.reader.readline()
+        return line
+
+    def say(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.reader.close()  # the socket closes only when its file object does too
+        self.sock.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Client]]:
+    """Open clients that are all closed at the end of the test."""
+    with contextlib.ExitStack() as stack:
+
+        def open_client(port: int, source: str = "127.0.0.1") -> Client:
+            client = Client(port, source)
+            stack.callback(client.close)
+            return client
+
+        yield open_client

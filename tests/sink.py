@@ -51,6 +51,7 @@ class SinkBehaviour:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
     data_replies: list[str] = field(default_factory=list)  # next DATA replies, in order
     on_message: Callable[[Received], None] | None = None
+    data_delay: float = 0.0  # seconds before answering the end of DATA (a slow smarthost)
 
 
 class _Handler:
@@ -68,6 +69,8 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         behaviour = self._sink.behaviour
+        if behaviour.data_delay:
+            await asyncio.sleep(behaviour.data_delay)
         if behaviour.data_replies:
             return behaviour.data_replies.pop(0)
         received = Received(

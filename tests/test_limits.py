@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,50 +14,12 @@ from maild import metrics
 from maild.config import load_settings
 from maild.errors import ConfigError
 from maild.models import Inbound
-from tests.conftest import RunningMaild, mail
+from tests.conftest import Client, RunningMaild, mail
 
 HOST = b"mx.test.invalid"  # the hostname make_config sets
 TOO_MANY_CONNECTIONS = b"421 4.7.0 " + HOST + b" Too many connections, try again later\r\n"
 TOO_MANY_FROM_IP = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors, closing connection\r\n"
-
-
-class Client:
-    """A plain-socket SMTP client that reads one whole reply per command."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(
-            ("127.0.0.1", port), timeout=30, source_address=(source, 0)
-        )
-        self.reader = self.sock.makefile("rb")
-
-    def reply(self) -> bytes:
-        """The last line of the next reply (b"" once the server has closed)."""
-        line = self.reader.readline()
-        while line[3:4] == b"-":
-            line = self.reader.readline()
-        return line
-
-    def say(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.reader.close()  # the socket closes only when its file object does too
-        self.sock.close()
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[..., Client]]:
-    """Open clients that are all closed at the end of the test."""
-    with contextlib.ExitStack() as stack:
-
-        def open_client(port: int, source: str = "127.0.0.1") -> Client:
-            client = Client(port, source)
-            stack.callback(client.close)
-            return client
-
-        yield open_client
 
 
 def refused(reason: str) -> float:

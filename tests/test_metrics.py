@@ -112,7 +112,7 @@ def test_healthz_and_readyz_are_ok_while_serving(served: RunningMaild) -> None:
     status, body = get(served, "/healthz")
     report = json.loads(body)
     assert (status, report["status"]) == (200, "ok")
-    assert report["checks"] == {"listener_smtp": "ok", "database": "ok"}
+    assert report["checks"] == {"listener_smtp": "ok", "database": "ok", "storage": "ok"}
     assert report["backlog"] == {"inbound": 0, "failed": 0, "pages": 0, "acknowledgements": 0}
     assert get(served, "/readyz") == (200, '{"status": "ready"}\n')
 
