@@ -813,7 +813,7 @@ def file_batch(
         todo.append((inbound, parsed))
     # Before anything counts toward a per-address limit: serialise those counts with
     # every other filer (PostgreSQL; SQLite's writers take turns anyway).
-    ratelimit.lock(session, _limit_keys(todo, acks))
+    ratelimit.lock(session, _limit_keys(todo, policy, acks))
     try:
         results = _file_in_savepoint(session, table, todo, policy, acks)
     except Exception:  # filed again one by one, to find which
@@ -837,18 +837,21 @@ def file_batch(
 
 
 def _limit_keys(
-    todo: Sequence[tuple[Envelope, ParsedMessage | BaseException]], acks: AckPolicy | None
+    todo: Sequence[tuple[Envelope, ParsedMessage | BaseException]],
+    policy: EscalationPolicy | None,
+    acks: AckPolicy | None,
 ) -> set[str]:
-    """Every address filing these deliveries may count toward a per-address limit: each
-    sender (pages), and the people an acknowledgement may go to (the first
-    max_recipients of To and Cc, the same ones filing adds as participants)."""
+    """Every address filing these deliveries may count toward a per-address limit that is
+    on: each sender (pages and acknowledgements), and the people an acknowledgement may
+    go to (the first max_recipients of To and Cc, the ones filing adds as participants)."""
     keys: set[str] = set()
+    paged = policy is not None and policy.enabled and policy.max_per_hour > 0
     acked = acks is not None and acks.enabled and acks.limits.max_per_hour > 0
     for inbound, parsed in todo:
         if isinstance(parsed, BaseException):
             continue
         sender = _sender(parsed, inbound.mail_from)
-        if sender is not None:
+        if sender is not None and (paged or acked):
             keys.add(ratelimit.limit_key(sender.email))
         if acked and acks is not None:
             others = [*parsed.to, *parsed.cc][: acks.limits.max_recipients]
