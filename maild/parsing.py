@@ -193,18 +193,19 @@ def extract_ids(value: str | list[str] | None) -> list[str]:
 
 
 def body_digest(raw: bytes) -> str:
-    """sha256 of everything after the header section, line endings read as LF: the same
-    for every delivery of one message (retries, split deliveries, SMTP or a pipe),
+    """sha256 of everything after the header section, carriage returns left out: the same
+    for every delivery of one message (retries, split deliveries, SMTP or a pipe's LF),
     whatever headers the MTAs on the way added. Hashed in chunks, never copied whole."""
-    end = _EMPTY_LINE.search(raw)
+    end = raw.find(b"\r\n\r\n")
+    if end >= 0:
+        start = end + 4
+    else:  # LF line endings (a pipe), or no body
+        match = _EMPTY_LINE.search(raw)
+        start = match.end() if match else len(raw)
     digest = hashlib.sha256()
     view = memoryview(raw)
-    carry = b""
-    for offset in range(end.end() if end else len(raw), len(raw), FEED_CHUNK):
-        chunk = carry + bytes(view[offset : offset + FEED_CHUNK])
-        carry = b"\r" if chunk.endswith(b"\r") else b""
-        digest.update(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
-    digest.update(carry)
+    for offset in range(start, len(raw), FEED_CHUNK):
+        digest.update(view[offset : offset + FEED_CHUNK].tobytes().translate(None, b"\r"))
     return digest.hexdigest()
 
 

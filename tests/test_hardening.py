@@ -49,6 +49,14 @@ ALICE = "alice@customer.example"
 
 
 @pytest.fixture
+def sqlite_only(database_url: str) -> None:
+    """For the limits of the SMTP layer and the smarthost client, which never touch the
+    database's kind: the PostgreSQL run would repeat the SQLite one."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("an SMTP-layer limit, the same on every database: run on SQLite")
+
+
+@pytest.fixture
 def sink() -> Iterator[SmtpSink]:
     with SmtpSink() as running:
         yield running
@@ -219,6 +227,7 @@ def long_command_line(port: int, size: int, replies: list[bytes]) -> None:
         reader.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 @pytest.mark.slow
 def test_100_connections_with_20_mib_command_lines_leave_rss_near_its_baseline(
     make_config: Callable[..., Path], tmp_path: Path
@@ -279,6 +288,7 @@ def open_data(port: int) -> Client:
     return client
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_data_beyond_max_data_memory_gets_452_4_3_1_and_the_first_transfer_goes_on(
     limited: Callable[..., RunningMaild],
 ) -> None:
@@ -303,6 +313,7 @@ def test_data_beyond_max_data_memory_gets_452_4_3_1_and_the_first_transfer_goes_
     second.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_data_is_refused_at_once_while_the_memory_budget_is_spent(
     limited: Callable[..., RunningMaild],
 ) -> None:
@@ -324,6 +335,7 @@ def test_data_is_refused_at_once_while_the_memory_budget_is_spent(
     second.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_a_data_line_of_200_kb_is_stored_as_sent(limited: Callable[..., RunningMaild]) -> None:
     """Lines longer than the command-line cap are fine inside DATA: the bytes are kept exactly."""
     maild = limited()
@@ -574,6 +586,7 @@ def test_a_frozen_postgresql_gets_451_within_busy_timeout(
 # 6. A slow smarthost is waited for, not sent the mail again.
 
 
+@pytest.mark.usefixtures("sqlite_only")
 @pytest.mark.slow
 def test_a_smarthost_that_answers_data_after_40_s_gets_one_copy(
     make_config: Callable[..., Path], sink: SmtpSink
@@ -595,6 +608,7 @@ def test_a_smarthost_that_answers_data_after_40_s_gets_one_copy(
     assert row["attempts"] == 1
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_no_reply_to_the_end_of_data_is_retried_as_possibly_delivered(
     make_config: Callable[..., Path], sink: SmtpSink
 ) -> None:
@@ -643,6 +657,7 @@ def noop_loop(port: int, source: str, stop: threading.Event, closed: list[bytes]
         client.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_100_noop_loops_do_not_lock_out_a_new_client(
     limited: Callable[..., RunningMaild],
 ) -> None:
@@ -681,6 +696,7 @@ def test_100_noop_loops_do_not_lock_out_a_new_client(
             thread.join(30)
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_a_full_listener_of_busy_connections_still_refuses_the_next(
     limited: Callable[..., RunningMaild], connect: Callable[..., Client]
 ) -> None:
@@ -696,6 +712,7 @@ def test_a_full_listener_of_busy_connections_still_refuses_the_next(
     assert [c.say(b"RCPT TO:<support@altis-dxp.com>")[:3] for c in busy] == [b"250"] * 2
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_junk_commands_beyond_the_limit_get_421_and_an_accepted_message_resets_them(
     limited: Callable[..., RunningMaild], connect: Callable[..., Client]
 ) -> None:
@@ -721,6 +738,7 @@ def test_junk_commands_beyond_the_limit_get_421_and_an_accepted_message_resets_t
     assert client.reply() == b""
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_a_session_past_max_session_time_is_closed_between_transactions(
     limited: Callable[..., RunningMaild], connect: Callable[..., Client]
 ) -> None:
