@@ -98,9 +98,10 @@ _SIMPLE_PATH = re.compile(
 class DataBudget:
     """Message bytes held in memory by every DATA transfer at once ([smtp] max_data_memory).
 
-    Shared by all listeners of a daemon. A transfer takes bytes as its lines
-    arrive and gives them back when its reply has been decided (after the spool
-    has committed the message, or after a refusal)."""
+    Shared by all listeners of a daemon. A transfer adds each line's bytes to
+    `used` as it arrives, unless that would pass `limit` (smtp_DATA does this
+    inline: it runs for every line), and gives them back when its reply has been
+    decided (after the spool has committed the message, or after a refusal)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
@@ -109,13 +110,6 @@ class DataBudget:
     @property
     def spent(self) -> bool:
         return bool(self.limit) and self.used >= self.limit
-
-    def take(self, size: int) -> bool:
-        """Take `size` bytes; False (and nothing taken) when that would pass the limit."""
-        if self.limit and self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
 
     def give_back(self, size: int) -> None:
         self.used = max(0, self.used - size)
@@ -338,6 +332,7 @@ class _ConnectionFixes:
             await self.push("501 Syntax: DATA")
             return
         budget = self._limits.data_budget
+        memory = budget.limit  # 0: no limit
         if budget.spent:
             self._over_budget()
             await self.push(INSUFFICIENT_STORAGE)
@@ -370,15 +365,17 @@ class _ConnectionFixes:
                     continue
                 if refusal is None:
                     whole = line if len(fragments) == 1 else b"".join(fragments)
-                    if budget.take(len(whole)):
-                        taken += len(whole)
-                        data += whole[1:] if whole[:1] == b"." else whole
-                    else:
+                    size = len(whole)
+                    if memory and budget.used + size > memory:
                         self._over_budget()
                         refusal = INSUFFICIENT_STORAGE
                         data = bytearray()
                         budget.give_back(taken)
                         taken = 0
+                    else:
+                        budget.used += size
+                        taken += size
+                        data += whole[1:] if whole[:1] == b"." else whole
                 fragments.clear()
             if refusal is not None:
                 await self.push(refusal)
