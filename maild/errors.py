@@ -62,7 +62,7 @@ class StorageUnavailable(TemporaryFailure):
 
 
 class StorageTimeout(StorageUnavailable):
-    """The write did not finish within [database] busy_timeout (it may still commit)."""
+    """The write did not finish within [database] busy_timeout (its rows are not kept)."""
 
     reason = "store_timeout"
 

@@ -7,10 +7,10 @@ transaction committed; any failure raises StorageUnavailable (the SMTP handler
 answers 451 4.3.0 and the sender retries). So does a commit that has not
 finished within [database] busy_timeout (StorageTimeout): a database that hangs
 (a frozen server, a stalled disk, a lock held by another process) must not hold
-every sender until it recovers. A delivery whose commit has not begun by then
-(waiting for its turn, or for the write lock) is dropped; one whose INSERT was
-already under way may still commit, and the sender's retry is a duplicate that
-filing recognises (same Message-ID, sender and body).
+every sender until it recovers. A delivery whose put timed out is dropped
+(before its INSERT, or deleted again before its COMMIT); only one whose put timed
+out during the COMMIT itself may still be stored, and the sender's retry is then a
+duplicate that filing recognises (same Message-ID, sender and body).
 
 The spool remembers how its last write went (`Storage`), for /healthz and
 /readyz: whether mail can be stored now, not only whether the database answers.
@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
@@ -74,8 +74,9 @@ class Delivery:
 
 
 # A Core INSERT built once: the ORM's unit of work cost more than the commit itself.
-_INSERT_INBOUND = insert(Inbound.__table__).returning(  # type: ignore[attr-defined]
-    Inbound.__table__.c.id,  # type: ignore[attr-defined]
+_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_INSERT_INBOUND = insert(_INBOUND).returning(
+    _INBOUND.c.id,
     sort_by_parameter_order=True,
 )
 
@@ -117,10 +118,20 @@ def _insert_live(
     connection: Connection, batch: list[tuple[Delivery, asyncio.Future[int]]]
 ) -> tuple[list[tuple[Delivery, asyncio.Future[int]]], list[int]]:
     """On the writer thread, once it holds the write lock: insert the deliveries whose
-    senders still wait (a `put` that timed out, its 451 sent, is left out: its commit
-    had not begun), and return those with their ids."""
+    senders still wait, and return those with their ids.
+
+    A `put` that timed out has answered 451, so its delivery must not commit: it is
+    left out when it timed out before the INSERT, and deleted again, in the same
+    transaction, when it timed out while the INSERT waited (for a PostgreSQL lock,
+    say). Only a put timing out during the COMMIT itself can still be stored."""
     live = [(delivery, future) for delivery, future in batch if not future.done()]
-    return live, insert_deliveries(connection, [delivery for delivery, _ in live])
+    ids = insert_deliveries(connection, [delivery for delivery, _ in live])
+    gone = [i for (_, future), i in zip(live, ids, strict=True) if future.done()]
+    if not gone:
+        return live, ids
+    connection.execute(delete(_INBOUND).where(_INBOUND.c.id.in_(gone)))
+    kept = [(pair, i) for pair, i in zip(live, ids, strict=True) if i not in gone]
+    return [pair for pair, _ in kept], [i for _, i in kept]
 
 
 class Spool:
@@ -150,8 +161,8 @@ class Spool:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="maild-spool-flush")
         try:
-            # On timeout the future is cancelled: a delivery not yet written is dropped
-            # (_take_batch and _insert_live skip it); one in a commit under way may commit.
+            # On timeout the future is cancelled: _take_batch and _insert_live drop the
+            # delivery (only a COMMIT already under way can still store it).
             async with asyncio.timeout(self._timeout):  # lighter than wait_for, per message
                 return await future
         except TimeoutError:
