@@ -255,7 +255,6 @@ class _ConnectionFixes:
         elif status[:1] in ("5", b"5"):
             self.errors += 1
             if self._limits.max_errors and self.errors > self._limits.max_errors:
-                metrics.REFUSED.labels("too_many_errors").inc()
                 await self._close_with(
                     TOO_MANY_ERRORS,
                     "too many errors; connection closed",
@@ -278,7 +277,6 @@ class _ConnectionFixes:
         self.junk += 1
         limit = self._limits.max_junk_commands
         if limit and self.junk > limit:
-            metrics.REFUSED.labels("too_many_junk_commands").inc()
             await self._close_with(
                 TOO_MANY_JUNK,
                 "too many commands without mail; connection closed",
@@ -401,10 +399,12 @@ class _ConnectionFixes:
             limit=budget.limit,
         )
 
-    async def _close_with(self, reply: str, event: str, **fields: Any) -> None:
-        """Say `reply` (a 421), log `event`, and close: as aiosmtpd's QUIT does, no further
-        command of this connection runs."""
-        log.warning(event, peer=_peer(self.session) if self.session else "", **fields)
+    async def _close_with(self, reply: str, event: str, *, reason: str, **fields: Any) -> None:
+        """Say `reply` (a 421), log `event`, count `reason` (maild_recipients_refused_total)
+        and close: as aiosmtpd's QUIT does, no further command of this connection runs."""
+        metrics.REFUSED.labels(reason).inc()
+        peer = _peer(self.session) if self.session else ""
+        log.warning(event, peer=peer, reason=reason, **fields)
         await super().push(reply)  # type: ignore[misc]
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
