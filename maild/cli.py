@@ -89,16 +89,39 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _database(settings: Settings) -> Any:
-    from maild.database import Database
+def _database_problem(name: str, exc: BaseException) -> tuple[str, int]:
+    """A database error as one line naming the database, and its exit code: 78 when the
+    database does not exist (a wrong URL), else 1."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if getattr(orig, "sqlstate", None) == "3D000":  # PostgreSQL: invalid_catalog_name
+        return f"there is no database {name}: {first}", EX_CONFIG
+    return f"database {name} is not usable: {first}", 1
 
+
+def _database(settings: Settings, *, create: bool = False, schema: bool = True) -> Any:
+    """The configured database, checked: its schema must be this maild's. Only `serve`,
+    `ingest` and `db upgrade` may `create` it; every other command on a missing or
+    empty database exits 78, naming it and the command that creates it."""
+    from maild.database import Database, DatabaseMissing
+
+    fix = f"maild db upgrade --config {settings.source}"
     try:
-        database = Database(settings.database.url, settings.database.busy_timeout)
-        database.ensure_schema(settings.source)
+        database = Database(settings.database.url, settings.database.busy_timeout, create=create)
+    except DatabaseMissing as exc:
+        _fail(f"{exc}; create it with `{fix}`", EX_CONFIG)
     except MaildError as exc:
         _fail(str(exc), EX_CONFIG)
-    except Exception as exc:
-        _fail(f"database {settings.database.url!r} is not usable: {exc}", 1)
+    if not schema:
+        return database
+    try:
+        database.ensure_schema(settings.source, create=create)
+    except MaildError as exc:
+        database.close()
+        _fail(str(exc), EX_CONFIG)
+    except SQLAlchemyError as exc:
+        database.close()
+        _fail(*_database_problem(database.name, exc))
     return database
 
 
@@ -107,6 +130,8 @@ def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
     database = _database(_settings(config_path))
     try:
         return database.run_read(work)  # type: ignore[no-any-return]
+    except SQLAlchemyError as exc:
+        _fail(*_database_problem(database.name, exc))
     finally:
         database.close()
 
@@ -181,7 +206,10 @@ def serve(config_path: Path | None) -> None:
     except OSError as exc:
         _fail(f"cannot start: {exc}", 1)
     except SQLAlchemyError as exc:
-        _fail(f"cannot start, the database is not usable: {exc}", 1)
+        from maild.database import describe
+
+        message, code = _database_problem(describe(settings.database.url), exc)
+        _fail(f"cannot start: {message}", code)
 
 
 @main.command()
@@ -914,60 +942,73 @@ def db() -> None:
     """The database schema: migrations shipped with maild."""
 
 
-def _engine_database(config_path: Path | None) -> Any:
-    """The configured database without the schema check (the db commands fix the schema)."""
-    from maild.database import Database
-
-    settings = _settings(config_path, quiet=False)
-    try:
-        return Database(settings.database.url, settings.database.busy_timeout)
-    except MaildError as exc:
-        _fail(str(exc), EX_CONFIG)
-
-
 @db.command("upgrade")
 @config_option
+@json_option
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
-def db_upgrade(config_path: Path | None, revision: str) -> None:
+def db_upgrade(config_path: Path | None, as_json: bool, revision: str) -> None:
     """Migrate the database to this maild's schema (creates it when empty). Safe to rerun."""
     from maild.schema import upgrade
 
-    database = _engine_database(config_path)
+    database = _database(_settings(config_path, quiet=False), create=True, schema=False)
     try:
         before, after = upgrade(database.write_engine, revision)
     except SQLAlchemyError as exc:
-        _fail(f"migration failed, the database is unchanged: {exc}")
+        message, code = _database_problem(database.name, exc)
+        _fail(f"migration failed, the database is unchanged: {message}", code)
     finally:
         database.close()
-    if before == after:
-        click.echo(f"database schema already at revision {after}")
+    if as_json:
+        _print_json(
+            {
+                "database": database.name,
+                "before": before,
+                "after": after,
+                "changed": before != after,
+            }
+        )
+    elif before == after:
+        click.echo(f"{database.name}: schema already at revision {after}")
     else:
-        click.echo(f"database schema upgraded from {before or 'empty'} to revision {after}")
+        click.echo(f"{database.name}: schema upgraded from {before or 'empty'} to revision {after}")
 
 
 @db.command("current")
 @config_option
 @json_option
 def db_current(config_path: Path | None, as_json: bool) -> None:
-    """The database's schema revision and the one this maild needs (exit 1 if they differ)."""
+    """The database's schema revision and the one this maild needs (exit 1 if they differ;
+    78 when there is no database, or no maild tables in it)."""
     from maild.schema import schema_state
 
-    database = _engine_database(config_path)
+    settings = _settings(config_path, quiet=False)
+    database = _database(settings, schema=False)
     try:
         state = schema_state(database.write_engine)
     except SQLAlchemyError as exc:
-        _fail(f"database is not usable: {exc}")
+        _fail(*_database_problem(database.name, exc))
     finally:
         database.close()
-    view = {"current": state.current, "head": state.head, "up_to_date": state.up_to_date}
+    if state.empty and state.current is None:
+        _fail(
+            f"{database.name} has no maild tables; create them with "
+            f"`maild db upgrade --config {settings.source}`",
+            EX_CONFIG,
+        )
+    view = {
+        "database": database.name,
+        "current": state.current,
+        "head": state.head,
+        "up_to_date": state.up_to_date,
+    }
     if as_json:
         _print_json(view)
     elif state.up_to_date:
-        click.echo(f"revision {state.current} (up to date)")
+        click.echo(f"{database.name}: revision {state.current} (up to date)")
     else:
         click.echo(
-            f"revision {state.current or 'none'}, this maild needs {state.head}: "
-            f"run `maild db upgrade`"
+            f"{database.name}: revision {state.current or 'none'}, this maild needs "
+            f"{state.head}: run `maild db upgrade --config {settings.source}`"
         )
     if not state.up_to_date:
         sys.exit(1)

@@ -396,10 +396,24 @@ def _resolve(base: Path, value: Path) -> Path:
     return value if value.is_absolute() else (base / value).resolve()
 
 
+def default_data_folder(base: Path) -> Path:
+    """Where the default SQLite database lives, for a config file in folder `base`:
+    systemd's $STATE_DIRECTORY when set; else, for a config in `<root>/etc/<name>`
+    (/etc/maild), `<root>/var/lib/<name>` (/var/lib/maild, the unit's StateDirectory),
+    so a command run by hand on the mail host opens the service's database; else
+    `data` beside the config (a checkout, `make run`)."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return _resolve(base, Path(state))
+    base = base.resolve()
+    if base.parent.name == "etc":
+        return base.parent.parent / "var" / "lib" / base.name
+    return base / "data"
+
+
 def _resolve_database_url(base: Path, url: str) -> str:
     if not url:
-        data = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or base / "data")
-        return f"sqlite:///{_resolve(base, data) / 'maild.db'}"
+        return f"sqlite:///{default_data_folder(base) / 'maild.db'}"
     match = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", url)
     if match and ":memory:" not in url:
         return match.group(1) + str(_resolve(base, Path(match.group(2))))

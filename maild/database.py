@@ -42,9 +42,53 @@ from maild.errors import ConfigError
 T = TypeVar("T")
 
 
+class DatabaseMissing(ConfigError):
+    """The configured database does not exist (or has no maild tables): nothing was created."""
+
+
+def describe(url_text: str) -> str:
+    """The database as the operator should see it: a SQLite file's path, or the URL with
+    its password hidden."""
+    try:
+        url = make_url(url_text)
+    except Exception:
+        return "(an unreadable [database] url)"
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return url.render_as_string(hide_password=True)
+
+
+def check_sqlite_path(path: Path, *, create: bool) -> None:
+    """Raise ConfigError, one line naming the path, when SQLite could not use `path`.
+
+    With `create`, missing folders are made; without, a missing file is
+    DatabaseMissing (a read-only command must not create an empty desk)."""
+    where = f"[database] url: {path}"
+    for folder in [*reversed(path.parents)]:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{where}: {folder} is a file, not a folder")
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; name a file in it (…/maild.db)")
+    if not path.exists():
+        if not create:
+            raise DatabaseMissing(f"there is no database at {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: cannot create the folder {path.parent}: {exc.strerror or exc}"
+            ) from None
+    # WAL mode writes maild.db-wal and maild.db-shm beside the file, even to read.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{where}: the folder {path.parent} is not writable by this user (uid {os.getuid()}); "
+            "SQLite keeps its -wal and -shm files beside the database"
+        )
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"{where}: the file is not readable and writable by uid {os.getuid()}")
+
+
 def _sqlite_engine(url: URL, busy_timeout: float, immediate: bool) -> Engine:
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
 
     @event.listens_for(engine, "connect")
@@ -83,13 +127,18 @@ def statement_timeout(busy_timeout: float) -> float:
     return max(60.0, 12 * busy_timeout)
 
 
-def make_engines(url_text: str, busy_timeout: float = 5.0) -> tuple[Engine, Engine]:
-    """(write engine, read engine) for a database URL; the same engine on PostgreSQL."""
+def make_engines(
+    url_text: str, busy_timeout: float = 5.0, *, create: bool = True
+) -> tuple[Engine, Engine]:
+    """(write engine, read engine) for a database URL; the same engine on PostgreSQL.
+    A SQLite path is checked first (check_sqlite_path)."""
     try:
         url = make_url(url_text)
     except Exception as exc:
         raise ConfigError(f"[database] url: {exc}") from None
     if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            check_sqlite_path(Path(url.database), create=create)
         return (
             _sqlite_engine(url, busy_timeout, immediate=True),
             _sqlite_engine(url, busy_timeout, immediate=False),
@@ -158,10 +207,12 @@ def writer_lock(path: str | None, timeout: float) -> Iterator[None]:
 class Database:
     """The engines plus the writer thread; one per process."""
 
-    def __init__(self, url: str, busy_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, busy_timeout: float = 5.0, *, create: bool = True) -> None:
+        """`create`: a missing SQLite file (and its folders) may be created; without it,
+        DatabaseMissing. Either way a path SQLite cannot use is a one-line ConfigError."""
         self.url = url
         self.busy_timeout = busy_timeout
-        self.write_engine, self.read_engine = make_engines(url, busy_timeout)
+        self.write_engine, self.read_engine = make_engines(url, busy_timeout, create=create)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maild-db-writer")
         database = self.write_engine.url.database
         self._lock_path = (
@@ -169,6 +220,11 @@ class Database:
             if self.is_sqlite and database and database != ":memory:"
             else None
         )
+
+    @property
+    def name(self) -> str:
+        """Which database this is, for output and errors (no password)."""
+        return describe(self.url)
 
     @property
     def file(self) -> Path | None:
@@ -188,11 +244,12 @@ class Database:
 
         upgrade(self.write_engine)
 
-    def ensure_schema(self, config_path: object) -> None:
-        """Refuse an out-of-date schema (SchemaError names the fix); create an empty one."""
+    def ensure_schema(self, config_path: object, *, create: bool = True) -> None:
+        """Refuse an out-of-date schema (SchemaError names the database and the fix);
+        create the schema in an empty database only with `create`."""
         from maild.schema import ensure_current
 
-        ensure_current(self.write_engine, str(config_path), create_if_empty=True)
+        ensure_current(self.write_engine, str(config_path), create_if_empty=create, name=self.name)
 
     def check(self) -> None:
         """Raise if the database cannot be reached."""
@@ -245,10 +302,32 @@ class Database:
     async def read(self, work: Callable[[Session], T]) -> T:
         return await asyncio.to_thread(self.run_read, work)
 
+    def adopt_files(self) -> None:
+        """Give files root made beside a SQLite database to the folder's owner.
+
+        An operator runs `maild db upgrade` (or any command) as root on the service's
+        database in /var/lib/maild, which belongs to the service's user: a database
+        file or writer lock left owned by root would lock the service out of its own
+        database. (SQLite already does this for its -wal and -shm files.)"""
+        path = self.file
+        if path is None or os.geteuid() != 0:
+            return
+        try:
+            folder = path.parent.stat()
+        except OSError:
+            return
+        if folder.st_uid == 0:
+            return
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-writer.lock")):
+            with contextlib.suppress(OSError):
+                if name.stat().st_uid == 0:
+                    os.chown(name, folder.st_uid, folder.st_gid)
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self.write_engine.dispose()
         self.read_engine.dispose()
+        self.adopt_files()
 
 
-__all__ = ["Database", "SQLAlchemyError", "make_engines"]
+__all__ = ["Database", "DatabaseMissing", "SQLAlchemyError", "describe", "make_engines"]

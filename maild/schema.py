@@ -83,8 +83,15 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     return before.current, schema_state(engine).current or ""
 
 
-def ensure_current(engine: Engine, config_path: str, *, create_if_empty: bool) -> SchemaState:
-    """Raise SchemaError unless the schema is this maild's; create it on an empty database."""
+class SchemaMissing(SchemaError):
+    """The database has no maild tables at all (a wrong URL, or never upgraded)."""
+
+
+def ensure_current(
+    engine: Engine, config_path: str, *, create_if_empty: bool, name: str = "the database"
+) -> SchemaState:
+    """Raise SchemaError unless the schema is this maild's; create it on an empty database
+    when `create_if_empty`. `name` says which database, in the errors."""
     state = schema_state(engine)
     if state.up_to_date:
         return state
@@ -94,13 +101,13 @@ def ensure_current(engine: Engine, config_path: str, *, create_if_empty: bool) -
         return schema_state(engine)
     fix = f"maild db upgrade --config {config_path}"
     if state.empty and state.current is None:
-        raise SchemaError(f"the database has no maild tables yet; create them with `{fix}`")
+        raise SchemaMissing(f"{name} has no maild tables; create them with `{fix}`")
     if state.current is not None and state.current not in known_revisions():
         raise SchemaError(
-            f"the database schema is at revision {state.current}, which this maild does not "
+            f"{name}: the schema is at revision {state.current}, which this maild does not "
             f"know (it needs {state.head}): a newer maild migrated it; run that version"
         )
     raise SchemaError(
-        f"the database schema is at revision {state.current or 'none (unversioned)'}, "
+        f"{name}: the schema is at revision {state.current or 'none (unversioned)'}, "
         f"this maild needs {state.head}; run `{fix}`"
     )

@@ -385,13 +385,16 @@ class Service:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (SIGHUP reloads the rules), stop."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers first: a SIGTERM while starting stops maild cleanly once it has started.
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload_rules)
         try:
-            await self._stop.wait()
+            await self.start()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.stop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.stop()

@@ -331,14 +331,18 @@ def test_an_unreachable_database_exits_1_saying_so(unreachable: Path) -> None:
         check=False,
     )
     assert (listed.exit_code, listed.stdout) == (1, "")
-    assert listed.stderr.startswith(f"maild: database {url!r} is not usable: ")
+    assert listed.stderr.startswith(f"maild: database {url} is not usable: ")
     assert (current.exit_code, current.stdout) == (1, "")
-    assert current.stderr.startswith("maild: database is not usable: ")
+    assert current.stderr.startswith(f"maild: database {url} is not usable: ")
     assert (upgraded.exit_code, upgraded.stdout) == (1, "")
-    assert upgraded.stderr.startswith("maild: migration failed, the database is unchanged: ")
+    assert upgraded.stderr.startswith(
+        f"maild: migration failed, the database is unchanged: database {url} is not usable: "
+    )
     assert served.returncode == 1
-    assert served.stderr.startswith("maild: cannot start, the database is not usable: ")
+    assert served.stderr.startswith(f"maild: cannot start: database {url} is not usable: ")
     assert "maild started" not in served.stdout
+    for result in (listed.stderr, current.stderr, upgraded.stderr, served.stderr):
+        assert result.count("\n") == 1, result  # one line, no traceback, no SQL
 
 
 @pytest.mark.usefixtures("quiet_logging")

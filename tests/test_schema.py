@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from maild.database import Database
+from maild.database import Database, describe
 from maild.models import metadata
 from maild.schema import (
     FIRST_REVISION,
@@ -48,24 +49,38 @@ def test_db_upgrade_creates_the_schema_from_empty_and_is_idempotent(
 ) -> None:
     """`maild db upgrade` on an empty database reaches head; again, it changes nothing."""
     config = make_config()
+    name = describe(database.url)
     before = maild(config, "db", "current")
-    assert (before.returncode, before.stdout) == (
-        1,
-        f"revision none, this maild needs {head_revision()}: run `maild db upgrade`\n",
+    assert (before.returncode, before.stderr) == (
+        78,
+        f"maild: {name} has no maild tables; create them with "
+        f"`maild db upgrade --config {config}`\n",
     )
     first = maild(config, "db", "upgrade")
     assert (first.returncode, first.stdout) == (
         0,
-        f"database schema upgraded from empty to revision {head_revision()}\n",
+        f"{name}: schema upgraded from empty to revision {head_revision()}\n",
     )
-    again = maild(config, "db", "upgrade")
-    assert (again.returncode, again.stdout) == (
-        0,
-        f"database schema already at revision {head_revision()}\n",
-    )
+    again = maild(config, "db", "upgrade", "--json")
+    assert again.returncode == 0
+    assert json.loads(again.stdout) == {
+        "database": name,
+        "before": head_revision(),
+        "after": head_revision(),
+        "changed": False,
+    }
     after = maild(config, "db", "current", "--json")
     assert after.returncode == 0
-    assert f'"current": "{head_revision()}"' in after.stdout
+    assert json.loads(after.stdout) == {
+        "database": name,
+        "current": head_revision(),
+        "head": head_revision(),
+        "up_to_date": True,
+    }
+    assert (
+        maild(config, "db", "current").stdout
+        == f"{name}: revision {head_revision()} (up to date)\n"
+    )
     assert set(inspect(database.write_engine).get_table_names()) >= TABLES
 
 
@@ -89,7 +104,8 @@ def test_serve_refuses_an_unversioned_schema_until_db_upgrade(
     refused = maild(config, "serve")
     assert refused.returncode == 78
     assert refused.stderr == (
-        f"maild: refusing to start: the database schema is at revision none (unversioned), "
+        f"maild: refusing to start: {describe(database.url)}: the schema is at revision "
+        "none (unversioned), "
         f"this maild needs {head_revision()}; run `maild db upgrade --config {config}`\n"
     )
     listed = maild(config, "tickets", "list")

@@ -1,0 +1,320 @@
+"""What an operator trips over (issue 16): each item as it was seen, and what it must do now.
+
+The items: the README's upgrade command must reach the service's database and every
+db command names it (1); read-only commands create nothing (2); a bad SQLite path is
+one line, exit 78 (3); `rules explain --message` names the table that filed the
+message (4); rules errors point at the right file and codes match (5); readiness
+means mail can be stored, and metrics are documented as they are (6); `pages test`
+tells an unreachable URL from a refusal (7); deployment details (8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, inspect
+
+from maild.cli import main
+from maild.config import load_settings
+from maild.database import describe
+from maild.errors import RulesError
+from maild.inbound import backlog
+from maild.rules import load_rules
+from maild.schema import head_revision
+from tests.conftest import PG_URL, REPO, RunningMaild, mail, postgres_schema, wait_until
+from tests.test_metrics import get, scrape, value
+
+MAILD = [sys.executable, "-m", "maild"]
+
+
+def invoke(config: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, [*args, "--config", str(config)], catch_exceptions=False)
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MAILD, *args], capture_output=True, text=True, timeout=120, check=False, env=env, cwd=cwd
+    )
+
+
+def one_line(text: str) -> str:
+    """The whole stderr of a failed command: exactly one line (no traceback)."""
+    assert text.count("\n") == 1, text
+    assert text.endswith("\n"), text
+    return text
+
+
+# 1. The README's deployment and upgrade commands reach the service's database.
+
+
+def _readme_block(heading: str, after: str = "") -> list[str]:
+    """The commands of the first ```sh block under `heading` (after the text `after`)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading) :]
+    section = section[section.index(after) :] if after else section
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, f"no ```sh block under {heading!r}"
+    lines = []
+    for line in block.group(1).splitlines():
+        command = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if command:
+            lines.append(command)
+    return lines
+
+
+class Host:
+    """A mail host in a temporary root: /etc, /var/lib and /etc/systemd/system under it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "etc" / "systemd" / "system").mkdir(parents=True)
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in ("STATE_DIRECTORY", "MAILD_CONFIG")
+        }
+        self.output: list[str] = []  # what the README's maild commands printed
+
+    def path(self, text: str) -> str:
+        return re.sub(
+            r"(?<![\w.])/(etc|var|opt|usr)/", lambda m: f"{self.root}/{m.group(1)}/", text
+        )
+
+    def shell(self, command: str) -> None:
+        """One README command, as root on the host would run it."""
+        words = shlex.split(command)
+        if words[0] in ("python3", "ln") or words[:2] == ["systemctl", "daemon-reload"]:
+            return  # the venv is this test's; no systemd to tell
+        if words[0].endswith("/pip"):
+            assert "-c" in words, f"{command}: not pinned"
+            assert "constraints.txt" in words, f"{command}: not pinned"
+            return
+        if words[0] == "systemctl":
+            return  # the caller starts the unit itself
+        if words[0] == "maild":
+            result = run(*[self.path(w) for w in words[1:]], env=self.env)
+            assert result.returncode == 0, f"{command}: {result.stderr}"
+            self.output.append(result.stdout)
+            return
+        assert words[0] in ("install", "cp"), f"a README step this test does not know: {command}"
+        subprocess.run([self.path(w) for w in words], cwd=REPO, check=True)
+
+    def unit(self) -> dict[str, list[str]]:
+        """systemd/maild.service's [Service] settings (every value of each key)."""
+        settings: dict[str, list[str]] = {}
+        for line in (REPO / "systemd" / "maild.service").read_text().splitlines():
+            key, sep, val = line.partition("=")
+            if sep and not line.startswith("#"):
+                settings.setdefault(key.strip(), []).append(val.strip())
+        return settings
+
+    def unit_env(self) -> dict[str, str]:
+        """The environment systemd gives the service: StateDirectory, LoadCredential."""
+        unit = self.unit()
+        (state,) = unit["StateDirectory"]
+        folder = self.root / "var" / "lib" / state
+        folder.mkdir(parents=True, exist_ok=True)
+        credentials = self.root / "run" / "credentials" / "maild.service"
+        credentials.mkdir(parents=True, exist_ok=True)
+        for entry in unit.get("LoadCredential", []):
+            name, _, source = entry.partition(":")
+            shutil.copy(self.path(source), credentials / name)
+        return {
+            **self.env,
+            "STATE_DIRECTORY": str(folder),
+            "CREDENTIALS_DIRECTORY": str(credentials),
+        }
+
+    def exec_command(self, key: str) -> list[str]:
+        (command,) = self.unit()[key]
+        words = shlex.split(command)
+        assert words[0] == "/usr/local/bin/maild"  # the README's ln -s
+        return [self.path(w) for w in words[1:]]
+
+
+def test_the_readmes_deployment_and_upgrade_commands_reach_the_services_database(
+    tmp_path: Path,
+) -> None:
+    """Seen: `maild db upgrade --config /etc/maild/config.toml` as root upgraded
+    <config folder>/data/maild.db, not the unit's /var/lib/maild/maild.db, and the service
+    then refused its old schema. The README's steps, run in a temporary root."""
+    host = Host(tmp_path / "root")
+    for command in _readme_block("## Running under systemd"):
+        host.shell(command)
+    config = host.root / "etc" / "maild" / "config.toml"
+    assert (host.root / "etc" / "maild" / "templates" / "ack.txt").is_file()
+    (host.root / "etc" / "maild" / "pagerduty-routing-key").write_text("0" * 32)  # "put the key"
+    # "then edit: listen": this test's ports are its own
+    text = config.read_text().replace('listen = "127.0.0.1:2525"', 'listen = "127.0.0.1:0"')
+    config.write_text(text)
+    service_db = host.root / "var" / "lib" / "maild" / "maild.db"
+    unit_env = host.unit_env()
+    # The service as an older maild left it: its database one revision behind.
+    older = run("db", "upgrade", "--revision", "0005", "--config", str(config), env=unit_env)
+    assert older.returncode == 0, older.stderr
+    assert older.stdout.startswith(f"{service_db}: schema upgraded from empty to revision 0005")
+    os.chown(service_db.parent, 65534, 65534)  # DynamicUser: the folder is the service's
+    for path in service_db.parent.iterdir():
+        os.chown(path, 65534, 65534)
+
+    for command in _readme_block("## Running under systemd", after="**Upgrades.**"):
+        host.shell(command)
+    assert (
+        host.output[-1]
+        == f"{service_db}: schema upgraded from 0005 to revision {head_revision()}\n"
+    )
+    assert not (host.root / "etc" / "maild" / "data").exists()
+    owners = {p.name: p.stat().st_uid for p in service_db.parent.iterdir()}
+    assert set(owners.values()) == {65534}, (
+        owners
+    )  # root's run left nothing the service cannot open
+
+    # The unit starts on the upgraded database.
+    with subprocess.Popen(
+        [*MAILD, *host.exec_command("ExecStart")],
+        env=unit_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as served:
+        assert served.stdout is not None
+        started = ""
+        deadline = time.monotonic() + 60
+        while "maild started" not in started and time.monotonic() < deadline:
+            line = served.stdout.readline()
+            if not line:
+                break
+            started += line
+        served.send_signal(signal.SIGTERM)
+        served.communicate(timeout=60)
+    assert "maild started" in started, started
+    assert str(service_db) in started
+    assert served.returncode == 0
+
+
+def test_db_commands_name_the_database_without_its_password(
+    tmp_path: Path, rules_dir: Path
+) -> None:
+    """db current and db upgrade say which database they touched; a URL's password is hidden."""
+    url = "postgresql+psycopg://maild:s3cret-pw@127.0.0.1:1/maild"
+    assert describe(url) == "postgresql+psycopg://maild:***@127.0.0.1:1/maild"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[database]\nurl = "{url}"\nbusy_timeout = "1s"\n[rules]\npath = "{rules_dir}"\n'
+        "[pagerduty]\nenabled = false\n"
+    )
+    for args in (("db", "current"), ("db", "upgrade"), ("tickets", "list")):
+        result = run(*args, "--config", str(config))
+        assert result.returncode == 1
+        assert "s3cret-pw" not in result.stdout + result.stderr
+        assert "postgresql+psycopg://maild:***@127.0.0.1:1/maild" in one_line(result.stderr)
+
+
+# 2. Read-only commands create nothing.
+
+READ_ONLY = [
+    ("tickets", "list"),
+    ("tickets", "show", "1"),
+    ("tickets", "close", "1"),
+    ("inbound", "list"),
+    ("inbound", "show", "1"),
+    ("pages", "list"),
+    ("acks", "list"),
+    ("reprocess",),
+    ("rules", "explain", "--message", "1"),
+    ("rules", "replay"),
+    ("db", "current"),
+]
+
+
+def test_read_only_commands_on_a_missing_database_exit_78_and_create_nothing(
+    make_config: Callable[..., Path], database_url: str
+) -> None:
+    """Seen: `tickets list` on an empty PostgreSQL printed `no tickets` and created every
+    table; `inbound list`, `pages list` and `db current` created data/maild.db."""
+    config = make_config()
+    name = describe(database_url)
+    for args in READ_ONLY:
+        result = invoke(config, *args)
+        assert result.exit_code == 78, (args, result.output)
+        assert result.stdout == ""
+        assert name in one_line(result.stderr), args
+        assert f"`maild db upgrade --config {config}`" in result.stderr, args
+    if database_url.startswith("sqlite"):
+        assert not (config.parent / "data").exists()
+    else:
+        engine = create_engine(database_url)
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+    # serve, ingest and db upgrade may create it; then the same commands work
+    assert invoke(config, "db", "upgrade").exit_code == 0
+    assert invoke(config, "tickets", "list").stdout == "no tickets\n"
+
+
+# 3. A bad SQLite path is one line naming it, exit 78.
+
+
+def _config_for(tmp_path: Path, rules_dir: Path, db: Path) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:0"\n[database]\nurl = "sqlite:///{db}"\n'
+        f'[rules]\npath = "{rules_dir}"\nwatch = false\n[pagerduty]\nenabled = false\n'
+    )
+    return config
+
+
+COMMANDS = [("serve",), ("db", "upgrade"), ("db", "current"), ("tickets", "list")]
+
+
+def test_a_sqlite_path_through_a_file_is_one_line_exit_78(tmp_path: Path, rules_dir: Path) -> None:
+    """Seen: `url = "sqlite:////srv/maild/afile/maild.db"` ended serve and db upgrade with
+    FileExistsError and a traceback."""
+    (tmp_path / "afile").write_text("not a folder")
+    config = _config_for(tmp_path, rules_dir, tmp_path / "afile" / "maild.db")
+    for args in COMMANDS:
+        result = run(*args, "--config", str(config))
+        assert result.returncode == 78, (args, result.stderr)
+        assert one_line(result.stderr).endswith(
+            f"[database] url: {tmp_path}/afile/maild.db: {tmp_path}/afile is a file, not a folder\n"
+        ), args
+
+
+def test_an_unwritable_folder_is_one_line_naming_it_exit_78(
+    tmp_path: Path, rules_dir: Path
+) -> None:
+    """Seen: an unwritable folder gave `unable to open database file`, without the path.
+    (The folder is made immutable: root, who runs the tests, ignores permission bits.)"""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    config = _config_for(tmp_path, rules_dir, folder / "maild.db")
+    assert run("db", "upgrade", "--config", str(config)).returncode == 0
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], check=False).returncode:
+        pytest.skip("chattr +i is not available here: no way to make a folder unwritable to root")
+    try:
+        for args in COMMANDS:
+            result = run(*args, "--config", str(config))
+            assert result.returncode == 78, (args, result.stderr)
+            assert f"[database] url: {folder}/maild.db: the folder {folder} is not writable" in (
+                one_line(result.stderr)
+            ), args
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
