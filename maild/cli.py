@@ -647,10 +647,14 @@ def rules_explain(
     settings = _settings(config_path)
     table = _rules(settings)
     mail_from = ""
+    filed: dict[str, Any] | None = None
     if inbound_id is not None:
+        from maild.inbound import filed_by
         from maild.models import Inbound
 
-        row = _read(config_path, lambda s: s.get(Inbound, inbound_id))
+        row, filed = _read(
+            config_path, lambda s: (s.get(Inbound, inbound_id), filed_by(s, inbound_id))
+        )
         if row is None:
             _fail(f"no inbound delivery {inbound_id}")
         raw, recipients, mail_from = row.raw, list(row.rcpt_tos), row.mail_from
@@ -664,10 +668,31 @@ def rules_explain(
     sender = parsed.from_.email if parsed.from_ else mail_from
     context = MessageContext(sender=sender, subject=parsed.subject, headers=tuple(parsed.headers))
     view = _routing_view(table, recipients, context)
+    if inbound_id is not None:
+        # The table that filed the message may not be today's: say which one it was.
+        view["filed"] = filed
+        known = filed["rules_version"] if filed else ""  # "" for mail filed before 0006
+        view["table_changed"] = (known != table.version) if known else None
     if as_json:
         _print_json(view)
-    else:
-        _echo_routing(view, steps=True)
+        return
+    if inbound_id is not None:
+        _show(_filed_line(filed, view["decision"], table.version))
+    _echo_routing(view, steps=True)
+
+
+def _filed_line(filed: dict[str, Any] | None, decision: dict[str, Any] | None, version: str) -> str:
+    """How a stored message was filed, against what today's table would do."""
+    now = f"`{decision['route']}`" if decision else "no route (refused)"
+    if filed is None:
+        return f"not filed by a route (no ticket message); today's table would choose {now}"
+    was = f"filed by `{filed['route']}` into ticket #{filed['ticket']}"
+    today = f"today's table ({version[:12]}) would choose {now}"
+    if not filed["rules_version"]:
+        return f"{was} (table version not recorded); {today}"
+    if filed["rules_version"] == version:
+        return f"{was} (table {version[:12]}, today's table)"
+    return f"{was} (table {filed['rules_version'][:12]}); {today}"
 
 
 @rules.command("replay")

@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
-from maild.models import Inbound
+from maild.models import Inbound, Message
 
 
 def inbound_view(row: Inbound) -> dict[str, Any]:
@@ -65,6 +65,21 @@ def list_inbound(
 
 def get_inbound(session: Session, inbound_id: int) -> Inbound | None:
     return session.get(Inbound, inbound_id)
+
+
+def filed_by(session: Session, inbound_id: int) -> dict[str, Any] | None:
+    """The route and table version that filed a delivery's message, and its ticket;
+    None when it made no ticket message (a duplicate, dropped, not filed yet)."""
+    row = session.exec(
+        select(Message.rule, Message.rules_version, Message.ticket_id, Message.id)
+        .where(Message.inbound_id == inbound_id, Message.rule != "")
+        .order_by(col(Message.id))
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    rule, version, ticket_id, message_id = row
+    return {"route": rule, "rules_version": version, "ticket": ticket_id, "message": message_id}
 
 
 def unfiled_ids(session: Session) -> list[int]:

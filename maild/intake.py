@@ -449,6 +449,7 @@ def _store_message(
     report: DeliveryReport | None = None,
     fingerprint: str | None = None,
     notes: Sequence[str] = (),
+    rules_version: str = "",
 ) -> None:
     """Queue the message (and its attachments) for the transaction's flush; `notes` are
     what filing found, stored with the parser's defects."""
@@ -471,6 +472,7 @@ def _store_message(
             date=parsed.date,
             text=parsed.text,
             rule=route.name if route else "",
+            rules_version=rules_version if route else "",
             defects=[*parsed.defects, *notes],
             direction=Direction.INBOUND.value,
             kind=kind.value,
@@ -707,6 +709,7 @@ def file_message(
         auto_reasons=reasons,
         fingerprint=fingerprint,
         notes=notes,
+        rules_version=table.version,
     )
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     page = None

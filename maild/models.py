@@ -141,6 +141,7 @@ class Message(SQLModel, table=True):
     date: datetime | None = None
     text: str = Field(default="", sa_type=Text)
     rule: str = Field(default="", max_length=255)
+    rules_version: str = Field(default="", max_length=64)  # the table that routed it
     defects: list[str] = Field(default_factory=list, sa_type=JSON)
     direction: str = Field(default="inbound", max_length=16)  # inbound | outbound
     kind: str = Field(default="human", max_length=16)  # human | auto | bounce | ack

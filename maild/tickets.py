@@ -186,6 +186,7 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
             "date": _iso(m.date),
             "received_at": _iso(received.get(m.inbound_id)) if m.inbound_id else None,
             "rule": m.rule,
+            "rules_version": m.rules_version,
             "text": m.text,
             "attachments": attachments.get(m.id or 0, []),
             "defects": m.defects,

@@ -318,3 +318,47 @@ def test_an_unwritable_folder_is_one_line_naming_it_exit_78(
             ), args
     finally:
         subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
+# 4. rules explain --message names the table that filed the message.
+
+BILLING_ON_SUPPORT = """
+[[route]]
+name = "billing"
+recipients = ["support@altis-dxp.com"]
+subject = "(?i)invoice"
+type = "task"
+priority = "low"
+"""
+
+
+def test_explain_of_a_stored_message_names_the_table_that_filed_it(
+    make_config: Callable[..., Path], rules_dir: Path
+) -> None:
+    """Seen: after a route was added, explain printed the new route for a message filed
+    earlier by `support`, and its JSON showed the new table's version without a word."""
+    config = make_config()
+    with RunningMaild(load_settings(config)) as maild:
+        maild.send(mail("Invoice 2291 is wrong"), ["support@altis-dxp.com"])
+        maild.settle()
+        old = maild.service.rules.version
+        (ticket,) = maild.tickets()
+    assert ticket["rule"] == "support"
+    (rules_dir / "00-billing.toml").write_text(BILLING_ON_SUPPORT)
+    new = load_rules(rules_dir).version
+    text = invoke(config, "rules", "explain", "--message", "1")
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines()[0] == (
+        f"filed by `support` into ticket #{ticket['id']} (table {old[:12]}); "
+        f"today's table ({new[:12]}) would choose `billing`"
+    )
+    view = json.loads(invoke(config, "rules", "explain", "--message", "1", "--json").stdout)
+    assert view["filed"]["route"] == "support"
+    assert view["filed"]["rules_version"] == old
+    assert (view["rules_version"], view["table_changed"]) == (new, True)
+    assert view["decision"]["route"] == "billing"
+    (rules_dir / "00-billing.toml").unlink()
+    same = invoke(config, "rules", "explain", "--message", "1")
+    assert same.stdout.splitlines()[0] == (
+        f"filed by `support` into ticket #{ticket['id']} (table {old[:12]}, today's table)"
+    )
