@@ -174,7 +174,7 @@ def _rules(settings: Settings) -> Any:
     try:
         return load_rules(settings.rules.path)
     except RulesError as exc:
-        _fail(f"the rules table is broken, nothing was changed:\n{exc}", EX_CONFIG)
+        _fail(f"the rules table is broken:\n{exc}", EX_CONFIG)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -494,7 +494,7 @@ def rules() -> None:
 @rules.command("check")
 @config_option
 def rules_check(config_path: Path | None) -> None:
-    """Load the whole table; list every problem with file:line (exit 1 if any)."""
+    """Load the whole table; list every problem with file:line (exit 78 if any)."""
     from maild.rules import load_rules
 
     settings = _settings(config_path)
@@ -504,7 +504,7 @@ def rules_check(config_path: Path | None) -> None:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         click.echo(f"{len(exc.problems)} problem(s) in {settings.rules.path}", err=True)
-        sys.exit(1)
+        sys.exit(EX_CONFIG)
     click.echo(
         f"ok: {len(table.routes)} routes, {len(table.domains)} domains "
         f"({', '.join(sorted(table.domains))}), version {table.version[:12]}"
@@ -614,7 +614,7 @@ def rules_test(
             result.update(reason=entry["reason"], smtp_reply=entry["smtp_reply"])
         _print_json(result)
     else:
-        _echo_routing(view, steps=False)
+        _echo_routing(view, steps=True)
     if not entry["accepted"]:
         sys.exit(1)
 

@@ -537,7 +537,8 @@ def load_rules(folder: Path) -> RuleTable:
         raise RulesError([Problem(str(folder), 0, "no *.toml rules files in the folder")])
     digest = hashlib.sha256()
     routes: list[Route] = []
-    names: dict[str, Route] = {}
+    names: dict[str, tuple[Route, int, float]] = {}  # the first route of each name, where
+    shadowed: list[Route] = []  # routes left out as duplicates: they still cover addresses
     taken: dict[str, Route] = {}  # patterns of routes without conditions, first one
     for path in files:
         file = str(path)
@@ -563,17 +564,23 @@ def load_rules(folder: Path) -> RuleTable:
             route = _check_route(raw, index, len(routes), where, file, problems)
             if route is None:
                 continue
+            name_line, changed = where.key(index, "name"), _mtime(path)
             if route.name in names:
-                first = names[route.name]
+                # Blame the definition the admin touched last (the newer file; in one
+                # file, the later route), not the one that happens to be read first.
+                first, first_line, first_changed = names[route.name]
+                here, there = (file, name_line), (first.file, first_line)
+                if first_changed > changed:
+                    here, there = there, here
                 problems.append(
                     Problem(
-                        file,
-                        where.key(index, "name"),
-                        f"duplicate route name {route.name!r} (first at {first.file}:{first.line})",
+                        *here,
+                        f"duplicate route name {route.name!r} (also at {there[0]}:{there[1]})",
                     )
                 )
+                shadowed.append(route)
                 continue
-            names[route.name] = route
+            names[route.name] = (route, name_line, changed)
             if route.unconditional:
                 for written, pattern in zip(raw["recipients"], route.patterns, strict=True):
                     if pattern.text in taken:
@@ -591,7 +598,9 @@ def load_rules(folder: Path) -> RuleTable:
             routes.append(route)
     if not problems and not routes:
         problems.append(Problem(str(folder), 0, "the rules table has no [[route]]"))
-    unconditional = [r for r in routes if r.unconditional]
+    # A route that failed to load may be the one that would take these addresses.
+    consequence = "; this may follow from a problem above" if problems else ""
+    unconditional = [r for r in [*routes, *shadowed] if r.unconditional]
     for route in routes:
         if route.unconditional or not route.patterns:
             continue
@@ -603,7 +612,8 @@ def load_rules(folder: Path) -> RuleTable:
                         route.file,
                         route.line,
                         f"recipient {pattern.text!r} of route {route.name!r} has conditions but "
-                        "no route without conditions takes it: mail to it would be refused",
+                        "no route without conditions takes it: mail to it would be refused"
+                        + consequence,
                     )
                 )
     if problems:
@@ -614,6 +624,13 @@ def load_rules(folder: Path) -> RuleTable:
         folder=str(folder),
         domains=frozenset(p.domain for r in routes for p in r.patterns),
     )
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _probe(pattern: Pattern) -> str:

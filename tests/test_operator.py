@@ -362,3 +362,67 @@ def test_explain_of_a_stored_message_names_the_table_that_filed_it(
     assert same.stdout.splitlines()[0] == (
         f"filed by `support` into ticket #{ticket['id']} (table {old[:12]}, today's table)"
     )
+
+
+# 5. Rules errors: the file the admin touched, no knock-on errors, matching exit codes.
+
+SUPPORT_TYPO = """
+[[route]]
+name = "support"
+recipients = ["support@altis-dxp.com", "support@humanmade.com"]
+subject = "(?i)invoice"
+type = "task"
+priority = "low"
+"""
+
+
+def test_a_duplicate_route_name_is_blamed_on_the_file_just_written_alone(rules_dir: Path) -> None:
+    """Seen: `name = "support"` in 10-billing.toml was reported at desk.toml:7, plus two
+    "no route without conditions takes it" errors caused by the first."""
+    desk = rules_dir / "desk.toml"
+    os.utime(desk, (time.time() - 86400, time.time() - 86400))  # shipped yesterday
+    billing = rules_dir / "10-billing.toml"
+    billing.write_text(SUPPORT_TYPO)
+    desk_line = next(
+        n for n, line in enumerate(desk.read_text().splitlines(), 1) if 'name = "support"' in line
+    )
+    with pytest.raises(RulesError) as info:
+        load_rules(rules_dir)
+    assert [str(p) for p in info.value.problems] == [
+        f"{billing}:3: duplicate route name 'support' (also at {desk}:{desk_line})"
+    ]
+
+
+def test_rules_check_exits_78_like_serve_and_rules_test(
+    make_config: Callable[..., Path], rules_dir: Path
+) -> None:
+    """Seen: `rules check` exited 1 where `rules test` and `serve` exit 78; `rules test`
+    said "nothing was changed", though it never changes anything."""
+    config = make_config()
+    (rules_dir / "broken.toml").write_text('[[route]]\nname = "x"\ntype = "?"\n')
+    checked = invoke(config, "rules", "check")
+    tested = invoke(config, "rules", "test", "support@altis-dxp.com")
+    served = run("serve", "--config", str(config))
+    assert (checked.exit_code, tested.exit_code, served.returncode) == (78, 78, 78)
+    assert "nothing was changed" not in tested.stderr + checked.stderr
+
+
+def test_rules_test_shows_every_route_tried(
+    make_config: Callable[..., Path], rules_dir: Path
+) -> None:
+    """The README promises every route tried; the text output showed only the winner."""
+    (rules_dir / "00-billing.toml").write_text(BILLING_ON_SUPPORT)
+    result = invoke(make_config(), "rules", "test", "support@altis-dxp.com", "--subject", "hello")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("support@altis-dxp.com: route 'support'")
+    tried = [line.split()[0] for line in lines[1:]]
+    assert tried == ["billing", "support", "hosting", "sysops"]
+    assert "subject does not match" in lines[1]
+    assert lines[2].endswith(": wins")
+
+
+def test_the_rules_guide_refers_to_no_missing_document() -> None:
+    """rules/README.md pointed at a "routing rules v2 spec" that is not in the repository."""
+    text = (REPO / "rules" / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"\bspec\b", text, re.I)

@@ -503,7 +503,7 @@ def test_duplicate_route_name_is_reported_at_the_second_name(tmp_path: Path) -> 
     expected = Problem(
         str(folder / "b.toml"),
         3,
-        f"duplicate route name 'desk' (first at {folder / 'a.toml'}:1)",
+        f"duplicate route name 'desk' (also at {folder / 'a.toml'}:2)",
     )
     assert [expected] == problems_of(folder)
 
@@ -547,7 +547,7 @@ def test_all_problems_are_reported_together(tmp_path: Path) -> None:
         (a, 14, "'zz'" + NOT_AN_ADDRESS),
         (b, 1, "not valid TOML"),
         (c, 1, "unknown top-level key 'title' (expected [[route]])"),
-        (c, 3, f"duplicate route name 'ok' (first at {a}:1)"),
+        (c, 3, f"duplicate route name 'ok' (also at {a}:2)"),
     ]
     actual = [
         (p.file, p.line, "not valid TOML" if p.message.startswith("not valid TOML") else p.message)
