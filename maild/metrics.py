@@ -85,8 +85,9 @@ HYGIENE = Counter(
 )
 RELOADS = Counter(
     "maild_rules_reloads",
-    "Rules table reloads (SIGHUP), by result (ok, failed).",
-    ["result"],
+    "Rules table reloads by trigger (sighup: SIGHUP or systemctl reload; watch: the "
+    "[rules] watch file watcher) and result (ok, failed).",
+    ["trigger", "result"],
     registry=REGISTRY,
 )
 MESSAGES_REFUSED = Counter(
@@ -98,7 +99,7 @@ MESSAGES_REFUSED = Counter(
 BACKLOG = Gauge(
     "maild_backlog",
     "Work waiting, read at scrape time: inbound (accepted, not processed), "
-    "failed (kept for reprocess), pages (pending).",
+    "failed (kept for reprocess), pages (pending), acknowledgements (mail not sent yet).",
     ["queue"],
     registry=REGISTRY,
 )

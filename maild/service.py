@@ -112,19 +112,17 @@ class Service:
         self._watch_stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
-    def reload_rules(self) -> bool:
-        """Swap in the rules table from disk; on any problem keep the current one."""
+    def reload_rules(self, trigger: str = "sighup") -> bool:
+        """Swap in the rules table from disk; on any problem keep the current one.
+        `trigger` (sighup, watch) labels maild_rules_reloads_total."""
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
         try:
-            return self._reload_rules()
+            ok = self._load_rules()
+            ok = self._load_templates() and ok
+            metrics.RELOADS.labels(trigger, "ok" if ok else "failed").inc()
+            return ok
         finally:
             systemd.notify("READY=1", f"STATUS={self._status()}")
-
-    def _reload_rules(self) -> bool:
-        ok = self._load_rules()
-        ok = self._load_templates() and ok
-        metrics.RELOADS.labels("ok" if ok else "failed").inc()
-        return ok
 
     def _load_templates(self) -> bool:
         try:
@@ -167,7 +165,7 @@ class Service:
                 watch_filter=lambda _change, path: path.endswith(".toml"),
             ):
                 log.info("rules files changed", files=sorted({Path(p).name for _, p in changes}))
-                self.reload_rules()
+                self.reload_rules("watch")
         except Exception as exc:  # the folder vanished, inotify limits: SIGHUP still works
             log.error(
                 "rules watcher stopped; reload with SIGHUP", folder=str(folder), error=str(exc)

@@ -96,13 +96,13 @@ def test_rules_reloads_are_counted_by_result(served: RunningMaild, rules_dir: Pa
     assert served.service.reload_rules() is False
     after = scrape(served)
     assert (
-        value(after, "maild_rules_reloads_total", result="ok")
-        - value(before, "maild_rules_reloads_total", result="ok")
+        value(after, "maild_rules_reloads_total", trigger="sighup", result="ok")
+        - value(before, "maild_rules_reloads_total", trigger="sighup", result="ok")
         == 1
     )
     assert (
-        value(after, "maild_rules_reloads_total", result="failed")
-        - value(before, "maild_rules_reloads_total", result="failed")
+        value(after, "maild_rules_reloads_total", trigger="sighup", result="failed")
+        - value(before, "maild_rules_reloads_total", trigger="sighup", result="failed")
         == 1
     )
 

@@ -426,3 +426,125 @@ def test_the_rules_guide_refers_to_no_missing_document() -> None:
     """rules/README.md pointed at a "routing rules v2 spec" that is not in the repository."""
     text = (REPO / "rules" / "README.md").read_text(encoding="utf-8")
     assert not re.search(r"\bspec\b", text, re.I)
+
+
+# 6. Readiness means mail can be stored now; the metrics are documented as they are.
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that can be cut (its port then refuses connections)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def proxied_postgres(tmp_path: Path) -> Iterator[tuple[str, Proxy]]:
+    if not PG_URL:
+        pytest.skip("a database that refuses connections: needs MAILD_TEST_DATABASE_URL")
+    from sqlalchemy.engine import make_url
+
+    real = make_url(PG_URL)
+    proxy = Proxy((real.host or "127.0.0.1", real.port or 5432))
+    with postgres_schema(PG_URL) as url:
+        yield str(make_url(url).set(host="127.0.0.1", port=proxy.port)), proxy
+    proxy.cut()
+
+
+def test_readyz_fails_while_the_database_refuses_connections(
+    tmp_path: Path, rules_dir: Path, proxied_postgres: tuple[str, Proxy]
+) -> None:
+    """Seen: with the database refusing connections, /healthz gave 503 but /readyz said
+    {"status": "ready"} while every DATA got 451."""
+    url, proxy = proxied_postgres
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:0"\n[http]\nlisten = "127.0.0.1:0"\n'
+        f'[database]\nurl = "{url}"\nbusy_timeout = "1s"\n'
+        f'[rules]\npath = "{rules_dir}"\nwatch = false\n[pagerduty]\nenabled = false\n'
+    )
+    with RunningMaild(load_settings(config)) as maild:
+        assert get(maild, "/readyz")[0] == 200
+        proxy.cut()
+        with pytest.raises(Exception, match="451"):
+            maild.send(mail("refused"), ["support@altis-dxp.com"])
+        status, body = get(maild, "/readyz")
+        assert status == 503, body
+        assert json.loads(body)["reason"].startswith("mail cannot be stored: ")
+
+
+def test_watcher_reloads_are_counted_apart_from_sighup(
+    make_config: Callable[..., Path], rules_dir: Path
+) -> None:
+    """maild_rules_reloads_total was documented as SIGHUP reloads but also counted the
+    watcher's; now a `trigger` label tells them apart."""
+    config = make_config('[http]\nlisten = "127.0.0.1:0"\n', watch=True)
+    with RunningMaild(load_settings(config)) as maild:
+        before = scrape(maild)
+        maild.service.reload_rules()  # what SIGHUP calls
+        (rules_dir / "billing.toml").write_text(BILLING_ON_SUPPORT)
+        wait_until(
+            lambda: (
+                value(scrape(maild), "maild_rules_reloads_total", trigger="watch", result="ok")
+                > value(before, "maild_rules_reloads_total", trigger="watch", result="ok")
+            ),
+            10,
+            "the watcher's reload",
+        )
+        after = scrape(maild)
+    assert (
+        value(after, "maild_rules_reloads_total", trigger="sighup", result="ok")
+        - value(before, "maild_rules_reloads_total", trigger="sighup", result="ok")
+    ) == 1
+
+
+def test_the_readme_lists_every_backlog_and_rules_reload_label(
+    make_config: Callable[..., Path],
+) -> None:
+    """The README's metrics and /healthz example left out the acknowledgements backlog."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    config = make_config()
+    with RunningMaild(load_settings(config)) as maild:
+        queues = maild.service.database.run_read(backlog)
+    row = next(line for line in readme.splitlines() if line.startswith("| `maild_backlog`"))
+    healthz = readme[readme.index("GET /healthz") :][:600]
+    for queue in queues:
+        assert f"`{queue}`" in row, queue
+        assert f'"{queue}"' in healthz, queue
+    reloads = next(line for line in readme.splitlines() if "`maild_rules_reloads_total`" in line)
+    assert "`trigger`" in reloads
+    assert "`watch`" in reloads
+    assert "`sighup`" in reloads
