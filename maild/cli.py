@@ -856,8 +856,8 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
     """Send a test trigger (severity info) with the configured routing key, then resolve it.
 
     This reaches PagerDuty for real: it checks the routing key, events_url,
-    ca_file and the network path from this host. Exit 1 with PagerDuty's
-    answer when it is refused.
+    ca_file and the network path from this host. Exit 1 saying whether the
+    URL could not be reached or PagerDuty answered with a refusal.
     """
     import socket
     import uuid
@@ -893,7 +893,12 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
             client.send({"event_action": "resolve", "dedup_key": key})
             click.echo("resolve accepted")
     except PageError as exc:
-        _fail(f"PagerDuty did not accept the test event: {exc}")
+        url = settings.pagerduty.events_url
+        if exc.status is None:  # no answer at all: DNS, connect, TLS, timeout
+            _fail(f"could not reach {url}: {exc}")
+        if exc.status in (408, 429) or exc.status >= 500:
+            _fail(f"{url} answered {exc.status}, a temporary failure (try again later): {exc}")
+        _fail(f"PagerDuty refused the test event ({url} answered {exc.status}): {exc}")
     finally:
         client.close()
 

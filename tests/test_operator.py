@@ -548,3 +548,24 @@ def test_the_readme_lists_every_backlog_and_rules_reload_label(
     assert "`trigger`" in reloads
     assert "`watch`" in reloads
     assert "`sighup`" in reloads
+
+
+# 7. `pages test` against an unreachable URL.
+
+
+def test_pages_test_names_an_unreachable_url_and_does_not_blame_pagerduty(
+    make_config: Callable[..., Path],
+) -> None:
+    """Seen: "PagerDuty did not accept the test event: ConnectError ... Connection refused",
+    which sounds as if PagerDuty refused, and never named the URL."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    url = f"https://127.0.0.1:{port}"
+    config = make_config(
+        f'[pagerduty]\nrouting_key = "{"0" * 32}"\nevents_url = "{url}"\ntimeout = "2s"\n'
+    )
+    result = invoke(config, "pages", "test")
+    assert result.exit_code == 1
+    assert one_line(result.stderr).startswith(f"maild: could not reach {url}: ")
+    assert "PagerDuty" not in result.stderr
