@@ -447,7 +447,7 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         elif message["kind"] != "human":
             flags = f" ({message['kind']}: {', '.join(message['auto_reasons'])})"
         _show(f"\n--- message {number}: {message['message_id']}{flags}")
-        _show(f"From: {sender['name']} <{sender['email']}>".strip())
+        _show(f"From: {sender['name'] + ' ' if sender['name'] else ''}<{sender['email']}>")
         _show(f"Date: {message['date'] or message['received_at']}")
         _show(f"Subject: {message['subject']}")
         if message["defects"]:  # what the parser and filing found (a reused Message-ID, ...)

@@ -89,6 +89,12 @@ class Service:
             except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
                 raise ConfigError(f"[outbound] ca_file: {exc}") from None
             self.mailer = Mailer(self.database, smtp_client, settings.outbound, claimer)
+            if not Path(self.acks.templates.folder).is_dir():
+                log.warning(
+                    "the templates folder does not exist: acknowledgements use maild's "
+                    "built-in text (copy templates/ there, or set [outbound] templates)",
+                    templates=self.acks.templates.folder,
+                )
         self.processor = Processor(
             self.database,
             rules=lambda: self.rules,

@@ -569,3 +569,102 @@ def test_pages_test_names_an_unreachable_url_and_does_not_blame_pagerduty(
     assert result.exit_code == 1
     assert one_line(result.stderr).startswith(f"maild: could not reach {url}: ")
     assert "PagerDuty" not in result.stderr
+
+
+# 8. Deployment details.
+
+
+def test_the_paging_key_file_is_the_one_the_unit_loads() -> None:
+    """The README's paging snippet used /etc/maild/pagerduty.key; the unit loads
+    /etc/maild/pagerduty-routing-key."""
+    unit = (REPO / "systemd" / "maild.service").read_text()
+    (source,) = re.findall(r"^LoadCredential=pagerduty-routing-key:(\S+)$", unit, re.M)
+    for document in ("README.md", "config.example.toml"):
+        text = (REPO / document).read_text(encoding="utf-8")
+        named = set(re.findall(r"/etc/maild/pagerduty[\w.-]*", text))
+        assert named == {source}, (document, named)
+
+
+def test_serve_warns_at_start_when_the_templates_folder_is_missing(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Seen: with acknowledgements on, serve logged a templates folder that did not exist
+    and silently used the built-in text."""
+    missing = tmp_path / "no-templates"
+    config = make_config(
+        f'[outbound]\nsmarthost = "127.0.0.1:1"\nfrom = "Support <support@altis-dxp.com>"\n'
+        f'secret = "{"s" * 32}"\ntemplates = "{missing}"\n'
+    )
+    with subprocess.Popen(
+        [*MAILD, "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as served:
+        assert served.stdout is not None
+        lines: list[str] = []
+        while not any("maild started" in line for line in lines):
+            line = served.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        served.send_signal(signal.SIGTERM)
+        lines += served.communicate(timeout=60)[0].splitlines()  # the rest of the start
+    assert any("maild started" in line for line in lines), "".join(lines)
+    warnings = [json.loads(line) for line in lines if "templates folder" in line]
+    assert len(warnings) == 1, "".join(lines)
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["templates"] == str(missing)
+
+
+def _marked(lines: list[str], index: int) -> bool:
+    """Whether the comment block above line `index` marks its value as not the default."""
+    i = index - 1
+    while i >= 0 and lines[i].startswith("#"):
+        if "Example value" in lines[i] or "Changed for `make run`" in lines[i]:
+            return True
+        i -= 1
+    return False
+
+
+def test_config_example_shows_defaults_except_where_marked(tmp_path: Path) -> None:
+    """Its header said the values shown are the defaults, but `format = "console"` and
+    `enabled = false` were not."""
+    example = REPO / "config.example.toml"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    shutil.copy(example, tmp_path / "example.toml")
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    shutil.copytree(REPO / "templates", tmp_path / "templates")
+    (tmp_path / "empty.toml").write_text("[pagerduty]\nenabled = false\n")
+    shown = load_settings(tmp_path / "example.toml")
+    default = load_settings(tmp_path / "empty.toml")
+    section = ""
+    checked = 0
+    for index, line in enumerate(lines):
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        match = re.match(r"^(\w+) = ", line)
+        if not match or _marked(lines, index):
+            continue
+        key = match.group(1)
+        key = "from_" if key == "from" else key
+        if (section, key) == ("pagerduty", "enabled"):
+            raise AssertionError("[pagerduty] enabled = false is shown unmarked")
+        assert getattr(getattr(shown, section), key) == getattr(getattr(default, section), key), (
+            f"config.example.toml:{index + 1}: [{section}] {key} is not the default"
+        )
+        checked += 1
+    assert checked > 20
+    tomllib.loads(example.read_text(encoding="utf-8"))  # still valid TOML
+
+
+def test_tickets_show_writes_a_nameless_sender_without_a_double_space(maild: RunningMaild) -> None:
+    """Seen: `From:  <alice@customer.example>` when the sender has no display name."""
+    maild.send(mail("No name", frm="alice@customer.example"), ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    shown = maild.ticket(ticket["id"])
+    assert shown["messages"][0]["from"]["name"] == ""
+    result = invoke(maild.settings.source, "tickets", "show", str(ticket["id"]))
+    assert "From: <alice@customer.example>" in result.stdout.splitlines()
