@@ -465,10 +465,13 @@ class Proxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the blocked accept(); close alone would not
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
         for s in self.sockets:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 @pytest.fixture
