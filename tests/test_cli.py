@@ -72,6 +72,14 @@ def cli(config: Path | None, *args: str, env: dict[str, str | None] | None = Non
     return CliRunner().invoke(main, [*args, *options], env=env, catch_exceptions=False)
 
 
+def upgraded(config: Path) -> Path:
+    """The config, its database created by `maild db upgrade` (as an installed desk has it:
+    read-only commands no longer create one)."""
+    result = cli(config, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    return config
+
+
 def cli_json(config: Path, *args: str) -> Any:
     """The parsed JSON of a `maild ... --json` run that must succeed."""
     result = cli(config, *args, "--json")
@@ -441,7 +449,7 @@ def test_tickets_list_human_output_is_a_table(maild: RunningMaild) -> None:
 
 def test_tickets_list_human_output_without_tickets(make_config: Callable[..., Path]) -> None:
     """An empty desk says so instead of printing an empty table."""
-    result = cli(make_config(), "tickets", "list")
+    result = cli(upgraded(make_config()), "tickets", "list")
     assert (result.exit_code, result.stdout, result.stderr) == (0, "no tickets\n", "")
 
 
@@ -504,7 +512,7 @@ def test_tickets_show_text_has_plain_newlines_whichever_way_mail_came(
 
 def test_tickets_show_unknown_id_exits_1(make_config: Callable[..., Path]) -> None:
     """A ticket id that does not exist is an error on stderr with exit 1."""
-    result = cli(make_config(), "tickets", "show", "42", "--json")
+    result = cli(upgraded(make_config()), "tickets", "show", "42", "--json")
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", "maild: no ticket 42\n")
 
 
@@ -556,7 +564,7 @@ def test_status_change_of_unknown_ticket_exits_1(
     command: str, make_config: Callable[..., Path]
 ) -> None:
     """Changing the status of a ticket that does not exist fails with exit 1."""
-    result = cli(make_config(), "tickets", command, "7")
+    result = cli(upgraded(make_config()), "tickets", command, "7")
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", "maild: no ticket 7\n")
 
 
@@ -592,10 +600,10 @@ def test_rules_check_accepts_the_shipped_table(rules_config: Path, rules_dir: Pa
 def test_rules_check_lists_every_problem_with_file_and_line(
     rules_config: Path, rules_dir: Path
 ) -> None:
-    """A broken table exits 1 and names each problem as file:line: message."""
+    """A broken table exits 78 and names each problem as file:line: message."""
     desk = break_rules(rules_dir)
     result = cli(rules_config, "rules", "check")
-    assert (result.exit_code, result.stdout) == (1, "")
+    assert (result.exit_code, result.stdout) == (78, "")
     assert result.stderr == (
         f"{desk}:16: {TYPE_ERROR}\n{desk}:24: {PRIORITY_ERROR}\n2 problem(s) in {rules_dir}\n"
     )
@@ -640,12 +648,15 @@ def test_rules_test_json_for_a_paging_address(rules_config: Path, rules_dir: Pat
 
 
 def test_rules_test_human_output(rules_config: Path, rules_dir: Path) -> None:
-    """rules test without --json says in one line where the mail goes."""
+    """rules test without --json says in one line where the mail goes, then every route tried."""
     result = cli(rules_config, "rules", "test", "support@altis-dxp.com")
     assert (result.exit_code, result.stderr) == (0, "")
+    desk = rules_dir / "desk.toml"
     assert result.stdout == (
-        f"support@altis-dxp.com: route 'support' ({rules_dir / 'desk.toml'}:6) -> "
-        "question, normal\n"
+        f"support@altis-dxp.com: route 'support' ({desk}:6) -> question, normal\n"
+        f"  support ({desk}:6): wins\n"
+        f"  hosting ({desk}:13): skipped: recipient not in recipients\n"
+        f"  sysops ({desk}:20): skipped: recipient not in recipients\n"
     )
 
 
@@ -685,8 +696,7 @@ def test_rules_test_on_a_broken_table_exits_78(rules_config: Path, rules_dir: Pa
     result = cli(rules_config, "rules", "test", "support@altis-dxp.com", "--json")
     assert (result.exit_code, result.stdout) == (78, "")
     assert result.stderr == (
-        "maild: the rules table is broken, nothing was changed:\n"
-        f"{desk}:16: {TYPE_ERROR}\n{desk}:24: {PRIORITY_ERROR}\n"
+        f"maild: the rules table is broken:\n{desk}:16: {TYPE_ERROR}\n{desk}:24: {PRIORITY_ERROR}\n"
     )
 
 
@@ -765,7 +775,7 @@ def test_ingest_unknown_recipient_exits_67_and_stores_nothing(
     make_config: Callable[..., Path], recipient: str, reply: str
 ) -> None:
     """A recipient without a route is a permanent failure (67) and nothing is kept."""
-    config = make_config()
+    config = upgraded(make_config())
     result = ingest(config, "--recipient", recipient, stdin=mail("Lost").as_bytes())
     assert (result.returncode, result.stdout) == (67, b"")
     assert result.stderr.decode() == f"maild: {reply}\n"
@@ -778,7 +788,7 @@ def test_ingest_with_broken_configuration_exits_75(
     make_config: Callable[..., Path], rules_dir: Path, tmp_path: Path, broken: str
 ) -> None:
     """A config or rules problem is a temporary failure (75), so the MTA keeps the mail."""
-    config = make_config()
+    config = upgraded(make_config())
     used = tmp_path / "ingest.toml"
     if broken == "unknown key":
         used.write_text(config.read_text() + '\n[escalation]\nallowed_sender = "x"\n')
@@ -798,7 +808,7 @@ def test_ingest_with_broken_configuration_exits_75(
 
 def test_ingest_over_max_message_size_exits_65(make_config: Callable[..., Path]) -> None:
     """A message over [smtp] max_message_size is refused with 65; one at the limit is stored."""
-    config = make_config()
+    config = upgraded(make_config())
     raw = mail("Large").as_bytes()
     smtp_section = 'hostname = "mx.test.invalid"'
     replace_in(config, smtp_section, f"{smtp_section}\nmax_message_size = {len(raw) - 1}")
@@ -821,9 +831,9 @@ def test_ingest_exits_75_while_the_database_is_locked(
         pytest.skip(
             "holds SQLite's database-wide write lock (BEGIN EXCLUSIVE); PostgreSQL has none"
         )
-    config = make_config()
+    config = upgraded(make_config())  # the schema exists, the file is in WAL mode
     replace_in(config, 'busy_timeout = "2s"', 'busy_timeout = "0.2s"')
-    assert cli_json(config, "inbound", "list") == []  # the schema exists, the file is in WAL mode
+    assert cli_json(config, "inbound", "list") == []
     raw = mail("While locked").as_bytes()
     holder = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
     try:
@@ -967,7 +977,7 @@ def test_inbound_show_raw_is_the_exact_bytes_through_a_pipe(
 
 def test_inbound_show_unknown_id_exits_1(make_config: Callable[..., Path]) -> None:
     """A delivery id that does not exist is an error on stderr with exit 1."""
-    result = cli(make_config(), "inbound", "show", "9", "--raw")
+    result = cli(upgraded(make_config()), "inbound", "show", "9", "--raw")
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", "maild: no delivery 9\n")
 
 
@@ -1053,7 +1063,7 @@ def test_reprocess_human_output_is_a_table(make_config: Callable[..., Path]) -> 
 
 def test_reprocess_with_nothing_failed(make_config: Callable[..., Path], tmp_path: Path) -> None:
     """With no failed deliveries reprocess says so and exits 0, processed ones untouched."""
-    config = make_config()
+    config = upgraded(make_config())
     empty = cli(config, "reprocess")
     assert (empty.exit_code, empty.stdout, empty.stderr) == (0, "nothing to reprocess\n", "")
     message = tmp_path / "message.eml"

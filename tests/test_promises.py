@@ -351,6 +351,7 @@ def test_rules_explain_of_an_unknown_delivery_exits_1_and_of_both_exits_2(
 ) -> None:
     """rules explain --message 99 (none) exits 1; --message with a FILE as well is usage, 2."""
     config = make_config()
+    assert invoke(config, "db", "upgrade").exit_code == 0
     eml = tmp_path / "m.eml"
     eml.write_bytes(mail("Explain me").as_bytes())
     missing = invoke(config, "rules", "explain", "--message", "99")

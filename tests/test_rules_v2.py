@@ -413,10 +413,11 @@ def test_rules_test_routes_with_a_sender_subject_and_headers(
     human = cli(
         config, "rules", "test", "support@altis-dxp.com", "--from", "cto@bigcustomer.example"
     )
-    assert human.stdout == (
+    assert human.stdout.splitlines() == [
         f"support@altis-dxp.com: route 'vip' ({rules_dir / '00-vip.toml'}:2) -> question, "
-        "high, tags vip\n"
-    )
+        "high, tags vip",
+        *(f"  {s['route']} ({s['file']}:{s['line']}): {s['outcome']}" for s in result["steps"]),
+    ]
     bad = cli(config, "rules", "test", "support@altis-dxp.com", "--header", "nocolon")
     assert bad.exit_code == 2
     assert "--header 'nocolon': write NAME=VALUE" in bad.stderr

@@ -50,6 +50,7 @@ def test_db_upgrade_creates_the_schema_from_empty_and_is_idempotent(
     """`maild db upgrade` on an empty database reaches head; again, it changes nothing."""
     config = make_config()
     name = describe(database.url)
+    database.check()  # an empty database: on SQLite, an empty file
     before = maild(config, "db", "current")
     assert (before.returncode, before.stderr) == (
         78,
