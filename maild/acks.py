@@ -50,6 +50,7 @@ from maild.addresses import Address
 from maild.config import OutboundSettings
 from maild.enums import MailStatus, MessageKind, ParticipantRole
 from maild.errors import ConfigError
+from maild.message_ids import message_id_hash
 from maild.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
 from maild.outgoing import (
     STRANGER_NAME_CHARS,
@@ -61,7 +62,6 @@ from maild.outgoing import (
     one_line,
     queue_mail,
 )
-from maild.parsing import message_id_hash
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")

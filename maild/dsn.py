@@ -21,8 +21,9 @@ import email.message
 import re
 from dataclasses import dataclass, field
 
+from maild.message_ids import normalize_message_id
+
 MAX_RECIPIENTS = 100
-_MESSAGE_ID = re.compile(r"<([^<>\s]+)>")
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,12 @@ def _original_message_id(part: email.message.Message) -> str:
         payload = part.get_payload()
         inner = payload[0] if isinstance(payload, list) and payload else None
         if isinstance(inner, email.message.Message):
-            return _normalised_id(inner.get("Message-ID", ""))
+            return normalize_message_id(" ".join(str(inner.get("Message-ID", "")).split()))
         return ""
     raw = part.get_payload(decode=True)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
     headers = email.message_from_string(text.split("\n\n", 1)[0] + "\n")
-    return _normalised_id(headers.get("Message-ID", ""))
-
-
-def _normalised_id(value: object) -> str:
-    text = " ".join(str(value or "").split())
-    match = _MESSAGE_ID.search(text)
-    return (match.group(1) if match else text).strip()
+    return normalize_message_id(" ".join(str(headers.get("Message-ID", "")).split()))
 
 
 def is_report(raw: bytes) -> bool:

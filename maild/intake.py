@@ -62,6 +62,7 @@ from maild.enums import (
 )
 from maild.escalation import EscalationPolicy, plan_trigger
 from maild.mailer import mark_undeliverable
+from maild.message_ids import message_id_hash
 from maild.models import (
     Attachment,
     Blob,
@@ -77,7 +78,7 @@ from maild.models import (
     utcnow,
 )
 from maild.outgoing import DEFAULT_MAX_RECIPIENTS
-from maild.parsing import MAX_ADDRESS, SYNTHETIC_DOMAIN, ParsedMessage, message_id_hash
+from maild.parsing import MAX_ADDRESS, SYNTHETIC_DOMAIN, ParsedMessage
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")

@@ -40,6 +40,7 @@ import mailparser
 from maild import dsn, hygiene
 from maild.addresses import Address
 from maild.htmltext import html_to_text
+from maild.message_ids import extract_ids, normalize_message_id
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
@@ -92,8 +93,6 @@ CHARSET_SUPERSETS = {
     "iso-8859-11": "cp874",
 }
 _ISO2022_ESCAPE = re.compile("\x1b[$(]")
-_ID_TOKEN = re.compile(r"<([^<>]*)>")
-_COMMENT = re.compile(r"\([^()]*\)")
 _WINDOWS_DEVICE = re.compile(r"(?i)(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])\s*(\.|$)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BARE_LINE_BREAK_DEFECT = "BareLineBreakInHeader"
@@ -150,46 +149,6 @@ class ParsedMessage:
     defects: list[str] = field(default_factory=list)
     report: dsn.DeliveryReport | None = None  # set when the message is a DSN (a bounce)
     body_sha256: str = ""  # of the body as received (CRLF read as LF): see body_digest
-
-
-def normalize_message_id(value: str) -> str:
-    """`<abc@x>` → `abc@x`: the id the field starts with, leniently.
-
-    Comments in parentheses are dropped. The first bracketed token wins when
-    the field's first word has one or is not an id (`junk <a@x>` is `a@x`); a
-    first word that is a bare id (broken senders write them) wins over a
-    bracketed token after it, so `a@x To: <support@...>` (a bare CR folded into
-    the field) is `a@x`, never the desk's address shared by other messages.
-    """
-    text = " ".join(_COMMENT.sub(" ", " ".join(value.split())).split())
-    if not text:
-        return ""
-    first = text.split(" ", 1)[0]
-    if "<" not in first and "@" in first:
-        return first.strip("<>")
-    match = _ID_TOKEN.search(text)
-    return match.group(1).strip() if match else first.strip("<>")
-
-
-def message_id_hash(message_id: str) -> str:
-    """The key the unique index is on (Message-IDs come from strangers, any length).
-
-    It takes an id already normalised (by normalize_message_id or extract_ids)
-    and only collapses its whitespace: normalising twice is not idempotent
-    (`a b@x`, from `<a b@x>`, would become `a`, and `<a c@x>` its duplicate).
-    """
-    return hashlib.sha256(" ".join(message_id.split()).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def extract_ids(value: str | list[str] | None) -> list[str]:
-    """Every Message-ID in an In-Reply-To or References header, in order, lenient."""
-    if not value:
-        return []
-    text = " ".join(value) if isinstance(value, list) else str(value)
-    tokens = [" ".join(t.split()) for t in _ID_TOKEN.findall(text)]
-    if not tokens:  # broken senders: bare ids separated by spaces or commas
-        tokens = [t for t in re.split(r"[\s,]+", text) if "@" in t]
-    return list(dict.fromkeys(t for t in tokens if t))
 
 
 def body_digest(raw: bytes) -> str:

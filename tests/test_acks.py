@@ -821,3 +821,21 @@ def test_a_broken_template_on_reload_keeps_the_previous_templates(
 
 async def _reload(maild: RunningMaild) -> bool:
     return maild.service.reload_rules()
+
+
+def test_a_bounce_of_a_message_whose_id_has_a_space_joins_its_ticket(maild: RunningMaild) -> None:
+    """A customer's `Message-ID: <a b@customer.example>` is stored as `a b@customer.example`;
+    a DSN about it must find that ticket (the DSN reader kept the brackets: dropped)."""
+    first = (
+        b"From: Alice <alice@customer.example>\r\nTo: support@altis-dxp.com\r\n"
+        b"Subject: Odd id\r\nMessage-ID: <a b@customer.example>\r\n\r\nHello\r\n"
+    )
+    send_raw(maild, first, ["support@altis-dxp.com"], sender="alice@customer.example")
+    maild.settle()
+    bounce = dsn("<a b@customer.example>", "bob@customer.example", "support@altis-dxp.com")
+    send_raw(maild, bounce, ["support@altis-dxp.com"], sender="")
+    maild.settle()
+    (ticket,) = maild.tickets()
+    messages = maild.ticket(ticket["id"])["messages"]
+    assert [m["kind"] for m in messages] == ["human", "bounce"]
+    assert messages[1]["report"]["original_message_id"] == "a b@customer.example"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maild import dsn, hygiene, parsing
+from maild import dsn, hygiene, message_ids, parsing
 from tests.test_acks import dsn as make_dsn
 
 PERSON = [("From", "Alice <alice@customer.example>"), ("Subject", "Site down")]
@@ -175,3 +175,17 @@ def test_a_dsn_is_read_even_when_mail_parser_fails_on_it() -> None:
     assert parsed.report is not None
     assert parsed.report == dsn.read_report(raw)
     assert [r.address for r in parsed.report.failed] == ["bob@c.example"]
+
+
+@pytest.mark.parametrize(
+    "header", ["<a b@x.example>", "<orig@x.example>", "orig@x.example", "(c) <orig@x.example>"]
+)
+def test_a_dsn_reads_the_original_message_id_as_the_parser_does(header: str) -> None:
+    """One rule for Message-IDs: `<a b@x>` was `a b@x` to the parser and `<a b@x>` to the
+    DSN reader, so a bounce of such a message never found its ticket."""
+    for headers_only in (True, False):
+        report = dsn.read_report(
+            make_dsn(header, "bob@c.example", "s@x", headers_only=headers_only)
+        )
+        assert report is not None
+        assert report.original_message_id == message_ids.normalize_message_id(header)

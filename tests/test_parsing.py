@@ -15,13 +15,11 @@ from hypothesis import strategies as st
 from maild import parsing
 from maild.addresses import Address
 from maild.htmltext import html_to_text
+from maild.message_ids import extract_ids, message_id_hash, normalize_message_id
 from maild.parsing import (
     BARE_LINE_BREAK_DEFECT,
     ParsedMessage,
     clean_text,
-    extract_ids,
-    message_id_hash,
-    normalize_message_id,
     parse_message,
     repair_header_line_breaks,
     safe_filename,
