@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import smtplib
 import socket
 import sqlite3
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP
 from sqlalchemy import text
 from sqlmodel import select
 
 from maild.config import load_settings
 from maild.models import Inbound
+from maild.smtp import MaildSMTP
 from tests.conftest import RunningMaild, mail, wait_until
 
 
@@ -315,3 +319,14 @@ def test_path_fast_path_agrees_with_aiosmtpd() -> None:
         original = outcome(lambda c: SMTP._getaddr(theirs, c), case)  # type: ignore[arg-type]
         assert outcome(ours._getaddr, case) == original, case
     assert fast > 500  # the fast path was taken, not only the fallback
+
+
+def test_the_data_override_matches_the_aiosmtpd_it_was_written_against() -> None:
+    """maild's smtp_DATA copies aiosmtpd's and uses its private _reader: a release that
+    changes the method must be read before maild runs on it (pyproject pins the series)."""
+    upstream = inspect.getsource(SMTP.smtp_DATA)
+    assert hashlib.sha256(upstream.encode()).hexdigest() == MaildSMTP.UPSTREAM_DATA_SHA256, (
+        "aiosmtpd's SMTP.smtp_DATA changed: compare it with maild/smtp.py's override, "
+        "carry the change over, then update UPSTREAM_DATA_SHA256"
+    )
+    assert "_reader" in upstream  # the stream the override reads from
