@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild.addresses import Address
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
-from maild.models import Envelope, Page, Ticket, as_utc
+from maild.models import Envelope, Page, Ticket, as_utc, table_of
 from maild.outbox import reopen
 from maild.ratelimit import limit_key
 
@@ -303,7 +303,7 @@ class PageJob:
     created_at: datetime
 
 
-_PAGE = Page.__table__  # type: ignore[attr-defined]
+_PAGE = table_of(Page)
 _EARLIER = _PAGE.alias("earlier")
 _DUE = (
     core_select(

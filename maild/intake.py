@@ -75,6 +75,7 @@ from maild.models import (
     Participant,
     Ticket,
     as_utc,
+    table_of,
     utcnow,
 )
 from maild.outgoing import DEFAULT_MAX_RECIPIENTS
@@ -136,14 +137,14 @@ def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]]) -> 
 # Filing works on the tables with plain Core statements built once, never through the
 # ORM's unit of work: with it, the flushes it ran before every query (and building a
 # statement per call) cost more than all the rest of filing.
-_TICKET = Ticket.__table__  # type: ignore[attr-defined]
-_MESSAGE = Message.__table__  # type: ignore[attr-defined]
-_PARTICIPANT = Participant.__table__  # type: ignore[attr-defined]
-_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_TICKET = table_of(Ticket)
+_MESSAGE = table_of(Message)
+_PARTICIPANT = table_of(Participant)
+_INBOUND = table_of(Inbound)
 _INSERT_TICKET = insert(_TICKET).returning(_TICKET.c.id)
 _INSERT_PARTICIPANT = insert(_PARTICIPANT)
 _INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
-_INSERT_ATTACHMENT = insert(Attachment.__table__)  # type: ignore[attr-defined]
+_INSERT_ATTACHMENT = insert(table_of(Attachment))
 # A ticket is read locked (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already serialises writers) and written from that copy at the end of the batch: a
 # second filer, or `maild tickets set-status`, waits and then sees what this one wrote,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, LargeBinary, MetaData, Text, UniqueConstraint
+from sqlalchemy import JSON, Index, LargeBinary, MetaData, Table, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so that migrations can refer to them on every database.
@@ -244,3 +244,11 @@ class StorageProbe(SQLModel, table=True):
 
     host: str = Field(primary_key=True, max_length=255)
     checked_at: datetime = Field(default_factory=utcnow)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A model's Core table, typed (SQLModel declares `__table__` loosely): the hot
+    statements are written in Core against it."""
+    table = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, Table)
+    return table

@@ -36,7 +36,7 @@ from tenacity import (
 )
 
 from maild.database import Database
-from maild.models import as_utc, utcnow
+from maild.models import as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.outbox")
 
@@ -216,7 +216,7 @@ def record_outcome(
             values["reason"] = values["last_error"]
     if next_attempt_at is not None:
         values["next_attempt_at"] = next_attempt_at
-    table = model.__table__
+    table = table_of(model)
     session.execute(
         update(table).where(table.c.id == row_id, table.c.status == "pending").values(**values)
     )
@@ -240,7 +240,7 @@ def release_claims(session: Session, model: Any, claimer: str, now: datetime) ->
 
 def next_due(session: Session | Connection, model: Any) -> datetime | None:
     """When the earliest pending row falls due (a read: no write lock while idle)."""
-    table = model.__table__
+    table = table_of(model)
     value = session.execute(
         core_select(func.min(table.c.next_attempt_at)).where(table.c.status == "pending")
     ).scalar()

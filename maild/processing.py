@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from typing import Any
 
 import structlog
 from sqlalchemy import bindparam
@@ -45,7 +46,7 @@ from maild.enums import InboundStatus
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, file_batch
 from maild.logs import configure_logging
-from maild.models import Inbound
+from maild.models import Inbound, table_of
 from maild.parsing import ParsedMessage, parse_message
 from maild.rules import RuleTable
 
@@ -67,7 +68,7 @@ class ParseTimeout(Exception):
     """mail-parser took longer than [processing] parse_timeout on one message."""
 
 
-_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_INBOUND = table_of(Inbound)
 _OLDEST_RECEIVED = (
     core_select(_INBOUND.c.id, _INBOUND.c.size)
     .where(_INBOUND.c.status == InboundStatus.RECEIVED.value)
@@ -220,13 +221,19 @@ _worker_database: Database | None = None
 
 
 def _worker_start(
-    daemon: int, url: str, busy_timeout: float, log_format: str, log_level: str
+    daemon: int,
+    url: str,
+    busy_timeout: float,
+    log_format: str,
+    log_level: str,
+    roster: Any,
 ) -> None:
     global _worker_database
     configure_logging(log_format, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     threading.Thread(target=_exit_with, args=(daemon,), name="maild-orphan", daemon=True).start()
     _worker_database = Database(url, busy_timeout)
+    roster.put((os.getpid(), os.getppid()))  # so the daemon can kill this worker if stuck
 
 
 def _exit_with(daemon: int) -> None:
@@ -310,15 +317,37 @@ def process_batch(
     return _file_ids(database, ids, step, parse, table, policy, acks)
 
 
-def _make_pool(workers: int, database: Database, log: tuple[str, str]) -> ProcessPoolExecutor:
+class _Roster:
+    """A pool's worker processes, as each announces itself at start: (pid, parent). The
+    pool keeps its processes private; a stuck parse or filing holds its worker, and
+    only killing it frees the slot."""
+
+    def __init__(self, context: Any) -> None:
+        self.queue = context.SimpleQueue()
+        self.known: set[tuple[int, int]] = set()
+
+    def kill(self) -> None:
+        while not self.queue.empty():
+            self.known.add(self.queue.get())
+        for pid, parent in self.known:
+            if _parent_of(pid) == parent:  # still that worker: a reused pid has another parent
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _make_pool(
+    workers: int, database: Database, log: tuple[str, str]
+) -> tuple[ProcessPoolExecutor, _Roster]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["maild.processing"])
-    return ProcessPoolExecutor(
+    roster = _Roster(context)
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=_worker_start,
-        initargs=(os.getpid(), database.url, database.busy_timeout, *log),
+        initargs=(os.getpid(), database.url, database.busy_timeout, *log, roster.queue),
     )
+    return pool, roster
 
 
 class Processor:
@@ -346,6 +375,7 @@ class Processor:
         self._poll_interval = poll_interval
         self._log = log
         self._pool: ProcessPoolExecutor | None = None
+        self._roster: _Roster | None = None
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()  # set by stop(): cuts the wait between retries short
         self._stopping = False
@@ -358,7 +388,7 @@ class Processor:
         self._urgent: deque[int] = deque()
 
     def start(self) -> None:
-        self._pool = _make_pool(self._workers, self._database, self._log)
+        self._pool, self._roster = _make_pool(self._workers, self._database, self._log)
         self._task = asyncio.create_task(self._run(), name="maild-processor")
 
     def notify(self, _ids: Sequence[int] = (), urgent: Sequence[int] = ()) -> None:
@@ -391,22 +421,18 @@ class Processor:
                 log.warning("processing batch cut at shutdown; it is filed after restart")
                 self._task.cancel()
                 await asyncio.wait([self._task])
-                self._kill_workers(self._pool)
+                if self._roster is not None:
+                    self._roster.kill()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _restart_pool(self) -> None:
-        old = self._pool
-        self._pool = _make_pool(self._workers, self._database, self._log)
+        old, old_roster = self._pool, self._roster
+        self._pool, self._roster = _make_pool(self._workers, self._database, self._log)
         if old is not None:
-            self._kill_workers(old)
+            if old_roster is not None:
+                old_roster.kill()
             old.shutdown(wait=False, cancel_futures=True)
-
-    @staticmethod
-    def _kill_workers(pool: ProcessPoolExecutor | None) -> None:
-        """A stuck parse or filing holds its worker; nothing else will free it."""
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
 
     async def _count_failure(self, inbound_id: int, exc: Exception) -> None:
         """A message that alone fails its batch three times is set aside as failed."""

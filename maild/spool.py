@@ -34,7 +34,7 @@ from sqlmodel import Session
 
 from maild.database import Database
 from maild.errors import StorageTimeout, StorageUnavailable
-from maild.models import Inbound, StorageProbe, utcnow
+from maild.models import Inbound, StorageProbe, table_of, utcnow
 
 log = structlog.get_logger("maild.spool")
 
@@ -74,7 +74,7 @@ class Delivery:
 
 
 # A Core INSERT built once: the ORM's unit of work cost more than the commit itself.
-_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+_INBOUND = table_of(Inbound)
 _INSERT_INBOUND = insert(_INBOUND).returning(
     _INBOUND.c.id,
     sort_by_parameter_order=True,
@@ -101,7 +101,7 @@ class Storage:
         self.ok, self.at, self.error = ok, at, error
 
 
-_PROBE = StorageProbe.__table__  # type: ignore[attr-defined]
+_PROBE = table_of(StorageProbe)
 
 
 def write_probe(connection: Connection) -> None:

@@ -176,8 +176,8 @@ async def main():
     processor = Processor(database, lambda: table, workers=1, parse_timeout=10, poll_interval=1)
     processor.start()
     # the pool starts its worker on first use
-    await asyncio.get_running_loop().run_in_executor(processor._pool, os.getpid)
-    print(" ".join(str(p) for p in processor._pool._processes), flush=True)
+    worker = await asyncio.get_running_loop().run_in_executor(processor._pool, os.getpid)
+    print(worker, flush=True)
     os._exit(0)  # no cleanup of any kind, as after kill -9
 
 asyncio.run(main())

@@ -51,3 +51,50 @@ def test_sysops_mail_jumps_a_backlog(make_config: Callable[..., Path]) -> None:
     # Filed while most of the backlog still waited: after at most the batch the
     # processor had in hand when it arrived (and the few claimed before maild heard).
     assert position < BACKLOG // 4, f"sysops@ mail filed {position}th of {len(order)}"
+
+
+def test_a_stuck_worker_is_killed_through_the_pools_roster(tmp_path: Path) -> None:
+    """A worker held by a parse that never returns is killed (the pool's processes are
+    its own business: each worker announces its pid when it starts)."""
+    import asyncio
+    import os
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    from maild.processing import Processor
+    from maild.rules import load_rules
+    from tests.conftest import REPO
+
+    async def run() -> None:
+        database = Database(f"sqlite:///{tmp_path / 'maild.db'}")
+        database.create_schema()
+        table = load_rules(REPO / "rules")
+        processor = Processor(database, lambda: table, workers=1, parse_timeout=10, poll_interval=1)
+        processor.start()
+        loop = asyncio.get_running_loop()
+        try:
+            worker = await loop.run_in_executor(processor._pool, os.getpid)
+            stuck = loop.run_in_executor(processor._pool, time.sleep, 600)
+            await asyncio.sleep(0.5)
+            assert processor._roster is not None
+            processor._roster.kill()
+            try:
+                await asyncio.wait_for(stuck, 30)
+                raise AssertionError("the stuck task finished")
+            except BrokenProcessPool:
+                pass
+            assert _gone(worker)
+        finally:
+            await processor.stop(grace=1)
+            database.close()
+
+    asyncio.run(run())
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting to be)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
