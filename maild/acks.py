@@ -59,9 +59,9 @@ from maild.outgoing import (
     choose_recipients,
     echo,
     is_known,
-    one_line,
     queue_mail,
 )
+from maild.text import one_line
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")
@@ -222,7 +222,7 @@ class AckPolicy:
 
 
 def ack_subject(ticket_id: int, subject: str) -> str:
-    subject = one_line(subject)[:SUBJECT_CHARS]
+    subject = one_line(subject, controls=True)[:SUBJECT_CHARS]
     tag = f"[#{ticket_id}]"
     if tag in subject:
         return subject
@@ -231,7 +231,9 @@ def ack_subject(ticket_id: int, subject: str) -> str:
 
 def _header_address(person: Address) -> HeaderAddress | str:
     try:
-        return HeaderAddress(display_name=one_line(person.name), addr_spec=person.email)
+        return HeaderAddress(
+            display_name=one_line(person.name, controls=True), addr_spec=person.email
+        )
     except (ValueError, IndexError, TypeError):
         return person.email
 
@@ -265,15 +267,15 @@ def render_ack(
         said = echo(ticket.subject, STRANGER_SUBJECT_CHARS)
         to = Address(echo(to.name, STRANGER_NAME_CHARS), to.email)
     else:
-        said = one_line(ticket.subject)
+        said = one_line(ticket.subject, controls=True)
     subject = ack_subject(ticket.id, said)
     body = policy.templates.for_route(route).substitute(
         ticket_id=ticket.id,
         subject=said or "(no subject)",
         ticket_type=ticket.type,
         priority=ticket.priority,
-        greeting_name=one_line(to.name) or to.email,
-        requester_name=one_line(to.name),
+        greeting_name=one_line(to.name, controls=True) or to.email,
+        requester_name=one_line(to.name, controls=True),
         requester_email=to.email,
         reply_address=reply_to,
         desk_address=desk_address,

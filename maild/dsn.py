@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from maild.message_ids import normalize_message_id
+from maild.text import one_line
 
 MAX_RECIPIENTS = 100
 
@@ -68,13 +69,9 @@ class DeliveryReport:
         }
 
 
-def _one_line(value: object, limit: int = 1000) -> str:
-    return " ".join(str(value or "").split())[:limit]
-
-
 def _typed_address(value: object) -> str:
     """`rfc822; someone@example.com` → `someone@example.com`."""
-    text = _one_line(value, 320)
+    text = one_line(value, 320)
     if ";" in text:
         text = text.split(";", 1)[1]
     return text.strip().strip("<>").strip().lower()
@@ -156,9 +153,9 @@ def read_report(raw: bytes, message: email.message.Message | None = None) -> Del
                     recipients.append(
                         RecipientStatus(
                             address=address,
-                            action=_one_line(block.get("Action", ""), 32).lower(),
-                            status=_one_line(block.get("Status", ""), 32),
-                            diagnostic=_one_line(block.get("Diagnostic-Code", "")),
+                            action=one_line(block.get("Action", ""), 32).lower(),
+                            status=one_line(block.get("Status", ""), 32),
+                            diagnostic=one_line(block.get("Diagnostic-Code", ""), 1000),
                         )
                     )
             elif (

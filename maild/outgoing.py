@@ -24,7 +24,6 @@ filing takes `ratelimit.lock` on every address it may count, before it counts
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ from maild import hygiene, ratelimit
 from maild.addresses import Address
 from maild.enums import Direction, MailStatus, RecipientState
 from maild.models import Message, Outmail, OutmailRecipient, Participant
+from maild.text import one_line
 
 DEFAULT_MAX_RECIPIENTS = 20
 STRANGER_NAME_CHARS = 40
@@ -77,17 +77,11 @@ class Recipient:
     reason: str | None = None
 
 
-def one_line(text: str) -> str:
-    """No line breaks or control characters: nothing can start a header of its own."""
-    cleaned = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
-    return " ".join(cleaned.split())
-
-
 def echo(text: str, limit: int) -> str:
     """A stranger's words as maild may repeat them: one line, without anything a mail
     client would make a link of, at most `limit` characters. Only the first 8 x `limit`
     characters are read: the rest could never be shown."""
-    words = one_line(text[: 8 * limit]).split()
+    words = one_line(text[: 8 * limit], controls=True).split()
     kept = " ".join(word for word in words if not _linkish(word))
     return kept if len(kept) <= limit else kept[: limit - 1].rstrip() + "…"
 

@@ -41,6 +41,7 @@ from maild import dsn, hygiene
 from maild.addresses import Address
 from maild.htmltext import html_to_text
 from maild.message_ids import extract_ids, normalize_message_id
+from maild.text import one_line
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
@@ -365,12 +366,6 @@ def decode_header_value(value: object) -> str:
     return " ".join("".join(parts).split())
 
 
-def _one_line(value: object) -> str:
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return " ".join(str(value or "").split())
-
-
 def _lenient_b64decode(text: str) -> bytes:
     """Base64 text to bytes: line breaks and junk ignored, missing padding forgiven.
 
@@ -456,7 +451,7 @@ def _from_mailparser(
     return _message(
         head,
         received,
-        message_id=normalize_message_id(_one_line(mail.message_id)),
+        message_id=normalize_message_id(one_line(mail.message_id)),
         in_reply_to=extract_ids(mail.in_reply_to),
         references=extract_ids(mail.references),
         date=mail.date,
