@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from maild.errors import ConfigError
+from maild.tomllines import TomlLines
 
 DEFAULT_CONFIG = "/etc/maild/config.toml"
 # systemd's LoadCredential=pagerduty-routing-key:... puts the key here, read when the
@@ -347,23 +348,18 @@ def _line_of(text: str, section: str | None, key: str | None) -> int | None:
     A key that is itself a table is found as `key = {...}`, `key.sub = ...` or
     its own `[section.key]` header.
     """
-    current: str | None = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        header = re.match(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
-        if header:
-            current = header.group(1)
-            if key is None and current == section:
-                return number
-            if key is not None and current == (f"{section}.{key}" if section else key):
-                return number
-            continue
-        if (
-            key is not None
-            and current == section
-            and re.match(rf"^\"?{re.escape(key)}\"?\s*[=.]", stripped)
-        ):
-            return number
+    toml = TomlLines(text)
+    if key is None:
+        table = toml.table(section or "")
+        return table.line if table else None
+    own = toml.table(f"{section}.{key}" if section else key)
+    if own is not None:
+        return own.line
+    if section is None:
+        return toml.key(key, 1, toml.top_end)
+    for table in toml.tables:
+        if table.name == section and (line := toml.key(key, table.line + 1, table.end)):
+            return line
     return None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from maild import addresses
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
+from maild.tomllines import Table, TomlLines
 
 MATCH_KEYS = frozenset({"recipients", "senders", "sender_domains", "subject", "headers"})
 SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
@@ -304,45 +305,26 @@ def best_decision(decisions: Iterable[Decision]) -> Decision:
     return min(keep, key=lambda d: (-d.priority.rank, d.position))
 
 
-def _header_lines(text: str) -> list[int]:
-    return [
-        number
-        for number, line in enumerate(text.splitlines(), start=1)
-        if re.match(r"^\s*\[\[\s*route\s*\]\]", line)
-    ]
-
-
 @dataclass
 class _Locator:
     """Finds the line of a route, key or value in a rules file (tomllib gives none)."""
 
-    text: str
-    starts: list[int]
+    toml: TomlLines
+    routes: list[Table]
 
     def route(self, index: int) -> int:
-        return self.starts[index] if index < len(self.starts) else 1
+        return self.routes[index].line if index < len(self.routes) else 1
 
-    def _span(self, index: int) -> list[tuple[int, str]]:
-        lines = self.text.splitlines()
-        start = self.route(index)
-        end = len(lines)
-        for number in range(start + 1, len(lines) + 1):
-            if re.match(r"^\s*\[", lines[number - 1]):
-                end = number - 1
-                break
-        return [(n, lines[n - 1]) for n in range(start, end + 1)]
+    def _span(self, index: int) -> tuple[int, int]:
+        if index < len(self.routes):
+            return self.routes[index].line, self.routes[index].end
+        return 1, self.toml.top_end
 
     def key(self, index: int, key: str) -> int:
-        for number, line in self._span(index):
-            if re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", line):
-                return number
-        return self.route(index)
+        return self.toml.key(key, *self._span(index)) or self.route(index)
 
     def value(self, index: int, value: str) -> int:
-        for number, line in self._span(index):
-            if f'"{value}"' in line or f"'{value}'" in line:
-                return number
-        return self.key(index, "recipients")
+        return self.toml.value(value, *self._span(index)) or self.key(index, "recipients")
 
 
 def _toml_line(error: tomllib.TOMLDecodeError) -> int:
@@ -553,7 +535,8 @@ def load_rules(folder: Path) -> RuleTable:
             problems.append(Problem(file, 0, f"cannot read: {exc}"))
             continue
         digest.update(path.name.encode() + b"\0" + data + b"\0")
-        where = _Locator(text, _header_lines(text))
+        toml = TomlLines(text)
+        where = _Locator(toml, toml.array("route"))
         for key in sorted(set(table) - {"route"}):
             problems.append(Problem(file, 1, f"unknown top-level key {key!r} (expected [[route]])"))
         raw_routes = table.get("route", [])
