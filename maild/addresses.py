@@ -7,7 +7,10 @@ Participants are compared by the whole address, lower-cased.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,26 @@ def _untagged(local: str) -> tuple[str, str]:
 
 def domain_of(address: str) -> str:
     return split(normalize(address))[1]
+
+
+def is_domain(text: str) -> bool:
+    """A domain as a route, a rule or an allow-list may name one (`altis-dxp.com`)."""
+    return bool(_DOMAIN.match(text))
+
+
+def is_sender_pattern(text: str) -> bool:
+    """An address (`ops@example.com`) or a whole domain (`*@example.com`), as the rules'
+    `senders` and `[escalation] allowed_senders` take them."""
+    text = text.strip().lower()
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not is_domain(domain) or len(text.split()) != 1:
+        return False
+    return local == "*" or "*" not in local
+
+
+def sender_matches(pattern: str, sender: str) -> bool:
+    """Whether `sender` is the address, or in the domain, a sender pattern names."""
+    pattern, sender = pattern.strip().lower(), normalize(sender)
+    if pattern.startswith("*@"):
+        return domain_of(sender) == pattern[2:]
+    return sender == pattern

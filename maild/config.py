@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from maild.addresses import is_sender_pattern
 from maild.errors import ConfigError
 from maild.tomllines import TomlLines
 
@@ -250,11 +251,9 @@ class EscalationSettings(_Section):
     def _senders(cls, values: list[str]) -> list[str]:
         result = []
         for value in values:
-            text = value.strip().lower()
-            local, at, domain = text.rpartition("@")
-            if not at or not local or not domain or "." not in domain or " " in text:
+            if not is_sender_pattern(value):
                 raise ValueError(f"{value!r} is not an address or *@domain")
-            result.append(text)
+            result.append(value.strip().lower())
         return result
 
 

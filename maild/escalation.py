@@ -39,7 +39,7 @@ from sqlalchemy import bindparam, exists, func, update
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
-from maild.addresses import Address
+from maild.addresses import Address, sender_matches
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.models import Envelope, Page, Ticket, as_utc, table_of
@@ -80,12 +80,7 @@ class EscalationPolicy:
     def sender_allowed(self, email: str) -> bool:
         if not self.allowed_senders:
             return True
-        email = email.lower()
-        domain = email.rpartition("@")[2]
-        return any(
-            email == allowed or (allowed.startswith("*@") and domain == allowed[2:])
-            for allowed in self.allowed_senders
-        )
+        return any(sender_matches(allowed, email) for allowed in self.allowed_senders)
 
     def link(self, ticket_id: int) -> str:
         return self.ticket_url.format(id=ticket_id) if self.ticket_url else ""

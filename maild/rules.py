@@ -34,7 +34,6 @@ SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
 ROUTE_KEYS = frozenset({"name", "drop", "reject"}) | MATCH_KEYS | SET_KEYS
 BOOLEAN_KEYS = {"page": False, "ack": True}  # and their defaults
 APPLICATION_FIELDS = frozenset({"subaddress", "local", "domain", "recipient"})
-_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _LOCAL = re.compile(r"^[^@\s+*]+$")
 _REPLY = re.compile(r"^5\d\d [245]\.\d{1,3}\.\d{1,3} \S")
 
@@ -52,7 +51,7 @@ class Pattern:
     def parse(cls, written: str) -> Pattern | None:
         text = addresses.normalize(written)
         local, at, domain = text.rpartition("@")
-        if not at or not _DOMAIN.match(domain) or not local:
+        if not at or not addresses.is_domain(domain) or not local:
             return None
         if local == "*":
             return cls(text, "*", None, domain)
@@ -123,7 +122,7 @@ class Route:
         if self.patterns and not self.takes(recipient):
             return "recipient not in recipients"
         sender = addresses.normalize(context.sender)
-        if self.senders and not any(_sender_matches(s, sender) for s in self.senders):
+        if self.senders and not any(addresses.sender_matches(s, sender) for s in self.senders):
             return f"sender {sender or '(none)'} is not in senders"
         if self.sender_domains:
             domain = addresses.domain_of(sender)
@@ -136,12 +135,6 @@ class Route:
             if not any(regex.search(v) for v in values):
                 return f"no {name} header matches /{regex.pattern}/"
         return None
-
-
-def _sender_matches(written: str, sender: str) -> bool:
-    if written.startswith("*@"):
-        return addresses.domain_of(sender) == written[2:]
-    return sender == written
 
 
 @dataclass(frozen=True)
@@ -423,12 +416,11 @@ def _check_route(
                 patterns.append(pattern)
     senders = check.strings("senders") or []
     for sender in senders:
-        local, at, domain = sender.lower().rpartition("@")
-        if not at or not local or not _DOMAIN.match(domain) or (local != "*" and "*" in local):
+        if not addresses.is_sender_pattern(sender):
             check.report(f"{sender!r} in senders is not an address or *@domain", value=sender)
     sender_domains = check.strings("sender_domains") or []
     for domain in sender_domains:
-        if not _DOMAIN.match(domain):
+        if not addresses.is_domain(domain):
             check.report(f"{domain!r} in sender_domains is not a domain", value=domain)
     subject = check.regex(raw["subject"], "subject", "subject") if "subject" in raw else None
     headers: list[tuple[str, re.Pattern[str]]] = []

@@ -1,9 +1,10 @@
-"""One-line folding, the one rule the parser, the DSN reader and outgoing mail share."""
+"""Shared small rules: one-line folding, and sender patterns (rules and paging)."""
 
 from __future__ import annotations
 
 import pytest
 
+from maild import addresses
 from maild.text import one_line
 
 
@@ -22,3 +23,29 @@ from maild.text import one_line
 )
 def test_one_line(value: object, kwargs: dict[str, object], expected: str) -> None:
     assert one_line(value, **kwargs) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "valid"),
+    [
+        ("ops@example.com", True),
+        ("*@example.com", True),
+        ("OPS@Example.COM ", True),
+        ("ops@localhost", True),
+        ("a*b@example.com", False),
+        ("@example.com", False),
+        ("ops@", False),
+        ("ops@-bad-.com", False),
+        ("two words@example.com", False),
+    ],
+)
+def test_a_sender_pattern_is_one_rule_for_rules_and_paging(pattern: str, valid: bool) -> None:
+    """The rules' `senders` and `[escalation] allowed_senders` accept the same patterns."""
+    assert addresses.is_sender_pattern(pattern) is valid
+
+
+def test_a_sender_pattern_matches_an_address_or_a_whole_domain() -> None:
+    assert addresses.sender_matches("*@example.com", "Ops@EXAMPLE.com")
+    assert not addresses.sender_matches("*@example.com", "ops@sub.example.com")
+    assert addresses.sender_matches("ops@example.com", "<OPS@example.com>")
+    assert not addresses.sender_matches("ops@example.com", "ops+x@example.com")
