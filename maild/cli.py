@@ -639,7 +639,7 @@ def rules_explain(
     Give a stored delivery (--message ID) or a FILE.eml; for a file the
     recipients are --rcpt, else the message's To and Cc.
     """
-    from maild.parsing import parse_message
+    from maild.parsing import parse_message, sender_of
     from maild.rules import MessageContext
 
     if (inbound_id is None) == (file is None):
@@ -665,8 +665,7 @@ def rules_explain(
     parsed = parse_message(raw, table.header_names)
     if not recipients:
         recipients = [a.email for a in [*parsed.to, *parsed.cc]]
-    sender = parsed.from_.email if parsed.from_ else mail_from
-    context = MessageContext(sender=sender, subject=parsed.subject, headers=tuple(parsed.headers))
+    context = MessageContext.of(parsed, sender_of(parsed, mail_from))
     view = _routing_view(table, recipients, context)
     if inbound_id is not None:
         # The table that filed the message may not be today's: say which one it was.

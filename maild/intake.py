@@ -79,7 +79,7 @@ from maild.models import (
     utcnow,
 )
 from maild.outgoing import DEFAULT_MAX_RECIPIENTS
-from maild.parsing import MAX_ADDRESS, SYNTHETIC_DOMAIN, ParsedMessage
+from maild.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")
@@ -372,16 +372,6 @@ def find_thread(
 DROPPED_BY_ROUTE = "dropped by route "  # and its name: the reason `rules replay` reads back
 
 
-def _sender(parsed: ParsedMessage, mail_from: str) -> Address | None:
-    """From, else the envelope sender; None when neither is a usable address."""
-    if parsed.from_ is not None:
-        return parsed.from_
-    # MAIL FROM is not parsed as headers are: the same length rule applies here.
-    if mail_from and "@" in mail_from and len(mail_from) <= MAX_ADDRESS:
-        return Address(name="", email=addresses.normalize(mail_from))
-    return None
-
-
 def _add_participants(
     filing: _Filing,
     ticket: Ticket,
@@ -604,12 +594,8 @@ def file_message(
         )
         if loop is not None:
             return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
-    sender = _sender(parsed, inbound.mail_from)
-    context = MessageContext(
-        sender=sender.email if sender else "",
-        subject=parsed.subject,
-        headers=tuple(parsed.headers),
-    )
+    sender = sender_of(parsed, inbound.mail_from)
+    context = MessageContext.of(parsed, sender)
     routes, unrouted = table.decide_all(inbound.rcpt_tos, context)
     fingerprint = _fingerprint(sender, parsed)
     stored = filing.stored(message_id_hash(parsed.message_id))
@@ -855,7 +841,7 @@ def _limit_keys(
     for inbound, parsed in todo:
         if isinstance(parsed, BaseException):
             continue
-        sender = _sender(parsed, inbound.mail_from)
+        sender = sender_of(parsed, inbound.mail_from)
         if sender is not None and (paged or acked):
             keys.add(ratelimit.limit_key(sender.email))
         if acked and acks is not None:

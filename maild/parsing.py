@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 
 import mailparser
 
-from maild import dsn, hygiene
+from maild import addresses, dsn, hygiene
 from maild.addresses import Address
 from maild.htmltext import html_to_text
 from maild.message_ids import extract_ids, normalize_message_id
@@ -710,3 +710,14 @@ def _parse(
             headers=[],
             defects=[f"ParseFailure: {reason}", f"FallbackFailure: {type(exc).__name__}"],
         ), message
+
+
+def sender_of(parsed: ParsedMessage, mail_from: str) -> Address | None:
+    """Who sent the message: From, else the envelope sender; None when neither is a usable
+    address. Filing, `rules explain` and `rules replay` all route by it."""
+    if parsed.from_ is not None:
+        return parsed.from_
+    # MAIL FROM is not parsed as headers are: the same length rule applies here.
+    if mail_from and "@" in mail_from and len(mail_from) <= MAX_ADDRESS:
+        return Address(name="", email=addresses.normalize(mail_from))
+    return None

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from maild.enums import InboundStatus
 from maild.intake import DROPPED_BY_ROUTE
 from maild.models import Inbound, Message, Ticket, as_utc
-from maild.parsing import parse_message
+from maild.parsing import parse_message, sender_of
 from maild.rules import MessageContext, RuleTable, best_decision
 
 
@@ -41,10 +41,7 @@ def replay(session: Session, table: RuleTable, since: datetime) -> list[dict[str
     result = []
     for row in rows:
         parsed = parse_message(row.raw, table.header_names)
-        sender = parsed.from_.email if parsed.from_ else row.mail_from
-        context = MessageContext(
-            sender=sender, subject=parsed.subject, headers=tuple(parsed.headers)
-        )
+        context = MessageContext.of(parsed, sender_of(parsed, row.mail_from))
         decisions, _ = table.decide_all(row.rcpt_tos, context)
         now = best_decision(decisions) if decisions else None
         was = _was(session, row)

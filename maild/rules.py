@@ -22,12 +22,16 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maild import addresses
+from maild.addresses import Address
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
 from maild.tomllines import Table, TomlLines
+
+if TYPE_CHECKING:
+    from maild.parsing import ParsedMessage
 
 MATCH_KEYS = frozenset({"recipients", "senders", "sender_domains", "subject", "headers"})
 SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
@@ -79,9 +83,18 @@ class Pattern:
 class MessageContext:
     """What filing knows of a message besides its recipient."""
 
-    sender: str = ""  # From, else MAIL FROM
+    sender: str = ""  # From, else MAIL FROM (parsing.sender_of)
     subject: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, parsed: ParsedMessage, sender: Address | None) -> MessageContext:
+        """The context of a parsed message whose sender is `sender` (parsing.sender_of)."""
+        return cls(
+            sender=sender.email if sender else "",
+            subject=parsed.subject,
+            headers=tuple(parsed.headers),
+        )
 
 
 @dataclass(frozen=True)

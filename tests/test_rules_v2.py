@@ -493,3 +493,40 @@ def test_every_example_in_the_rules_guide_loads_beside_the_shipped_table(tmp_pat
         (folder / "00-example.toml").write_text(example)
         (folder / "zz-desk.toml").write_text(DESK)
         load_rules(folder)  # raises RulesError, naming file:line, if the guide is wrong
+
+
+VENDOR = """
+[[route]]
+name = "vendor"
+recipients = ["support@altis-dxp.com"]
+sender_domains = ["vendor.example"]
+type = "task"
+priority = "low"
+"""
+
+
+def test_explain_and_replay_route_by_the_sender_filing_used(
+    make_config: Callable[..., Path], rules_dir: Path, tmp_path: Path
+) -> None:
+    """No From, and a MAIL FROM too long to be an address: filing routes it with no sender,
+    so `support`. explain and replay read MAIL FROM whole and said `vendor`."""
+    (rules_dir / "00-vendor.toml").write_text(VENDOR)
+    config = make_config()
+    message = tmp_path / "m.eml"
+    message.write_bytes(b"To: support@altis-dxp.com\r\nSubject: no From\r\n\r\nhello\r\n")
+    sender = "x" * 320 + "@vendor.example"
+    stored = CliRunner().invoke(
+        main,
+        [
+            *("ingest", "--config", str(config), "--recipient", "support@altis-dxp.com"),
+            *("--sender", sender, str(message)),
+        ],
+        catch_exceptions=False,
+    )
+    assert stored.exit_code == 0, stored.output
+    (ticket,) = json.loads(cli(config, "tickets", "list", "--json").stdout)
+    assert ticket["rule"] == "support"
+    explained = json.loads(cli(config, "rules", "explain", "--message", "1", "--json").stdout)
+    assert explained["decision"]["route"] == "support"
+    (replayed,) = json.loads(cli(config, "rules", "replay", "--json").stdout)
+    assert (replayed["was"], replayed["now"], replayed["changed"]) == ("support", "support", False)
