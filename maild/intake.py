@@ -173,7 +173,7 @@ def _update_by_id(table: Any, *columns: str) -> Any:
 
 _UPDATE_TICKET = _update_by_id(_TICKET, "status", "priority", "updated_at")
 _UPDATE_INBOUND = _update_by_id(
-    _INBOUND, "status", "error", "attempts", "processed_at", "ticket_id"
+    _INBOUND, "status", "error", "attempts", "processed_at", "ticket_id", "dropped_by_route"
 )
 _LOCK_INBOUND = (
     core_select(
@@ -369,7 +369,7 @@ def find_thread(
     return None, None
 
 
-DROPPED_BY_ROUTE = "dropped by route "  # and its name: the reason `rules replay` reads back
+DROPPED_BY_ROUTE = "dropped by route "  # and its name (also in inbound.dropped_by_route)
 
 
 def _add_participants(
@@ -494,6 +494,7 @@ def _mark(inbound: Envelope, status: InboundStatus, now: datetime, ticket_id: in
     inbound.ticket_id = ticket_id
     inbound.processed_at = now
     inbound.error = None
+    inbound.dropped_by_route = None
 
 
 def _drop(inbound: Envelope, reason: str, now: datetime, kind: MessageKind) -> Filed:
@@ -643,7 +644,9 @@ def file_message(
         )
     route = best_decision(routes)
     if route.drop:
-        return _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
+        dropped = _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
+        inbound.dropped_by_route = route.name
+        return dropped
     ticket, how = find_thread(
         filing, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
     )
@@ -758,6 +761,7 @@ def _mark_failed(inbound: Envelope, error: str) -> Filed:
     inbound.error = error[:4000]
     inbound.processed_at = utcnow()
     inbound.ticket_id = None
+    inbound.dropped_by_route = None
     return Filed(inbound.id, "failed", error=inbound.error)
 
 
@@ -820,6 +824,7 @@ def file_batch(
                     "attempts": e.attempts,
                     "processed_at": e.processed_at,
                     "ticket_id": e.ticket_id,
+                    "dropped_by_route": e.dropped_by_route,
                 }
                 for e, _ in todo
             ],

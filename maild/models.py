@@ -1,7 +1,7 @@
 """The database tables (SQLModel). Enum-valued columns hold the lowercase values.
 
 inbound      one row per accepted SMTP/LMTP/pipe delivery: envelope + raw bytes,
-             committed before 250; status received → processed | duplicate | failed
+             committed before 250; status received → processed | duplicate | dropped | failed
 ticket       one conversation with a customer
 participant  people on a ticket (requester, cc), unique per ticket and address
 message      one stored message of a ticket; unique on the hash of its Message-ID
@@ -66,6 +66,8 @@ class Inbound(SQLModel, table=True):
     attempts: int = 0
     processed_at: datetime | None = None
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    # the route that dropped it (`drop = true`); a filed delivery's route is on its message
+    dropped_by_route: str | None = Field(default=None, max_length=255)
     raw: bytes = Field(sa_type=LargeBinary)
 
 
@@ -84,6 +86,7 @@ class Envelope:
     error: str | None = None
     processed_at: datetime | None = None
     ticket_id: int | None = None
+    dropped_by_route: str | None = None
 
 
 class Ticket(SQLModel, table=True):

@@ -15,7 +15,6 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
-from maild.intake import DROPPED_BY_ROUTE
 from maild.models import Inbound, Message, Ticket, as_utc
 from maild.parsing import parse_message, sender_of
 from maild.rules import MessageContext, RuleTable, best_decision
@@ -23,8 +22,8 @@ from maild.rules import MessageContext, RuleTable, best_decision
 
 def _was(session: Session, row: Inbound) -> str | None:
     """The route a delivery was filed by, or None when it was not routed (failed, a loop)."""
-    if row.status == InboundStatus.DROPPED and (row.error or "").startswith(DROPPED_BY_ROUTE):
-        return (row.error or "")[len(DROPPED_BY_ROUTE) :]
+    if row.status == InboundStatus.DROPPED and row.dropped_by_route:
+        return row.dropped_by_route
     message = session.exec(select(Message.rule).where(Message.inbound_id == row.id)).first()
     if message:
         return message

@@ -187,3 +187,45 @@ def test_upgrading_from_0001_keeps_messages_and_marks_them_inbound_human(
         ).one()
     assert (row[0], row[1], row[3]) == ("inbound", "human", None)
     assert row[2] in ("[]", [])  # JSON text on SQLite, decoded on PostgreSQL
+
+
+def test_upgrading_keeps_which_table_and_route_decided_older_mail(database: Database) -> None:
+    """0006: the first message of an older ticket gets its ticket's table version, later
+    ones none (not recorded). 0007: a delivery dropped by a route gets the route's name,
+    read from its error text as `rules replay` read it."""
+    upgrade(database.write_engine, "0005")
+    with database.write_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO ticket (type, priority, status, subject, requester_email, "
+                "requester_name, rule, rules_version, application, tags, created_at, "
+                "updated_at) VALUES ('question', 'normal', 'open', 's', 'a@x.example', '', "
+                "'support', 'v1', '', '[]', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+        for n in (1, 2):
+            connection.execute(
+                text(
+                    "INSERT INTO message (ticket_id, message_id, message_id_hash, "
+                    'message_id_synthesized, in_reply_to, "references", from_email, from_name, '
+                    '"to", cc, subject, text, rule, defects, direction, kind, auto_reasons, '
+                    "created_at) VALUES (1, :mid, :mid, false, '[]', '[]', 'a@x.example', '', "
+                    "'[]', '[]', 's', 'hello', 'support', '[]', 'inbound', 'human', '[]', "
+                    "'2026-01-01 00:00:00')"
+                ).bindparams(mid=f"m{n}@x")
+            )
+        for status, error in (("dropped", "dropped by route spam"), ("dropped", "loop: x")):
+            connection.execute(
+                text(
+                    "INSERT INTO inbound (received_at, protocol, peer, helo, session_id, "
+                    "mail_from, rcpt_tos, size, sha256, status, error, attempts, raw) VALUES "
+                    "('2026-01-01 00:00:00', 'smtp', '', '', '', '', '[]', 0, 'x', :status, "
+                    ":error, 0, :raw)"
+                ).bindparams(status=status, error=error, raw=b"")
+            )
+    upgrade(database.write_engine)
+    with database.write_engine.connect() as connection:
+        versions = connection.execute(text("SELECT rules_version FROM message ORDER BY id")).all()
+        routes = connection.execute(text("SELECT dropped_by_route FROM inbound ORDER BY id")).all()
+    assert [v for (v,) in versions] == ["v1", ""]
+    assert [r for (r,) in routes] == ["spam", None]
