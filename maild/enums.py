@@ -73,22 +73,18 @@ class PageAction(StrEnum):
     RESOLVE = "resolve"
 
 
-class PageStatus(StrEnum):
-    """Where a page (an outbox row) is in its life."""
+class OutboxStatus(StrEnum):
+    """Where an outbox row (a page, an outgoing mail) is in its life."""
 
     PENDING = "pending"  # to be sent (now, or at next_attempt_at after a failure)
-    SENT = "sent"  # PagerDuty answered 202
-    FAILED = "failed"  # rejected (400), or still failing after [pagerduty] give_up_after
+    SENT = "sent"  # PagerDuty answered 202; the smarthost took the mail for every
+    # recipient it did not refuse
+    FAILED = "failed"  # refused, or still failing after give_up_after
     WITHHELD = "withheld"  # never sent, for the reason recorded with it
 
 
-class MailStatus(StrEnum):
-    """Where an outgoing mail (an acknowledgement) is in its life."""
-
-    PENDING = "pending"  # to be sent (now, or at next_attempt_at after a failure)
-    SENT = "sent"  # the smarthost took it for every recipient it did not refuse
-    FAILED = "failed"  # refused, or still failing after [outbound] give_up_after
-    WITHHELD = "withheld"  # never sent, for the reason recorded with it
+PageStatus = OutboxStatus  # a page's
+MailStatus = OutboxStatus  # an outgoing mail's
 
 
 class RecipientState(StrEnum):

@@ -36,6 +36,7 @@ from tenacity import (
 )
 
 from maild.database import Database
+from maild.enums import OutboxStatus
 from maild.models import as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.outbox")
@@ -198,7 +199,7 @@ def record_outcome(
     row_id: int,
     *,
     attempts: int,
-    status: str,  # a PageStatus or MailStatus value
+    status: str,  # an OutboxStatus value
     error: str | None = None,
     next_attempt_at: datetime | None = None,
     now: datetime | None = None,
@@ -208,17 +209,19 @@ def record_outcome(
     withheld or sent meanwhile by another instance or the CLI) is left alone. One
     UPDATE, no read first."""
     values: dict[str, Any] = {"attempts": attempts, "status": status}
-    if status == "sent":
+    if status == OutboxStatus.SENT:
         values.update(sent_at=now or utcnow(), last_error=None, reason=None)
     else:
         values["last_error"] = error[:4000] if error else None
-        if status == "failed":
+        if status == OutboxStatus.FAILED:
             values["reason"] = values["last_error"]
     if next_attempt_at is not None:
         values["next_attempt_at"] = next_attempt_at
     table = table_of(model)
     session.execute(
-        update(table).where(table.c.id == row_id, table.c.status == "pending").values(**values)
+        update(table)
+        .where(table.c.id == row_id, table.c.status == OutboxStatus.PENDING)
+        .values(**values)
     )
 
 
@@ -227,7 +230,7 @@ def release_claims(session: Session, model: Any, claimer: str, now: datetime) ->
     due now. A daemon is its host and config file; two cannot run with the same pair."""
     rows = session.exec(
         select(model).where(
-            model.status == "pending",
+            model.status == OutboxStatus.PENDING,
             model.claimed_by == claimer,
             col(model.next_attempt_at) > now,
         )
@@ -242,7 +245,7 @@ def next_due(session: Session | Connection, model: Any) -> datetime | None:
     """When the earliest pending row falls due (a read: no write lock while idle)."""
     table = table_of(model)
     value = session.execute(
-        core_select(func.min(table.c.next_attempt_at)).where(table.c.status == "pending")
+        core_select(func.min(table.c.next_attempt_at)).where(table.c.status == OutboxStatus.PENDING)
     ).scalar()
     return as_utc(value) if value is not None else None
 
@@ -252,9 +255,9 @@ def reopen(session: Session, model: Any, row_id: int, now: datetime) -> Any:
     row = session.get(model, row_id, with_for_update=True)
     if row is None:
         raise NotFound(row_id)
-    if row.status == "sent":
+    if row.status == OutboxStatus.SENT:
         raise NotRetryable(f"{model.__tablename__} {row_id} was already sent at {row.sent_at}")
-    row.status = "pending"
+    row.status = OutboxStatus.PENDING.value
     row.reason = None
     row.next_attempt_at = now
     row.queued_at = now
