@@ -170,8 +170,8 @@ class ProcessingSettings(_Section):
 
     def worker_count(self) -> int:
         """`workers`, or one per core beyond the first and at least two: filing waits on
-        the database as well as using the CPU, so two overlap even on two cores (the
-        bench: 98 -> 162 tickets/s on PostgreSQL, 110 -> 120 on SQLite; three were slower)."""
+        the database as well as using the CPU, so two overlap even on two cores (measured:
+        docs/benchmarks.md, "Measured decisions")."""
         return self.workers or max(2, (os.cpu_count() or 2) - 1)
 
 

@@ -275,7 +275,8 @@ class Database:
 
     # The daemon's hot statements (the spool's inserts, the processor's claims, the
     # outboxes' polls and outcomes) are all Core: on a plain connection they skip an ORM
-    # session's set-up, which cost more than the statement (a poll: 267 → 61 µs).
+    # session's set-up, which cost more than the statement (docs/benchmarks.md,
+    # "Measured decisions").
 
     def run_write_core(self, work: Callable[[Connection], T]) -> T:
         """As run_write, on a connection rather than a session."""

@@ -147,7 +147,7 @@ _INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_or
 _INSERT_ATTACHMENT = insert(table_of(Attachment))
 # A ticket is read locked (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already serialises writers) and written from that copy at the end of the batch: a
-# second filer, or `maild tickets set-status`, waits and then sees what this one wrote,
+# second filer, or `maild tickets close` (solve, reopen), waits and then sees what this one wrote,
 # rather than writing back a status or priority it read before. NO KEY: the rows that
 # point at the ticket (messages, participants) take KEY SHARE, which this does not block.
 _LOCK_TICKET = (

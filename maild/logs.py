@@ -45,7 +45,8 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
 
     maild's own lines are rendered by structlog and written straight to the
     stream: the standard library's records, handlers and formatter cost as much
-    again per line (28 → 13 µs), and the daemon logs every message twice. The
+    again per line (docs/benchmarks.md, "Measured decisions"), and the daemon logs
+    every message twice. The
     standard library's records (aiosmtpd's `mail.log`, alembic, asyncio) go
     through a handler on the same stream with the same processors. Each line,
     from either path, is one write() call, which the stream's buffer does not

@@ -49,7 +49,7 @@ DEFERRED = Counter(
 )
 PROCESSED = Counter(
     "maild_messages_processed",
-    "Accepted messages filed, by outcome (created, threaded, duplicate, failed).",
+    "Accepted messages filed, by outcome (created, threaded, duplicate, bounce, dropped, failed).",
     ["outcome"],
     registry=REGISTRY,
 )
