@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from maild import __version__
 from maild.config import Settings, default_config_path, load_settings
 from maild.display import for_display, json_safe
-from maild.enums import InboundStatus
+from maild.enums import InboundStatus, Outcome
 from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
 from maild.logs import configure_logging
 
@@ -283,7 +283,7 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
             click.echo(f"maild: stored as {inbound_id}; processing deferred: {exc}", err=True)
             return EX_OK
-        if filed is not None and filed.outcome == "failed":
+        if filed is not None and filed.outcome is Outcome.FAILED:
             click.echo(f"maild: stored as {inbound_id}; processing failed: {filed.error}", err=True)
         elif filed is not None:
             click.echo(
@@ -339,7 +339,7 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
                 [[v["inbound"], v["outcome"], v["ticket"], v["route"], v["error"]] for v in views],
             )
         )
-    if any(r.outcome == "failed" for r in results):
+    if any(r.outcome is Outcome.FAILED for r in results):
         sys.exit(1)
 
 

@@ -73,6 +73,17 @@ class PageAction(StrEnum):
     RESOLVE = "resolve"
 
 
+class Outcome(StrEnum):
+    """What filing did with one delivery (maild_messages_processed_total's label)."""
+
+    CREATED = "created"  # a new ticket
+    THREADED = "threaded"  # a message of an existing ticket
+    DUPLICATE = "duplicate"  # a copy of a message already stored
+    BOUNCE = "bounce"  # a DSN, attached to the ticket of the message it reports on
+    DROPPED = "dropped"  # kept, on purpose no ticket
+    FAILED = "failed"  # could not be filed; kept for `maild reprocess`
+
+
 class OutboxStatus(StrEnum):
     """Where an outbox row (a page, an outgoing mail) is in its life."""
 

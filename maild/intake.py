@@ -55,6 +55,7 @@ from maild.enums import (
     Direction,
     InboundStatus,
     MessageKind,
+    Outcome,
     ParticipantRole,
     Priority,
     RecipientState,
@@ -97,7 +98,7 @@ class Filed:
     """What happened to one delivery."""
 
     inbound_id: int
-    outcome: str  # created | threaded | duplicate | bounce | dropped | failed
+    outcome: Outcome
     ticket_id: int | None = None
     route: str | None = None
     threaded_by: str | None = None  # reply-address | in-reply-to | references | subject-tag
@@ -501,7 +502,7 @@ def _drop(inbound: Envelope, reason: str, now: datetime, kind: MessageKind) -> F
     """Keep the delivery, file nothing: the reason is its error text."""
     _mark(inbound, InboundStatus.DROPPED, now, None)
     inbound.error = reason[:4000]
-    return Filed(inbound.id, "dropped", error=inbound.error, kind=kind.value)
+    return Filed(inbound.id, Outcome.DROPPED, error=inbound.error, kind=kind.value)
 
 
 def _file_bounce(
@@ -568,7 +569,7 @@ def _file_bounce(
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
     return Filed(
         inbound.id,
-        "bounce",
+        Outcome.BOUNCE,
         ticket.id,
         kind=MessageKind.BOUNCE.value,
         auto_reasons=tuple(reasons),
@@ -626,7 +627,7 @@ def file_message(
                 parsed=parsed,
                 now=now,
             )
-        return _with_page(Filed(inbound.id, "duplicate", ticket.id), page)
+        return _with_page(Filed(inbound.id, Outcome.DUPLICATE, ticket.id), page)
     reasons = hygiene.auto_reasons(
         parsed.headers,
         envelope_sender=_envelope_sender(inbound),
@@ -668,7 +669,7 @@ def file_message(
                 updated_at=now,
             )
         )
-        outcome = "created"
+        outcome = Outcome.CREATED
         reopened = False
         people = ([(sender, ParticipantRole.REQUESTER)] if sender else []) + others
     else:
@@ -679,7 +680,7 @@ def file_message(
         _raise_priority(filing, ticket, route)
         ticket.updated_at = now
         filing.changed(ticket)
-        outcome = "threaded"
+        outcome = Outcome.THREADED
         people = ([(sender, ParticipantRole.CC)] if sender else []) + others
     limit = acks.limits.max_recipients if acks is not None else DEFAULT_MAX_RECIPIENTS
     left_out = _add_participants(filing, ticket, people, table, now, limit)
@@ -710,7 +711,7 @@ def file_message(
             policy,
             ticket,
             routes=routes,
-            created=outcome == "created",
+            created=outcome is Outcome.CREATED,
             reopened=reopened,
             sender=sender,
             inbound=inbound,
@@ -719,7 +720,7 @@ def file_message(
         )
     outmail = None
     if (
-        outcome == "created"
+        outcome is Outcome.CREATED
         and kind == MessageKind.HUMAN
         and acks is not None
         and acks.enabled
@@ -762,7 +763,7 @@ def _mark_failed(inbound: Envelope, error: str) -> Filed:
     inbound.processed_at = utcnow()
     inbound.ticket_id = None
     inbound.dropped_by_route = None
-    return Filed(inbound.id, "failed", error=inbound.error)
+    return Filed(inbound.id, Outcome.FAILED, error=inbound.error)
 
 
 def _digests(parsed: ParsedMessage) -> list[str]:

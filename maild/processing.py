@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild import metrics
 from maild.acks import AckPolicy
 from maild.database import Database
-from maild.enums import InboundStatus
+from maild.enums import InboundStatus, Outcome
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, file_batch
 from maild.logs import configure_logging
@@ -124,7 +124,7 @@ def claim_received(
 def _log_results(results: Sequence[Filed]) -> None:
     for filed in results:
         metrics.PROCESSED.labels(filed.outcome).inc()
-        if filed.outcome == "created" and filed.ticket_type and filed.ticket_priority:
+        if filed.outcome is Outcome.CREATED and filed.ticket_type and filed.ticket_priority:
             metrics.TICKETS.labels(filed.ticket_type, filed.ticket_priority).inc()
         if filed.latency is not None:
             metrics.PROCESSING_SECONDS.observe(max(0.0, filed.latency))
@@ -132,15 +132,15 @@ def _log_results(results: Sequence[Filed]) -> None:
             metrics.PAGES.labels("trigger", "withheld").inc()
         if filed.ack_status is not None:
             metrics.ACKS.labels("queued" if filed.ack_status == "pending" else "withheld").inc()
-        if filed.outcome == "dropped":
+        if filed.outcome is Outcome.DROPPED:
             metrics.HYGIENE.labels("loop" if filed.kind == "auto" else filed.kind).inc()
         elif filed.kind != "human":
             metrics.HYGIENE.labels(filed.kind).inc()
-        if filed.outcome == "dropped":
+        if filed.outcome is Outcome.DROPPED:
             log.warning(
                 "message dropped; kept, not filed", inbound=filed.inbound_id, reason=filed.error
             )
-        elif filed.outcome == "failed":
+        elif filed.outcome is Outcome.FAILED:
             log.error(
                 "message failed processing; kept for `maild reprocess`",
                 inbound=filed.inbound_id,
