@@ -36,6 +36,7 @@ from bench.client import Corpus, run_load
 from bench.servers import Server, cpu_seconds
 from maild.database import Database
 from maild.escalation import EscalationPolicy
+from maild.intake import FilingContext
 from maild.parsing import parse_message
 from maild.processing import FILE_CHUNK, _file_ids
 from maild.rules import load_rules
@@ -76,7 +77,7 @@ def measure(url: str, count: int) -> dict[str, Any]:
 
         step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
         started = time.process_time()
-        filed = _file_ids(database, ids, step, parse_message, table, POLICY, None)
+        filed = _file_ids(database, ids, step, parse_message, FilingContext(table, POLICY))
         file_and_parse = time.process_time() - started
     finally:
         database.close()

@@ -276,10 +276,14 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         try:
             from maild.acks import AckPolicy
             from maild.escalation import EscalationPolicy
+            from maild.intake import FilingContext
 
-            policy = EscalationPolicy.from_settings(settings)
-            acks = AckPolicy.from_settings(settings.outbound)
-            (filed,) = process_now(database, table, [inbound_id], policy, acks) or (None,)
+            context = FilingContext(
+                table,
+                EscalationPolicy.from_settings(settings),
+                AckPolicy.from_settings(settings.outbound),
+            )
+            (filed,) = process_now(database, context, [inbound_id]) or (None,)
         except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
             click.echo(f"maild: stored as {inbound_id}; processing deferred: {exc}", err=True)
             return EX_OK
@@ -302,6 +306,7 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
     """File deliveries again: the given inbound IDs, else every failed or unprocessed one."""
     from maild.escalation import EscalationPolicy
     from maild.inbound import unfiled_ids
+    from maild.intake import FilingContext
     from maild.processing import process_now
 
     settings = _settings(config_path)
@@ -309,13 +314,8 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
     database = _database(settings)
     try:
         wanted = list(ids) or database.run_read(unfiled_ids)
-        results = process_now(
-            database,
-            table,
-            wanted,
-            EscalationPolicy.from_settings(settings),
-            _acks(settings),
-        )
+        context = FilingContext(table, EscalationPolicy.from_settings(settings), _acks(settings))
+        results = process_now(database, context, wanted)
     finally:
         database.close()
     views = [

@@ -116,6 +116,16 @@ class Filed:
     ack_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class FilingContext:
+    """What filing needs besides the mail, fixed for a batch: the routing table, the
+    paging policy (None: no pages) and the acknowledgement policy (None: none sent)."""
+
+    table: RuleTable
+    policy: EscalationPolicy | None = None
+    acks: AckPolicy | None = None
+
+
 def _with_page(filed: Filed, page: Page | None) -> Filed:
     if page is None:
         return filed
@@ -577,14 +587,10 @@ def _file_bounce(
 
 
 def file_message(
-    filing: _Filing,
-    table: RuleTable,
-    inbound: Envelope,
-    parsed: ParsedMessage,
-    policy: EscalationPolicy | None = None,
-    acks: AckPolicy | None = None,
+    filing: _Filing, context: FilingContext, inbound: Envelope, parsed: ParsedMessage
 ) -> Filed:
     """File one delivery; raises ProcessingError (or anything) to have it marked failed."""
+    table, policy, acks = context.table, context.policy, context.acks
     session = filing.session
     now = utcnow()
     if acks is not None:
@@ -597,8 +603,8 @@ def file_message(
         if loop is not None:
             return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
     sender = sender_of(parsed, inbound.mail_from)
-    context = MessageContext.of(parsed, sender)
-    routes, unrouted = table.decide_all(inbound.rcpt_tos, context)
+    routing = MessageContext.of(parsed, sender)
+    routes, unrouted = table.decide_all(inbound.rcpt_tos, routing)
     fingerprint = _fingerprint(sender, parsed)
     stored = filing.stored(message_id_hash(parsed.message_id))
     if stored is not None and stored[1] is not None and stored[1] != fingerprint:
@@ -775,10 +781,8 @@ def _digests(parsed: ParsedMessage) -> list[str]:
 
 def file_batch(
     session: Session,
-    table: RuleTable,
+    context: FilingContext,
     items: Sequence[tuple[int, ParsedMessage | BaseException]],
-    policy: EscalationPolicy | None = None,
-    acks: AckPolicy | None = None,
 ) -> list[Filed]:
     """File many deliveries in one transaction.
 
@@ -809,11 +813,11 @@ def file_batch(
         todo.append((inbound, parsed))
     # Before anything counts toward a per-address limit: serialise those counts with
     # every other filer (PostgreSQL; SQLite's writers take turns anyway).
-    ratelimit.lock(session, _limit_keys(todo, policy, acks))
+    ratelimit.lock(session, _limit_keys(todo, context.policy, context.acks))
     try:
-        results = _file_in_savepoint(session, table, todo, policy, acks)
+        results = _file_in_savepoint(session, context, todo)
     except Exception:  # filed again one by one, to find which
-        results = [_file_alone(session, table, *item, policy, acks) for item in todo]
+        results = [_file_alone(session, context, *item) for item in todo]
     if todo:
         session.execute(
             _UPDATE_INBOUND,
@@ -858,35 +862,29 @@ def _limit_keys(
 
 def _file_in_savepoint(
     session: Session,
-    table: RuleTable,
+    context: FilingContext,
     todo: Sequence[tuple[Envelope, ParsedMessage | BaseException]],
-    policy: EscalationPolicy | None,
-    acks: AckPolicy | None,
 ) -> list[Filed]:
     """These deliveries in one savepoint, their lookups and writes made together.
     Raises, with nothing written, when filing any of them raises."""
     with session.begin_nested():
         filing = _Filing(session)
         filing.learn(d for _, p in todo if not isinstance(p, BaseException) for d in _digests(p))
-        results = [
-            _file_or_fail(filing, table, inbound, parsed, policy, acks) for inbound, parsed in todo
-        ]
+        results = [_file_or_fail(filing, context, inbound, parsed) for inbound, parsed in todo]
         filing.flush()
     return results
 
 
 def _file_alone(
     session: Session,
-    table: RuleTable,
+    context: FilingContext,
     inbound: Envelope,
     parsed: ParsedMessage | BaseException,
-    policy: EscalationPolicy | None,
-    acks: AckPolicy | None,
 ) -> Filed:
     """One delivery in a savepoint of its own; a failure is marked on it, not raised."""
     for attempt in (1, 2):
         try:
-            (filed,) = _file_in_savepoint(session, table, [(inbound, parsed)], policy, acks)
+            (filed,) = _file_in_savepoint(session, context, [(inbound, parsed)])
             return filed
         except IntegrityError as exc:  # another filer stored the Message-ID meanwhile
             if attempt == 2:
@@ -898,13 +896,11 @@ def _file_alone(
 
 def _file_or_fail(
     filing: _Filing,
-    table: RuleTable,
+    context: FilingContext,
     inbound: Envelope,
     parsed: ParsedMessage | BaseException,
-    policy: EscalationPolicy | None,
-    acks: AckPolicy | None,
 ) -> Filed:
     """One delivery: a parse failure is marked failed here; a filing failure raises."""
     if isinstance(parsed, BaseException):
         return _mark_failed(inbound, f"parse: {type(parsed).__name__}: {parsed}")
-    return file_message(filing, table, inbound, parsed, policy, acks)
+    return file_message(filing, context, inbound, parsed)

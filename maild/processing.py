@@ -44,7 +44,7 @@ from maild.acks import AckPolicy
 from maild.database import Database
 from maild.enums import InboundStatus, Outcome
 from maild.escalation import EscalationPolicy
-from maild.intake import Filed, file_batch
+from maild.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
 from maild.models import Inbound, table_of
 from maild.parsing import ParsedMessage, parse_message
@@ -175,16 +175,10 @@ def _log_results(results: Sequence[Filed]) -> None:
             )
 
 
-def process_now(
-    database: Database,
-    table: RuleTable,
-    ids: Sequence[int],
-    policy: EscalationPolicy | None = None,
-    acks: AckPolicy | None = None,
-) -> list[Filed]:
+def process_now(database: Database, context: FilingContext, ids: Sequence[int]) -> list[Filed]:
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
-    parse = partial(parse_message, wanted_headers=table.header_names)
-    results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse, table, policy, acks)
+    parse = partial(parse_message, wanted_headers=context.table.header_names)
+    results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse, context)
     _log_results(results)
     return results
 
@@ -194,9 +188,7 @@ def _file_ids(
     ids: Sequence[int],
     step: int,
     parse: Callable[[bytes], ParsedMessage | BaseException],
-    table: RuleTable,
-    policy: EscalationPolicy | None,
-    acks: AckPolicy | None,
+    context: FilingContext,
 ) -> list[Filed]:
     """Read, parse and file these deliveries, `step` to a transaction. Each step is
     parsed before its transaction begins: on SQLite the write lock is held only
@@ -207,11 +199,7 @@ def _file_ids(
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
         items = [(inbound_id, parse(raw)) for inbound_id, raw in claimed]
         del claimed
-        results.extend(
-            database.run_write(
-                partial(file_batch, table=table, items=items, policy=policy, acks=acks)
-            )
-        )
+        results.extend(database.run_write(partial(file_batch, context=context, items=items)))
     return results
 
 
@@ -301,20 +289,14 @@ def parse_within(
         return exc
 
 
-def process_batch(
-    ids: Sequence[int],
-    table: RuleTable,
-    policy: EscalationPolicy | None,
-    acks: AckPolicy | None,
-    parse_timeout: float,
-) -> list[Filed]:
+def process_batch(ids: Sequence[int], context: FilingContext, parse_timeout: float) -> list[Filed]:
     """In a pool worker: read, parse (each message under `parse_timeout`) and file these
     deliveries, FILE_CHUNK of them to a transaction."""
     database = _worker_database
     assert database is not None, "the pool initializer opens the database"
     step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
-    parse = partial(parse_within, timeout=parse_timeout, wanted_headers=table.header_names)
-    return _file_ids(database, ids, step, parse, table, policy, acks)
+    parse = partial(parse_within, timeout=parse_timeout, wanted_headers=context.table.header_names)
+    return _file_ids(database, ids, step, parse, context)
 
 
 class _Roster:
@@ -467,8 +449,7 @@ class Processor:
         stuck where the timer cannot reach it) takes the pool down: it is restarted
         and the batch fails, to be retried one message at a time."""
         loop = asyncio.get_running_loop()
-        table = self._rules()
-        acks = self._acks()
+        context = FilingContext(self._rules(), self._policy, self._acks())
         parts = [ids[i :: self._workers] for i in range(min(self._workers, len(ids)))]
         # A parse that overruns is interrupted in the worker; this is the outer bound.
         limit = self._parse_timeout * max(len(part) for part in parts) + 60
@@ -483,9 +464,7 @@ class Processor:
                                 pool,
                                 process_batch,
                                 sorted(part),
-                                table,
-                                self._policy,
-                                acks,
+                                context,
                                 self._parse_timeout,
                             )
                             for part in parts

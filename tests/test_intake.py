@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from maild.database import Database
 from maild.enums import TicketStatus
-from maild.intake import Filed, file_batch
+from maild.intake import Filed, FilingContext, file_batch
 from maild.models import Inbound, Message
 from maild.parsing import ParsedMessage, parse_message
 from maild.rules import load_rules
@@ -54,11 +54,13 @@ def file_while_held(
     (first_db, first_items), (second_db, second_items) = first, second
     waited: list[list[Filed]] = []
     with first_db.write_session() as session:
-        filed = file_batch(session, table, first_items)
+        filed = file_batch(session, FilingContext(table), first_items)
         session.flush()
         racer = threading.Thread(
             target=lambda: waited.append(
-                second_db.run_write(partial(file_batch, table=table, items=second_items))
+                second_db.run_write(
+                    partial(file_batch, context=FilingContext(table), items=second_items)
+                )
             )
         )
         racer.start()
@@ -313,7 +315,7 @@ def test_a_failure_in_a_batch_stays_with_its_delivery(database_url: str, rules_d
             (ids[2], parse_message(deliveries[2].raw)),
             (ids[3], TimeoutError("parsing took longer than 60 s")),
         ]
-        filed = database.run_write(partial(file_batch, table=table, items=items))
+        filed = database.run_write(partial(file_batch, context=FilingContext(table), items=items))
         assert [(f.inbound_id, f.outcome) for f in filed] == [
             (ids[0], "created"),
             (ids[1], "failed"),
@@ -355,7 +357,7 @@ def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path)
 
     def file(*messages: Any) -> list[Filed]:
         items = deliver(database, *messages)
-        return database.run_write(partial(file_batch, table=table, items=items))
+        return database.run_write(partial(file_batch, context=FilingContext(table), items=items))
 
     try:
         first = mail("Disk full")
@@ -426,7 +428,7 @@ def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules
     try:
         first = mail("Site down")
         (created,) = first_db.run_write(
-            partial(file_batch, table=table, items=deliver(first_db, first))
+            partial(file_batch, context=FilingContext(table), items=deliver(first_db, first))
         )
         ticket = created.ticket_id
         assert ticket is not None
