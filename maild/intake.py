@@ -62,7 +62,6 @@ from maild.enums import (
     TicketStatus,
 )
 from maild.escalation import EscalationPolicy, plan_trigger
-from maild.mailer import mark_undeliverable
 from maild.message_ids import message_id_hash
 from maild.models import (
     Attachment,
@@ -79,7 +78,7 @@ from maild.models import (
     table_of,
     utcnow,
 )
-from maild.outgoing import DEFAULT_MAX_RECIPIENTS
+from maild.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
 from maild.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 

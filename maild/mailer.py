@@ -40,8 +40,9 @@ from maild import metrics
 from maild.config import OutboundSettings, parse_hostport
 from maild.database import Database
 from maild.enums import MailStatus, RecipientState
-from maild.models import Outmail, OutmailRecipient, Participant, as_utc, utcnow
+from maild.models import Outmail, OutmailRecipient, as_utc, utcnow
 from maild.outbox import POLL_SECONDS, OutboxWorker, Stopping, record_outcome, reopen, tls_context
+from maild.outgoing import mark_undeliverable
 
 log = structlog.get_logger("maild.mailer")
 
@@ -175,18 +176,6 @@ def record_recipients(
         session.add(row)
         if state == RecipientState.REFUSED:
             mark_undeliverable(session, outmail.ticket_id, row.email, error or "refused", now)
-
-
-def mark_undeliverable(
-    session: Session, ticket_id: int, email: str, reason: str, now: datetime
-) -> None:
-    participant = session.exec(
-        select(Participant).where(Participant.ticket_id == ticket_id, Participant.email == email)
-    ).first()
-    if participant is not None:
-        participant.undeliverable_at = now
-        participant.undeliverable_reason = reason[:1000]
-        session.add(participant)
 
 
 def retry_outmail(session: Session, outmail_id: int, now: datetime) -> Outmail:

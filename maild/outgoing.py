@@ -95,6 +95,20 @@ def is_known(session: Session, email: str, *, besides_ticket: int | None = None)
     return session.exec(query.limit(1)).first() is not None
 
 
+def mark_undeliverable(
+    session: Session, ticket_id: int, email: str, reason: str, now: datetime
+) -> None:
+    """A bounce or the smarthost said mail to `email` cannot be delivered: the ticket's
+    participant is marked, and no later mail of maild goes to it."""
+    participant = session.exec(
+        select(Participant).where(Participant.ticket_id == ticket_id, Participant.email == email)
+    ).first()
+    if participant is not None:
+        participant.undeliverable_at = now
+        participant.undeliverable_reason = reason[:1000]
+        session.add(participant)
+
+
 def undeliverable(session: Session, emails: list[str]) -> set[str]:
     """The addresses a bounce (or a 5xx from the smarthost) marked undeliverable, anywhere."""
     if not emails:
