@@ -48,6 +48,26 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
 
 
+def _outbox_list_options(noun: str) -> Callable[[F], F]:
+    """The options of an outbox's list command (`pages list`, `acks list`)."""
+    from maild.enums import OutboxStatus
+
+    options = [
+        config_option,
+        json_option,
+        click.option("--status", type=click.Choice([s.value for s in OutboxStatus])),
+        click.option("--ticket", "ticket_id", type=int, help=f"Only this ticket's {noun}."),
+        click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True),
+    ]
+
+    def wrap(func: F) -> F:
+        for option in reversed(options):  # the first listed is the outermost
+            func = option(func)
+        return func
+
+    return wrap
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"maild: {message}", err=True)
     sys.exit(code)
@@ -328,17 +348,13 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
         }
         for r in results
     ]
-    if as_json:
-        _print_json(views)
-    elif not views:
-        click.echo("nothing to reprocess")
-    else:
-        click.echo(
-            _table(
-                ["INBOUND", "OUTCOME", "TICKET", "ROUTE", "ERROR"],
-                [[v["inbound"], v["outcome"], v["ticket"], v["route"], v["error"]] for v in views],
-            )
-        )
+    _print_views(
+        views,
+        as_json,
+        "nothing to reprocess",
+        ["INBOUND", "OUTCOME", "TICKET", "ROUTE", "ERROR"],
+        lambda v: [v["inbound"], v["outcome"], v["ticket"], v["route"], v["error"]],
+    )
     if any(r.outcome is Outcome.FAILED for r in results):
         sys.exit(1)
 
@@ -797,11 +813,7 @@ def pages() -> None:
 
 
 @pages.command("list")
-@config_option
-@json_option
-@click.option("--status", type=click.Choice(["pending", "sent", "failed", "withheld"]))
-@click.option("--ticket", "ticket_id", type=int, help="Only this ticket's pages.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@_outbox_list_options("pages")
 def pages_list(
     config_path: Path | None,
     as_json: bool,
@@ -917,11 +929,7 @@ def acks() -> None:
 
 
 @acks.command("list")
-@config_option
-@json_option
-@click.option("--status", type=click.Choice(["pending", "sent", "failed", "withheld"]))
-@click.option("--ticket", "ticket_id", type=int, help="Only this ticket's acknowledgements.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@_outbox_list_options("acknowledgements")
 def acks_list(
     config_path: Path | None,
     as_json: bool,
