@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +23,11 @@ from maild.display import for_display, json_safe
 from maild.enums import InboundStatus, Outcome
 from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
 from maild.logs import configure_logging
+
+if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
+    from maild.acks import AckPolicy
+    from maild.database import Database
+    from maild.rules import RuleTable
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -119,7 +124,7 @@ def _database_problem(name: str, exc: BaseException) -> tuple[str, int]:
     return f"database {name} is not usable: {first}", 1
 
 
-def _database(settings: Settings, *, create: bool = False, schema: bool = True) -> Any:
+def _database(settings: Settings, *, create: bool = False, schema: bool = True) -> Database:
     """The configured database, checked: its schema must be this maild's. Only `serve`,
     `ingest` and `db upgrade` may `create` it; every other command on a missing or
     empty database exits 78, naming it and the command that creates it."""
@@ -149,7 +154,7 @@ def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
     """Run one read against the configured database and close it."""
     database = _database(_settings(config_path))
     try:
-        return database.run_read(work)  # type: ignore[no-any-return]
+        return database.run_read(work)
     except SQLAlchemyError as exc:
         _fail(*_database_problem(database.name, exc))
     finally:
@@ -163,7 +168,7 @@ def _retry(settings: Settings, noun: str, row_id: int, retry: Callable[..., T]) 
 
     database = _database(settings)
     try:
-        return database.run_write(lambda s: retry(s, row_id, utcnow()))  # type: ignore[no-any-return]
+        return database.run_write(lambda s: retry(s, row_id, utcnow()))
     except NotFound:
         _fail(f"no {noun} {row_id}")
     except NotRetryable as exc:
@@ -188,7 +193,7 @@ def _print_views(
         click.echo(_table(headers, [row(v) for v in views]))
 
 
-def _rules(settings: Settings) -> Any:
+def _rules(settings: Settings) -> RuleTable:
     from maild.rules import load_rules
 
     try:
@@ -914,7 +919,7 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
         client.close()
 
 
-def _acks(settings: Settings) -> Any:
+def _acks(settings: Settings) -> AckPolicy:
     from maild.acks import AckPolicy
 
     try:
