@@ -27,7 +27,7 @@ from maild.logs import configure_logging
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.acks import AckPolicy
     from maild.database import Database
-    from maild.rules import RuleTable
+    from maild.rules import MessageContext, RuleTable
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -542,7 +542,9 @@ def _header_option(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(headers)
 
 
-def _routing_view(table: Any, recipients: Sequence[str], context: Any) -> dict[str, Any]:
+def _routing_view(
+    table: RuleTable, recipients: Sequence[str], context: MessageContext
+) -> dict[str, Any]:
     """How the table routes a message: per recipient every route tried, and the decision."""
     from maild.rules import best_decision
 
@@ -557,6 +559,7 @@ def _routing_view(table: Any, recipients: Sequence[str], context: Any) -> dict[s
         else:
             decisions.append(decision)
             route = table.route_named(decision.name)
+            assert route is not None  # a decision names a route of the table that made it
             entry.update(
                 accepted=True,
                 decision={**decision.as_dict(), "file": route.file, "line": route.line},
