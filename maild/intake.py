@@ -585,54 +585,36 @@ def _file_bounce(
     )
 
 
+@dataclass
+class _Delivery:
+    """One delivery as its filing steps share it."""
+
+    inbound: Envelope
+    parsed: ParsedMessage
+    sender: Address | None
+    routes: list[Decision]
+    unrouted: list[str]
+    fingerprint: str
+    now: datetime
+
+
 def file_message(
     filing: _Filing, context: FilingContext, inbound: Envelope, parsed: ParsedMessage
 ) -> Filed:
-    """File one delivery; raises ProcessingError (or anything) to have it marked failed."""
-    table, policy, acks = context.table, context.policy, context.acks
-    session = filing.session
+    """File one delivery; raises ProcessingError (or anything) to have it marked failed.
+
+    The steps, in order: our own mail come back (dropped), a copy of a message already
+    stored (a duplicate), a bounce (attached to its ticket), a route that drops it;
+    else its ticket (new, or the one it threads into), participants and message, then
+    the page and the acknowledgement it may call for."""
     now = utcnow()
-    if acks is not None:
-        loop = hygiene.loop_reason(
-            parsed.headers,
-            parsed.message_id,
-            our_loop_id=acks.loop_id,
-            message_id_domain=acks.message_id_domain,
-        )
-        if loop is not None:
-            return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
-    sender = sender_of(parsed, inbound.mail_from)
-    routing = MessageContext.of(parsed, sender)
-    routes, unrouted = table.decide_all(inbound.rcpt_tos, routing)
-    fingerprint = _fingerprint(sender, parsed)
-    stored = filing.stored(message_id_hash(parsed.message_id))
-    if stored is not None and stored[1] is not None and stored[1] != fingerprint:
-        # Not the same message: its own id; it threads by its own headers, like any other.
-        parsed = _own_message_id(parsed, stored[0], fingerprint)
-        stored = filing.stored(message_id_hash(parsed.message_id))  # a retry of this one
+    loop = _our_own_mail(parsed, context.acks)
+    if loop is not None:
+        return _drop(inbound, f"loop: {loop}; our own mail came back", now, MessageKind.AUTO)
+    delivery, stored = _look_up(filing, context, inbound, parsed, now)
     if stored is not None:
-        ticket = filing.ticket(stored[0])
-        assert ticket is not None
-        if routes:
-            _raise_priority(filing, ticket, best_decision(routes))
-        _mark(inbound, InboundStatus.DUPLICATE, now, ticket.id)
-        page = None
-        # The same message reached sysops@ in a second delivery: page, unless the desk
-        # has solved or closed the ticket since (nothing would explain the page then).
-        if policy is not None and TicketStatus(ticket.status) not in CLOSED_STATUSES:
-            page = plan_trigger(
-                session,
-                policy,
-                ticket,
-                routes=routes,
-                created=False,
-                reopened=False,
-                sender=sender,
-                inbound=inbound,
-                parsed=parsed,
-                now=now,
-            )
-        return _with_page(Filed(inbound.id, Outcome.DUPLICATE, ticket.id), page)
+        return _file_duplicate(filing, context, delivery, stored)
+    parsed = delivery.parsed
     reasons = hygiene.auto_reasons(
         parsed.headers,
         envelope_sender=_envelope_sender(inbound),
@@ -640,113 +622,22 @@ def file_message(
     )
     if parsed.report is not None:
         reasons = ["delivery status notification", *reasons]
-        return _file_bounce(filing, inbound, parsed, parsed.report, reasons, acks, now, fingerprint)
-    kind = MessageKind.AUTO if reasons else MessageKind.HUMAN
-    if not routes:
-        raise ProcessingError(
-            f"no route for {', '.join(unrouted) or 'any recipient'} in the current rules "
-            "(they changed after the message was accepted); fix the rules, then "
-            "`maild reprocess`"
+        return _file_bounce(
+            filing, inbound, parsed, parsed.report, reasons, context.acks, now, delivery.fingerprint
         )
-    route = best_decision(routes)
+    kind = MessageKind.AUTO if reasons else MessageKind.HUMAN
+    route = _route(delivery)
     if route.drop:
         dropped = _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
         inbound.dropped_by_route = route.name
         return dropped
-    ticket, how = find_thread(
-        filing, parsed, sender.email if sender else "", inbound.rcpt_tos, acks
-    )
-    others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
-    if ticket is None:
-        ticket = filing.new_ticket(
-            dict(
-                type=route.type.value,
-                priority=route.priority.value,
-                status=TicketStatus.OPEN.value,
-                subject=parsed.subject,
-                requester_email=sender.email if sender else "",
-                requester_name=sender.name if sender else "",
-                rule=route.name,
-                rules_version=table.version,
-                application=route.application,
-                tags=list(route.tags),
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        outcome = Outcome.CREATED
-        reopened = False
-        people = ([(sender, ParticipantRole.REQUESTER)] if sender else []) + others
-    else:
-        # Automatic mail (an out-of-office reply) lands in its ticket but never reopens it.
-        reopened = kind == MessageKind.HUMAN and TicketStatus(ticket.status) in REOPENS
-        if reopened:
-            ticket.status = TicketStatus.OPEN.value
-        _raise_priority(filing, ticket, route)
-        ticket.updated_at = now
-        filing.changed(ticket)
-        outcome = Outcome.THREADED
-        people = ([(sender, ParticipantRole.CC)] if sender else []) + others
-    limit = acks.limits.max_recipients if acks is not None else DEFAULT_MAX_RECIPIENTS
-    left_out = _add_participants(filing, ticket, people, table, now, limit)
-    notes = []
-    if left_out:
-        notes.append(
-            f"TooManyAddresses: {left_out} more addresses in From, To and Cc were not added "
-            f"as participants ([outbound] max_recipients = {limit})"
-        )
-    _store_message(
-        filing,
-        ticket,
-        inbound,
-        parsed,
-        route,
-        now,
-        kind=kind,
-        auto_reasons=reasons,
-        fingerprint=fingerprint,
-        notes=notes,
-        rules_version=table.version,
-    )
+    ticket, outcome, reopened, how = _ticket_for(filing, context, delivery, route, kind)
+    _store(filing, context, delivery, ticket, route, kind, reasons, outcome)
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
-    page = None
-    if policy is not None:
-        page = plan_trigger(
-            session,
-            policy,
-            ticket,
-            routes=routes,
-            created=outcome is Outcome.CREATED,
-            reopened=reopened,
-            sender=sender,
-            inbound=inbound,
-            parsed=parsed,
-            now=now,
-        )
+    page = _page(filing, context, delivery, ticket, outcome is Outcome.CREATED, reopened)
     outmail = None
-    if (
-        outcome is Outcome.CREATED
-        and kind == MessageKind.HUMAN
-        and acks is not None
-        and acks.enabled
-        and route.ack
-    ):
-        filing.flush()  # the acknowledgement reads the ticket's participants
-        try:
-            with session.begin_nested():  # an acknowledgement problem never costs the ticket
-                outmail = plan_ack(
-                    session,
-                    acks,
-                    ticket,
-                    route=route.name,
-                    desk_address=addresses.route_key(route.recipient),
-                    in_reply_to="" if parsed.message_id_synthesized else parsed.message_id,
-                    now=now,
-                    paged=page is not None and page.status == "pending",
-                )
-        except Exception:
-            log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)
-            outmail = None
+    if outcome is Outcome.CREATED and kind == MessageKind.HUMAN:
+        outmail = _acknowledge(filing, context, delivery, ticket, route, page)
     filed = Filed(
         inbound.id,
         outcome,
@@ -760,6 +651,208 @@ def file_message(
         auto_reasons=tuple(reasons),
     )
     return _with_ack(_with_page(filed, page), outmail)
+
+
+def _our_own_mail(parsed: ParsedMessage, acks: AckPolicy | None) -> str | None:
+    """Why this is maild's own mail come back (a loop), or None."""
+    if acks is None:
+        return None
+    return hygiene.loop_reason(
+        parsed.headers,
+        parsed.message_id,
+        our_loop_id=acks.loop_id,
+        message_id_domain=acks.message_id_domain,
+    )
+
+
+def _look_up(
+    filing: _Filing,
+    context: FilingContext,
+    inbound: Envelope,
+    parsed: ParsedMessage,
+    now: datetime,
+) -> tuple[_Delivery, tuple[int, str | None] | None]:
+    """The delivery routed, and the stored message it is a copy of (its ticket and
+    fingerprint), if any. The same Message-ID with another sender or body is not the same
+    message: it gets an id of its own and threads by its own headers, like any other."""
+    sender = sender_of(parsed, inbound.mail_from)
+    routes, unrouted = context.table.decide_all(inbound.rcpt_tos, MessageContext.of(parsed, sender))
+    fingerprint = _fingerprint(sender, parsed)
+    stored = filing.stored(message_id_hash(parsed.message_id))
+    if stored is not None and stored[1] is not None and stored[1] != fingerprint:
+        parsed = _own_message_id(parsed, stored[0], fingerprint)
+        stored = filing.stored(message_id_hash(parsed.message_id))  # a retry of this one
+    return _Delivery(inbound, parsed, sender, routes, unrouted, fingerprint, now), stored
+
+
+def _file_duplicate(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    stored: tuple[int, str | None],
+) -> Filed:
+    """A copy of a stored message: nothing new is stored, but a route may raise its
+    ticket's priority, and a copy that reached sysops@ pages (unless the desk has solved
+    or closed the ticket since: nothing would explain the page then)."""
+    ticket = filing.ticket(stored[0])
+    assert ticket is not None
+    if delivery.routes:
+        _raise_priority(filing, ticket, best_decision(delivery.routes))
+    _mark(delivery.inbound, InboundStatus.DUPLICATE, delivery.now, ticket.id)
+    page = None
+    if TicketStatus(ticket.status) not in CLOSED_STATUSES:
+        page = _page(filing, context, delivery, ticket, created=False, reopened=False)
+    return _with_page(Filed(delivery.inbound.id, Outcome.DUPLICATE, ticket.id), page)
+
+
+def _route(delivery: _Delivery) -> Decision:
+    """The decision for the delivery's recipients; ProcessingError when the table no
+    longer routes any of them."""
+    if not delivery.routes:
+        raise ProcessingError(
+            f"no route for {', '.join(delivery.unrouted) or 'any recipient'} in the current "
+            "rules (they changed after the message was accepted); fix the rules, then "
+            "`maild reprocess`"
+        )
+    return best_decision(delivery.routes)
+
+
+def _ticket_for(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    route: Decision,
+    kind: MessageKind,
+) -> tuple[Ticket, Outcome, bool, str | None]:
+    """The ticket the message threads into (reopened when a person writes to a pending,
+    solved or closed one; automatic mail never reopens), else a new one: (ticket,
+    outcome, reopened, how it threaded)."""
+    parsed, sender, now = delivery.parsed, delivery.sender, delivery.now
+    ticket, how = find_thread(
+        filing, parsed, sender.email if sender else "", delivery.inbound.rcpt_tos, context.acks
+    )
+    if ticket is None:
+        ticket = filing.new_ticket(
+            dict(
+                type=route.type.value,
+                priority=route.priority.value,
+                status=TicketStatus.OPEN.value,
+                subject=parsed.subject,
+                requester_email=sender.email if sender else "",
+                requester_name=sender.name if sender else "",
+                rule=route.name,
+                rules_version=context.table.version,
+                application=route.application,
+                tags=list(route.tags),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        return ticket, Outcome.CREATED, False, how
+    reopened = kind == MessageKind.HUMAN and TicketStatus(ticket.status) in REOPENS
+    if reopened:
+        ticket.status = TicketStatus.OPEN.value
+    _raise_priority(filing, ticket, route)
+    ticket.updated_at = now
+    filing.changed(ticket)
+    return ticket, Outcome.THREADED, reopened, how
+
+
+def _store(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    ticket: Ticket,
+    route: Decision,
+    kind: MessageKind,
+    reasons: list[str],
+    outcome: Outcome,
+) -> None:
+    """The sender and the addresses in To and Cc as participants (the sender is the
+    requester of a new ticket; at most max_recipients are added), and the message."""
+    parsed, sender = delivery.parsed, delivery.sender
+    role = ParticipantRole.REQUESTER if outcome is Outcome.CREATED else ParticipantRole.CC
+    others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
+    people = ([(sender, role)] if sender else []) + others
+    acks = context.acks
+    limit = acks.limits.max_recipients if acks is not None else DEFAULT_MAX_RECIPIENTS
+    left_out = _add_participants(filing, ticket, people, context.table, delivery.now, limit)
+    notes = []
+    if left_out:
+        notes.append(
+            f"TooManyAddresses: {left_out} more addresses in From, To and Cc were not added "
+            f"as participants ([outbound] max_recipients = {limit})"
+        )
+    _store_message(
+        filing,
+        ticket,
+        delivery.inbound,
+        parsed,
+        route,
+        delivery.now,
+        kind=kind,
+        auto_reasons=reasons,
+        fingerprint=delivery.fingerprint,
+        notes=notes,
+        rules_version=context.table.version,
+    )
+
+
+def _page(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    ticket: Ticket,
+    created: bool,
+    reopened: bool,
+) -> Page | None:
+    """The page this delivery calls for, if paging is on (escalation.plan_trigger)."""
+    if context.policy is None:
+        return None
+    return plan_trigger(
+        filing.session,
+        context.policy,
+        ticket,
+        routes=delivery.routes,
+        created=created,
+        reopened=reopened,
+        sender=delivery.sender,
+        inbound=delivery.inbound,
+        parsed=delivery.parsed,
+        now=delivery.now,
+    )
+
+
+def _acknowledge(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    ticket: Ticket,
+    route: Decision,
+    page: Page | None,
+) -> Outmail | None:
+    """The acknowledgement of a person's new ticket, when the route asks for one; a
+    problem writing it is logged and never costs the ticket."""
+    acks = context.acks
+    if acks is None or not acks.enabled or not route.ack:
+        return None
+    filing.flush()  # the acknowledgement reads the ticket's participants
+    parsed = delivery.parsed
+    try:
+        with filing.session.begin_nested():
+            return plan_ack(
+                filing.session,
+                acks,
+                ticket,
+                route=route.name,
+                desk_address=addresses.route_key(route.recipient),
+                in_reply_to="" if parsed.message_id_synthesized else parsed.message_id,
+                now=delivery.now,
+                paged=page is not None and page.status == "pending",
+            )
+    except Exception:
+        log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)
+        return None
 
 
 def _mark_failed(inbound: Envelope, error: str) -> Filed:
