@@ -1024,7 +1024,7 @@ def db_upgrade(config_path: Path | None, as_json: bool, revision: str) -> None:
 def db_current(config_path: Path | None, as_json: bool) -> None:
     """The database's schema revision and the one this maild needs (exit 1 if they differ;
     78 when there is no database, or no maild tables in it)."""
-    from maild.schema import schema_state
+    from maild.schema import SchemaMissing, schema_state
 
     settings = _settings(config_path, quiet=False)
     database = _database(settings, schema=False)
@@ -1035,11 +1035,7 @@ def db_current(config_path: Path | None, as_json: bool) -> None:
     finally:
         database.close()
     if state.empty and state.current is None:
-        _fail(
-            f"{database.name} has no maild tables; create them with "
-            f"`maild db upgrade --config {settings.source}`",
-            EX_CONFIG,
-        )
+        _fail(str(SchemaMissing(database.name, settings.source)), EX_CONFIG)
     view = {
         "database": database.name,
         "current": state.current,

@@ -86,6 +86,12 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
 class SchemaMissing(SchemaError):
     """The database has no maild tables at all (a wrong URL, or never upgraded)."""
 
+    def __init__(self, name: str, config_path: object) -> None:
+        super().__init__(
+            f"{name} has no maild tables; create them with "
+            f"`maild db upgrade --config {config_path}`"
+        )
+
 
 def ensure_current(
     engine: Engine, config_path: str, *, create_if_empty: bool, name: str = "the database"
@@ -101,7 +107,7 @@ def ensure_current(
         return schema_state(engine)
     fix = f"maild db upgrade --config {config_path}"
     if state.empty and state.current is None:
-        raise SchemaMissing(f"{name} has no maild tables; create them with `{fix}`")
+        raise SchemaMissing(name, config_path)
     if state.current is not None and state.current not in known_revisions():
         raise SchemaError(
             f"{name}: the schema is at revision {state.current}, which this maild does not "
