@@ -542,6 +542,7 @@ def load_rules(folder: Path) -> RuleTable:
         digest.update(path.name.encode() + b"\0" + data + b"\0")
         toml = TomlLines(text)
         where = _Locator(toml, toml.array("route"))
+        changed = _mtime(path)  # a duplicate name is blamed on the file changed last
         for key in sorted(set(table) - {"route"}):
             problems.append(Problem(file, 1, f"unknown top-level key {key!r} (expected [[route]])"))
         raw_routes = table.get("route", [])
@@ -552,7 +553,7 @@ def load_rules(folder: Path) -> RuleTable:
             route = _check_route(raw, index, len(routes), where, file, problems)
             if route is None:
                 continue
-            name_line, changed = where.key(index, "name"), _mtime(path)
+            name_line = where.key(index, "name")
             if route.name in names:
                 # Blame the definition the admin touched last (the newer file; in one
                 # file, the later route), not the one that happens to be read first.
