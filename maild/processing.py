@@ -316,6 +316,10 @@ class _Roster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
+    def close(self) -> None:
+        """Its pool is shut down: no worker will announce itself any more."""
+        self.queue.close()
+
 
 def _make_pool(
     workers: int, database: Database, log: tuple[str, str]
@@ -407,6 +411,8 @@ class Processor:
                     self._roster.kill()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._roster is not None:
+            self._roster.close()
 
     def _restart_pool(self) -> None:
         old, old_roster = self._pool, self._roster
@@ -415,6 +421,8 @@ class Processor:
             if old_roster is not None:
                 old_roster.kill()
             old.shutdown(wait=False, cancel_futures=True)
+            if old_roster is not None:
+                old_roster.close()
 
     async def _count_failure(self, inbound_id: int, exc: Exception) -> None:
         """A message that alone fails its batch three times is set aside as failed."""
