@@ -126,10 +126,10 @@ def _insert_live(
     say). Only a put timing out during the COMMIT itself can still be stored."""
     live = [(delivery, future) for delivery, future in batch if not future.done()]
     ids = insert_deliveries(connection, [delivery for delivery, _ in live])
-    gone = [i for (_, future), i in zip(live, ids, strict=True) if future.done()]
+    gone = {i for (_, future), i in zip(live, ids, strict=True) if future.done()}
     if not gone:
         return live, ids
-    connection.execute(delete(_INBOUND).where(_INBOUND.c.id.in_(gone)))
+    connection.execute(delete(_INBOUND).where(_INBOUND.c.id.in_(sorted(gone))))
     kept = [(pair, i) for pair, i in zip(live, ids, strict=True) if i not in gone]
     return [pair for pair, _ in kept], [i for _, i in kept]
 
