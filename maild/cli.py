@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,12 +115,17 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+_NO_DATABASE = re.compile(r'FATAL:\s+database ".*" does not exist')
+
+
 def _database_problem(name: str, exc: BaseException) -> tuple[str, int]:
     """A database error as one line naming the database, and its exit code: 78 when the
     database does not exist (a wrong URL), else 1."""
     orig = getattr(exc, "orig", None) or exc
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    if getattr(orig, "sqlstate", None) == "3D000":  # PostgreSQL: invalid_catalog_name
+    # PostgreSQL's invalid_catalog_name. A refused connection carries no SQLSTATE (libpq
+    # gives only the server's text), so its message is read too.
+    if getattr(orig, "sqlstate", None) == "3D000" or _NO_DATABASE.search(first):
         return f"there is no database {name}: {first}", EX_CONFIG
     return f"database {name} is not usable: {first}", 1
 
