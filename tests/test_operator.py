@@ -320,6 +320,56 @@ def test_an_unwritable_folder_is_one_line_naming_it_exit_78(
         subprocess.run([chattr, "-i", str(folder)], check=True)
 
 
+def test_a_folder_named_as_the_database_and_a_folder_that_cannot_be_made(
+    tmp_path: Path, rules_dir: Path
+) -> None:
+    """The other paths SQLite cannot use are one line naming them too, exit 78: a folder
+    given where the database file goes, and missing folders under an immutable one."""
+    (tmp_path / "maild.db").mkdir()
+    config = _config_for(tmp_path, rules_dir, tmp_path / "maild.db")
+    for args in COMMANDS:
+        result = run(*args, "--config", str(config))
+        assert result.returncode == 78, (args, result.stderr)
+        assert one_line(result.stderr).endswith(
+            f"[database] url: {tmp_path}/maild.db is a folder; name a file in it (…/maild.db)\n"
+        ), args
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(locked)], check=False).returncode:
+        pytest.skip("chattr +i is not available here: no way to make a folder unwritable to root")
+    try:
+        config = _config_for(tmp_path, rules_dir, locked / "new" / "maild.db")
+        result = run("db", "upgrade", "--config", str(config))
+        assert result.returncode == 78, result.stderr
+        assert (
+            f"[database] url: {locked}/new/maild.db: cannot create the folder {locked}/new: "
+            in (one_line(result.stderr))
+        )
+    finally:
+        subprocess.run([chattr, "-i", str(locked)], check=True)
+
+
+def test_a_postgresql_database_that_does_not_exist_exits_78_naming_it(
+    tmp_path: Path, rules_dir: Path
+) -> None:
+    """A wrong database name in the URL is a config error (78), not an empty desk."""
+    if not PG_URL:
+        pytest.skip("a missing PostgreSQL database: needs MAILD_TEST_DATABASE_URL")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_URL).set(database="maild_no_such_database")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[database]\nurl = "{url.render_as_string(hide_password=False)}"\n'
+        f'[rules]\npath = "{rules_dir}"\n[pagerduty]\nenabled = false\n'
+    )
+    for args in (("tickets", "list"), ("db", "current"), ("db", "upgrade")):
+        result = run(*args, "--config", str(config))
+        assert result.returncode == 78, (args, result.stderr)
+        assert f"there is no database {describe(str(url))}: " in one_line(result.stderr), args
+
+
 # 4. rules explain --message names the table that filed the message.
 
 BILLING_ON_SUPPORT = """
@@ -339,7 +389,9 @@ def test_explain_of_a_stored_message_names_the_table_that_filed_it(
     earlier by `support`, and its JSON showed the new table's version without a word."""
     config = make_config()
     with RunningMaild(load_settings(config)) as maild:
-        maild.send(mail("Invoice 2291 is wrong"), ["support@altis-dxp.com"])
+        invoice = mail("Invoice 2291 is wrong")
+        maild.send(invoice, ["support@altis-dxp.com"])
+        maild.send(invoice, ["support@altis-dxp.com"])  # an MTA's retry: a duplicate
         maild.settle()
         old = maild.service.rules.version
         (ticket,) = maild.tickets()
@@ -361,6 +413,16 @@ def test_explain_of_a_stored_message_names_the_table_that_filed_it(
     same = invoke(config, "rules", "explain", "--message", "1")
     assert same.stdout.splitlines()[0] == (
         f"filed by `support` into ticket #{ticket['id']} (table {old[:12]}, today's table)"
+    )
+    again = invoke(config, "rules", "explain", "--message", "2")  # the copy: a duplicate
+    assert again.stdout.splitlines()[0] == (
+        "not filed by a route (no ticket message); today's table would choose `support`"
+    )
+    assert (
+        json.loads(invoke(config, "rules", "explain", "--message", "2", "--json").stdout)[
+            "table_changed"
+        ]
+        is None
     )
 
 
@@ -572,6 +634,30 @@ def test_pages_test_names_an_unreachable_url_and_does_not_blame_pagerduty(
     assert result.exit_code == 1
     assert one_line(result.stderr).startswith(f"maild: could not reach {url}: ")
     assert "PagerDuty" not in result.stderr
+
+
+@pytest.mark.parametrize(("code", "says"), [(500, "a temporary failure"), (400, "refused")])
+def test_pages_test_tells_a_temporary_failure_from_a_refusal(
+    make_config: Callable[..., Path], tmp_path: Path, code: int, says: str
+) -> None:
+    """A 5xx (or 408, 429) is PagerDuty's trouble, to try again; other 4xx a refusal."""
+    from tests.fake_events import FakeEvents
+
+    with FakeEvents(tmp_path / "events") as events:
+        events.fail_always(code, "injected")
+        config = make_config(
+            f'[pagerduty]\nrouting_key = "{"0" * 32}"\nevents_url = "{events.url}"\n'
+            f'ca_file = "{events.ca_file}"\ntimeout = "2s"\n'
+        )
+        result = invoke(config, "pages", "test")
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    if code == 500:
+        assert line.startswith(f"maild: {events.url} answered 500, a temporary failure"), line
+    else:
+        assert line.startswith(
+            f"maild: PagerDuty refused the test event ({events.url} answered 400): "
+        ), line
 
 
 # 8. Deployment details.

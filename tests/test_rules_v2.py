@@ -530,3 +530,31 @@ def test_explain_and_replay_route_by_the_sender_filing_used(
     assert explained["decision"]["route"] == "support"
     (replayed,) = json.loads(cli(config, "rules", "replay", "--json").stdout)
     assert (replayed["was"], replayed["now"], replayed["changed"]) == ("support", "support", False)
+
+
+NOISE = """
+[[route]]
+name = "noise"
+recipients = ["support@altis-dxp.com"]
+headers = { "List-Id" = "newsletter" }
+drop = true
+"""
+
+
+def test_replay_names_the_route_that_dropped_a_delivery(
+    make_config: Callable[..., Path], rules_dir: Path
+) -> None:
+    """A delivery a route dropped keeps that route (inbound.dropped_by_route): replay
+    says it was `noise`, and, once the route is gone, that it would now be `support`."""
+    (rules_dir / "00-noise.toml").write_text(NOISE)
+    config = make_config()
+    with RunningMaild(load_settings(config)) as maild:
+        maild.send(
+            mail("Weekly news", List_Id="<newsletter.vendor.example>"), ["support@altis-dxp.com"]
+        )
+        maild.settle()
+        (row,) = maild.service.database.run_read(lambda s: s.exec(select(Inbound)).all())
+    assert (row.status, row.dropped_by_route) == ("dropped", "noise")
+    (rules_dir / "00-noise.toml").unlink()
+    (replayed,) = json.loads(cli(config, "rules", "replay", "--json").stdout)
+    assert (replayed["was"], replayed["now"], replayed["changed"]) == ("noise", "support", True)
