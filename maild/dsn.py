@@ -100,12 +100,12 @@ def _original_message_id(part: email.message.Message) -> str:
         payload = part.get_payload()
         inner = payload[0] if isinstance(payload, list) and payload else None
         if isinstance(inner, email.message.Message):
-            return normalize_message_id(" ".join(str(inner.get("Message-ID", "")).split()))
+            return normalize_message_id(one_line(inner.get("Message-ID", "")))
         return ""
     raw = part.get_payload(decode=True)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
     headers = email.message_from_string(text.split("\n\n", 1)[0] + "\n")
-    return normalize_message_id(" ".join(str(headers.get("Message-ID", "")).split()))
+    return normalize_message_id(one_line(headers.get("Message-ID", "")))
 
 
 def is_report(raw: bytes) -> bool:
