@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from maild.enums import InboundStatus
+from maild.enums import InboundStatus, OutboxStatus
 from maild.models import Inbound, Message
 
 
@@ -108,9 +108,11 @@ def backlog(session: Session) -> dict[str, int]:
             .group_by(col(Inbound.status))
         ).all()
     )
-    pages = session.exec(select(func.count(col(Page.id))).where(Page.status == "pending")).one()
+    pages = session.exec(
+        select(func.count(col(Page.id))).where(Page.status == OutboxStatus.PENDING)
+    ).one()
     mail = session.exec(
-        select(func.count(col(Outmail.id))).where(Outmail.status == "pending")
+        select(func.count(col(Outmail.id))).where(Outmail.status == OutboxStatus.PENDING)
     ).one()
     return {
         "inbound": counts.get("received", 0),

@@ -55,6 +55,7 @@ from maild.enums import (
     Direction,
     InboundStatus,
     MessageKind,
+    OutboxStatus,
     Outcome,
     ParticipantRole,
     Priority,
@@ -848,7 +849,7 @@ def _acknowledge(
                 desk_address=addresses.route_key(route.recipient),
                 in_reply_to="" if parsed.message_id_synthesized else parsed.message_id,
                 now=delivery.now,
-                paged=page is not None and page.status == "pending",
+                paged=page is not None and page.status == OutboxStatus.PENDING,
             )
     except Exception:
         log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)

@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild import metrics
 from maild.acks import AckPolicy
 from maild.database import Database
-from maild.enums import InboundStatus, Outcome
+from maild.enums import InboundStatus, OutboxStatus, Outcome
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
@@ -131,7 +131,9 @@ def _log_results(results: Sequence[Filed]) -> None:
         if filed.page_status == "withheld":
             metrics.PAGES.labels("trigger", "withheld").inc()
         if filed.ack_status is not None:
-            metrics.ACKS.labels("queued" if filed.ack_status == "pending" else "withheld").inc()
+            metrics.ACKS.labels(
+                "queued" if filed.ack_status == OutboxStatus.PENDING else "withheld"
+            ).inc()
         if filed.outcome is Outcome.DROPPED:
             metrics.HYGIENE.labels("loop" if filed.kind == "auto" else filed.kind).inc()
         elif filed.kind != "human":
@@ -526,6 +528,6 @@ class Processor:
             self._batch_limit = MAX_BATCH_MESSAGES
             _log_results(results)
             if self._on_filed is not None and any(
-                f.page_status == "pending" or f.ack_status == "pending" for f in results
+                OutboxStatus.PENDING in (f.page_status, f.ack_status) for f in results
             ):
                 self._on_filed(results)
