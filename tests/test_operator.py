@@ -284,17 +284,37 @@ def _config_for(tmp_path: Path, rules_dir: Path, db: Path) -> Path:
 COMMANDS = [("serve",), ("db", "upgrade"), ("db", "current"), ("tickets", "list")]
 
 
+def refusals(config: Path) -> list[str]:
+    """Each of COMMANDS on the config: each must exit 78 with one line; those lines."""
+    lines = []
+    for args in COMMANDS:
+        result = run(*args, "--config", str(config))
+        assert result.returncode == 78, (args, result.stderr)
+        lines.append(one_line(result.stderr))
+    return lines
+
+
+@contextlib.contextmanager
+def immutable(folder: Path) -> Iterator[None]:
+    """The folder made immutable (root, who runs the tests, ignores permission bits)."""
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], check=False).returncode:
+        pytest.skip("chattr +i is not available here: no way to make a folder unwritable to root")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
 def test_a_sqlite_path_through_a_file_is_one_line_exit_78(tmp_path: Path, rules_dir: Path) -> None:
     """Seen: `url = "sqlite:////srv/maild/afile/maild.db"` ended serve and db upgrade with
     FileExistsError and a traceback."""
     (tmp_path / "afile").write_text("not a folder")
     config = _config_for(tmp_path, rules_dir, tmp_path / "afile" / "maild.db")
-    for args in COMMANDS:
-        result = run(*args, "--config", str(config))
-        assert result.returncode == 78, (args, result.stderr)
-        assert one_line(result.stderr).endswith(
+    for line in refusals(config):
+        assert line.endswith(
             f"[database] url: {tmp_path}/afile/maild.db: {tmp_path}/afile is a file, not a folder\n"
-        ), args
+        ), line
 
 
 def test_an_unwritable_folder_is_one_line_naming_it_exit_78(
@@ -306,18 +326,11 @@ def test_an_unwritable_folder_is_one_line_naming_it_exit_78(
     folder.mkdir()
     config = _config_for(tmp_path, rules_dir, folder / "maild.db")
     assert run("db", "upgrade", "--config", str(config)).returncode == 0
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(folder)], check=False).returncode:
-        pytest.skip("chattr +i is not available here: no way to make a folder unwritable to root")
-    try:
-        for args in COMMANDS:
-            result = run(*args, "--config", str(config))
-            assert result.returncode == 78, (args, result.stderr)
+    with immutable(folder):
+        for line in refusals(config):
             assert f"[database] url: {folder}/maild.db: the folder {folder} is not writable" in (
-                one_line(result.stderr)
-            ), args
-    finally:
-        subprocess.run([chattr, "-i", str(folder)], check=True)
+                line
+            ), line
 
 
 def test_a_folder_named_as_the_database_and_a_folder_that_cannot_be_made(
@@ -327,18 +340,13 @@ def test_a_folder_named_as_the_database_and_a_folder_that_cannot_be_made(
     given where the database file goes, and missing folders under an immutable one."""
     (tmp_path / "maild.db").mkdir()
     config = _config_for(tmp_path, rules_dir, tmp_path / "maild.db")
-    for args in COMMANDS:
-        result = run(*args, "--config", str(config))
-        assert result.returncode == 78, (args, result.stderr)
-        assert one_line(result.stderr).endswith(
+    for line in refusals(config):
+        assert line.endswith(
             f"[database] url: {tmp_path}/maild.db is a folder; name a file in it (…/maild.db)\n"
-        ), args
+        ), line
     locked = tmp_path / "locked"
     locked.mkdir()
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(locked)], check=False).returncode:
-        pytest.skip("chattr +i is not available here: no way to make a folder unwritable to root")
-    try:
+    with immutable(locked):
         config = _config_for(tmp_path, rules_dir, locked / "new" / "maild.db")
         result = run("db", "upgrade", "--config", str(config))
         assert result.returncode == 78, result.stderr
@@ -346,8 +354,6 @@ def test_a_folder_named_as_the_database_and_a_folder_that_cannot_be_made(
             f"[database] url: {locked}/new/maild.db: cannot create the folder {locked}/new: "
             in (one_line(result.stderr))
         )
-    finally:
-        subprocess.run([chattr, "-i", str(locked)], check=True)
 
 
 def test_a_postgresql_database_that_does_not_exist_exits_78_naming_it(
