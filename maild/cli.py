@@ -887,8 +887,9 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
     import socket
     import uuid
 
+    from maild.errors import SendDeferred, SendRefused
     from maild.models import utcnow
-    from maild.pager import EventsClient, PageError
+    from maild.pager import EventsClient
 
     settings = _settings(config_path)
     if not settings.pagerduty.key():
@@ -917,7 +918,7 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
         if not no_resolve:
             client.send({"event_action": "resolve", "dedup_key": key})
             click.echo("resolve accepted")
-    except PageError as exc:
+    except (SendDeferred, SendRefused) as exc:
         url = settings.pagerduty.events_url
         if exc.status is None:  # no answer at all: DNS, connect, TLS, timeout
             _fail(f"could not reach {url}: {exc}")

@@ -9,11 +9,17 @@ exit codes.
     ├── ConfigError            a settings file is wrong (names file and key)
     ├── RulesError             the routing table is wrong (names file:line)
     ├── TemporaryFailure       our fault: answer 4xx / exit 75, keep the mail
-    │   └── StorageUnavailable the database did not take the write
-    │       └── StorageTimeout the write did not finish within busy_timeout
+    │   ├── StorageUnavailable the database did not take the write
+    │   │   └── StorageTimeout the write did not finish within busy_timeout
+    │   └── SendDeferred       an outbox send failed for now: the outbox retries it
     └── PermanentFailure       the sender's fault: answer 5xx / exit 6x
         ├── RecipientRefused   no route for this address, or not our domain
-        └── MessageTooLarge    over [smtp] max_message_size
+        ├── MessageTooLarge    over [smtp] max_message_size
+        └── SendRefused        the far end refused what an outbox sent: no retry
+
+The outbox senders (the pager to PagerDuty, the mailer to the smarthost) raise
+only SendDeferred and SendRefused from an attempt; outbox.OutboxWorker decides
+what each means for the row.
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ class StorageTimeout(StorageUnavailable):
     reason = "store_timeout"
 
 
+class SendDeferred(TemporaryFailure):
+    """One attempt of an outbox send failed in a way worth trying again: a network error,
+    a timeout, 429 or 5xx from PagerDuty, a 4xx from the smarthost, a refused login."""
+
+    def __init__(
+        self, message: str, status: int | None = None, *, possibly_delivered: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status when one came; None when no answer did
+        self.possibly_delivered = possibly_delivered  # sent, but no reply came to say so
+
+
 class PermanentFailure(MaildError):
     """The sender's fault: retrying the same thing will not help (SMTP 5xx)."""
 
@@ -87,3 +105,12 @@ class MessageTooLarge(PermanentFailure):
     """The message is larger than [smtp] max_message_size."""
 
     smtp_reply = "552 5.3.4 Message size exceeds fixed maximum message size"
+
+
+class SendRefused(PermanentFailure):
+    """The far end refused what an outbox sent (PagerDuty's 400, the smarthost's 5xx to
+    MAIL or DATA): sending it again cannot help."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

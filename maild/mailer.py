@@ -27,40 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import aiosmtplib
 import structlog
 from sqlmodel import Session, col, select
-from tenacity import RetryCallState
 
 from maild import metrics
 from maild.config import OutboundSettings, parse_hostport
 from maild.database import Database
-from maild.enums import MailStatus, RecipientState
+from maild.enums import MailStatus, OutboxStatus, RecipientState
+from maild.errors import SendDeferred, SendRefused
 from maild.models import Outmail, OutmailRecipient, as_utc, utcnow
-from maild.outbox import POLL_SECONDS, OutboxWorker, Stopping, record_outcome, reopen, tls_context
+from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
 from maild.outgoing import mark_undeliverable
 
 log = structlog.get_logger("maild.mailer")
-
-
-class MailError(Exception):
-    """A failed attempt to send an outgoing mail."""
-
-
-class TransientMailError(MailError):
-    """Worth trying again: network, timeout, 4xx, a login the operator may fix."""
-
-    def __init__(self, message: str, *, possibly_delivered: bool = False) -> None:
-        super().__init__(message)
-        self.possibly_delivered = possibly_delivered  # no reply came to the end of DATA
-
-
-class PermanentMailError(MailError):
-    """The smarthost refused the mail itself (5xx to MAIL FROM or DATA)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +69,14 @@ class MailJob:
             and self.mail_from.isascii()
             and all(r.isascii() for r in self.recipients)
         )
+
+
+@dataclass
+class MailDelivery(Delivery[MailJob]):
+    """A mail's delivery: the recipients not yet settled, and those refused so far."""
+
+    pending: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
 # The outbox rows.
@@ -232,7 +225,7 @@ class SmtpClient:
         the row (outgoing.queue_mail never does)."""
         settings = self._settings
         if len(recipients) > settings.max_recipients:
-            raise PermanentMailError(
+            raise SendRefused(
                 f"not sent: {len(recipients)} recipients, more than [outbound] "
                 f"max_recipients = {settings.max_recipients}"
             )
@@ -263,28 +256,26 @@ class SmtpClient:
                 await client.quit(timeout=settings.timeout)
             return outcome
         except aiosmtplib.SMTPAuthenticationError as exc:
-            raise TransientMailError(
+            raise SendDeferred(
                 f"login refused by {settings.smarthost} ({_reply(exc.code, exc.message)}); "
                 "check [outbound] username and password"
             ) from None
         except aiosmtplib.SMTPNotSupported as exc:
-            raise PermanentMailError(f"{settings.smarthost}: {exc}") from None
+            raise SendRefused(f"{settings.smarthost}: {exc}") from None
         except aiosmtplib.SMTPResponseException as exc:
             what = _reply(exc.code, exc.message)
             if 500 <= exc.code < 600:
-                raise PermanentMailError(f"{settings.smarthost} refused the mail: {what}") from None
-            raise TransientMailError(f"{settings.smarthost}: {what}") from None
+                raise SendRefused(f"{settings.smarthost} refused the mail: {what}") from None
+            raise SendDeferred(f"{settings.smarthost}: {what}") from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
             if stage == "data":
-                raise TransientMailError(
+                raise SendDeferred(
                     f"{settings.smarthost}: no reply to the end of DATA "
                     f"({type(exc).__name__}: {detail}); possibly delivered",
                     possibly_delivered=True,
                 ) from None
-            raise TransientMailError(
-                f"{settings.smarthost}: {type(exc).__name__}: {detail}"
-            ) from None
+            raise SendDeferred(f"{settings.smarthost}: {type(exc).__name__}: {detail}") from None
         finally:
             client.close()
 
@@ -325,7 +316,14 @@ class Mailer(OutboxWorker[MailJob]):
     """The background task that delivers the mail outbox."""
 
     noun = "acknowledgements"
+    thing = "acknowledgement"
+    give_up_key = "[outbound] give_up_after"
     model = Outmail
+    unrecorded_attempt = "could not record an acknowledgement attempt"
+    unrecorded: ClassVar[Mapping[OutboxStatus, str]] = {
+        OutboxStatus.FAILED: "could not record a failed acknowledgement",
+        OutboxStatus.SENT: "could not record a sent acknowledgement; it will be sent again",
+    }
 
     def __init__(
         self,
@@ -336,9 +334,8 @@ class Mailer(OutboxWorker[MailJob]):
         poll_interval: float = POLL_SECONDS,
     ) -> None:
         # A claimed row is not claimed again until this long after: the longest attempt.
-        super().__init__(database, claimer, poll_interval, lease=settings.attempt_limit() + 60)
+        super().__init__(database, claimer, poll_interval, settings.attempt_limit() + 60, settings)
         self._client = client
-        self._settings = settings
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[MailJob]:
         return claim_due(session, now, limit, self._lease, self._claimer)
@@ -346,139 +343,78 @@ class Mailer(OutboxWorker[MailJob]):
     def job_name(self, job: MailJob) -> str:
         return f"maild-mail-{job.id}"
 
-    async def _write(self, what: str, job: MailJob, fn: Any) -> bool:
-        try:
-            await self._database.write(fn)
-            return True
-        except Exception as exc:  # the row stays pending: it is sent again (a second copy)
-            log.error(what, outmail=job.id, error=str(exc)[:500])
-            return False
+    def fields(self, job: MailJob) -> dict[str, Any]:
+        return {"outmail": job.id, "ticket": job.ticket_id}
 
-    async def deliver(self, job: MailJob) -> None:
-        deadline = job.queued_at + timedelta(seconds=self._settings.give_up_after)
-        remaining = max(0.0, (deadline - utcnow()).total_seconds())
-        attempts = job.attempts
-        pending = list(job.recipients)
+    def begin(self, job: MailJob) -> MailDelivery:
+        return MailDelivery(job, job.attempts, self._clock(), list(job.recipients))
 
-        async def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            wait = state.upcoming_sleep
-            await self._write(
-                "could not record an acknowledgement attempt",
-                job,
-                lambda s: record_outcome(
-                    s,
-                    Outmail,
-                    job.id,
-                    attempts=attempts,
-                    status=MailStatus.PENDING,
-                    error=str(error),
-                    next_attempt_at=utcnow() + timedelta(seconds=wait + self._lease),
-                ),
-            )
-            metrics.ACKS.labels("retried").inc()
-            log.warning(
-                "acknowledgement possibly delivered; sending it again"
-                if getattr(error, "possibly_delivered", False)
-                else "acknowledgement attempt failed; will retry",
-                outmail=job.id,
-                ticket=job.ticket_id,
-                attempts=attempts,
-                error=str(error),
-                retry_in=round(wait, 1),
-            )
+    async def attempt(self, delivery: Delivery[MailJob]) -> None:
+        assert isinstance(delivery, MailDelivery)
+        job = delivery.job
+        outcome = await self._client.send(job, delivery.pending)
+        settled = {a: r for a, r in outcome.items() if r[0] != RecipientState.PENDING}
+        if settled:
+            try:
+                await self._database.write(
+                    lambda s: record_recipients(s, job.id, settled, utcnow())
+                )
+            except Exception as exc:  # the row stays pending: it is sent again (a second copy)
+                log.error(
+                    "could not record acknowledgement recipients",
+                    outmail=job.id,
+                    error=str(exc)[:500],
+                )
+            delivery.refused += [a for a, r in settled.items() if r[0] == RecipientState.REFUSED]
+        delivery.pending = [a for a in delivery.pending if a not in settled]
+        if delivery.pending:
+            errors = "; ".join(f"{a}: {outcome[a][1]}" for a in delivery.pending)
+            raise SendDeferred(f"recipients deferred: {errors}")
 
-        retrying = self.retrying(
-            TransientMailError,
-            remaining=remaining,
-            initial=self._settings.retry_initial,
-            longest=self._settings.retry_max,
-            before_sleep=before_sleep,
+    def retried(
+        self, delivery: Delivery[MailJob], error: BaseException | None, wait: float
+    ) -> None:
+        metrics.ACKS.labels("retried").inc()
+        log.warning(
+            "acknowledgement possibly delivered; sending it again"
+            if getattr(error, "possibly_delivered", False)
+            else "acknowledgement attempt failed; will retry",
+            **self.fields(delivery.job),
+            attempts=delivery.attempts,
+            error=str(error),
+            retry_in=round(wait, 1),
         )
-        refused: list[str] = []
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    outcome = await self._client.send(job, pending)
-                    settled = {a: r for a, r in outcome.items() if r[0] != RecipientState.PENDING}
-                    if settled:
-                        await self._write(
-                            "could not record acknowledgement recipients",
-                            job,
-                            lambda s, settled=settled: record_recipients(
-                                s, job.id, settled, utcnow()
-                            ),
-                        )
-                        refused += [a for a, r in settled.items() if r[0] == RecipientState.REFUSED]
-                    pending = [a for a in pending if a not in settled]
-                    if pending:
-                        errors = "; ".join(f"{a}: {outcome[a][1]}" for a in pending)
-                        raise TransientMailError(f"recipients deferred: {errors}")
-        except Stopping:
-            return
-        except MailError as exc:
-            permanent = isinstance(exc, PermanentMailError)
-            error = (
-                str(exc)
-                if permanent
-                else f"gave up after {attempts} attempts over "
-                f"{self._settings.give_up_after:g} s ([outbound] give_up_after): {exc}"
-            )
-            await self._write(
-                "could not record a failed acknowledgement",
-                job,
-                lambda s: record_outcome(
-                    s, Outmail, job.id, attempts=attempts, status=MailStatus.FAILED, error=error
-                ),
-            )
-            metrics.ACKS.labels("failed").inc()
-            log.error(
-                "acknowledgement failed",
-                outmail=job.id,
-                ticket=job.ticket_id,
-                attempts=attempts,
-                error=error,
-            )
-            return
-        except Exception as exc:  # a bug of ours: keep it for `maild acks retry`
-            internal = f"{type(exc).__name__}: {exc}"
-            await self._write(
-                "could not record a failed acknowledgement",
-                job,
-                lambda s: record_outcome(
-                    s,
-                    Outmail,
-                    job.id,
-                    attempts=attempts,
-                    status=MailStatus.FAILED,
-                    error=internal,
-                ),
-            )
-            log.exception("acknowledgement failed: internal error", outmail=job.id)
-            return
-        # Failed only when every recipient was refused and no earlier claim reached anyone.
-        all_refused = len(refused) == len(job.recipients) and job.none_reached_before
-        status = MailStatus.FAILED if all_refused else MailStatus.SENT
-        await self._write(
-            "could not record a sent acknowledgement; it will be sent again",
-            job,
-            lambda s: record_outcome(
-                s,
-                Outmail,
-                job.id,
-                attempts=attempts,
-                status=status,
-                error="every recipient was refused" if all_refused else None,
-            ),
+
+    def failed(
+        self, delivery: Delivery[MailJob], error: SendDeferred | SendRefused, reason: str
+    ) -> None:
+        metrics.ACKS.labels("failed").inc()
+        log.error(
+            "acknowledgement failed",
+            **self.fields(delivery.job),
+            attempts=delivery.attempts,
+            error=reason,
         )
-        metrics.ACKS.labels("failed" if all_refused else "sent").inc()
+
+    def outcome(self, delivery: Delivery[MailJob]) -> tuple[OutboxStatus, str | None]:
+        """Failed only when every recipient was refused and no earlier claim reached anyone."""
+        assert isinstance(delivery, MailDelivery)
+        if (
+            len(delivery.refused) == len(delivery.job.recipients)
+            and delivery.job.none_reached_before
+        ):
+            return OutboxStatus.FAILED, "every recipient was refused"
+        return OutboxStatus.SENT, None
+
+    def done(self, delivery: Delivery[MailJob], status: OutboxStatus) -> None:
+        assert isinstance(delivery, MailDelivery)
+        job = delivery.job
+        metrics.ACKS.labels("sent" if status == OutboxStatus.SENT else "failed").inc()
         log.info(
-            "acknowledgement sent" if not all_refused else "acknowledgement refused",
-            outmail=job.id,
-            ticket=job.ticket_id,
-            recipients=len(job.recipients) - len(refused),
-            refused=refused,
-            attempts=attempts,
+            "acknowledgement sent" if status == OutboxStatus.SENT else "acknowledgement refused",
+            **self.fields(job),
+            recipients=len(job.recipients) - len(delivery.refused),
+            refused=delivery.refused,
+            attempts=delivery.attempts,
             since_queued_ms=round((utcnow() - job.created_at).total_seconds() * 1000),
         )

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import func, update
@@ -37,13 +39,27 @@ from tenacity import (
 
 from maild.database import Database
 from maild.enums import OutboxStatus
+from maild.errors import SendDeferred, SendRefused
 from maild.models import as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.outbox")
 
 CLAIM_LIMIT = 32
 POLL_SECONDS = 1.0  # rows queued by another process (`maild ingest`, the CLI, another host)
-Job = TypeVar("Job")
+
+
+class OutboxJob(Protocol):
+    """A claimed row, detached from its session (escalation.PageJob, mailer.MailJob)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...  # made by earlier claims
+    @property
+    def queued_at(self) -> datetime: ...  # the give-up window starts here
+
+
+Job = TypeVar("Job", bound=OutboxJob)
 
 
 class Stopping(Exception):
@@ -58,24 +74,66 @@ class NotRetryable(ValueError):
     """The row was already sent."""
 
 
+class RetryPolicy(Protocol):
+    """The settings an outbox retries by ([pagerduty] and [outbound] both have them)."""
+
+    give_up_after: float
+    retry_initial: float
+    retry_max: float
+
+
+@dataclass
+class Delivery(Generic[Job]):
+    """One row's delivery in progress: the job and the attempts made on it so far."""
+
+    job: Job
+    attempts: int
+    started: float  # the worker's clock when this claim began
+
+
 class OutboxWorker(Generic[Job]):
-    """Claims due rows and delivers them; subclasses say how."""
+    """Claims due rows and delivers them; a sender subclass supplies one attempt.
+
+    The loop and its bookkeeping are here, once: the give-up window, retries with
+    backoff and jitter (only SendDeferred is retried), the row's pending record
+    before each wait, stopping, permanent refusal vs giving up, an internal error
+    (the row is failed for `retry` by hand), and the final record. The sender says
+    how to claim, how to make one attempt, and what to log and count.
+    """
 
     noun = "rows"  # for log lines: "pages", "acknowledgements"
+    thing = "row"  # one of them: "page", "acknowledgement"
+    give_up_key = ""  # the setting that bounds the retries, for the error text
     model: Any  # the outbox table: Page or Outmail
+    # What is logged when an outcome cannot be written: after a failed attempt (the
+    # retries go on; the lease keeps other workers off the row), after the last one.
+    unrecorded_attempt = "could not record an attempt"
+    unrecorded: ClassVar[Mapping[OutboxStatus, str]] = {
+        OutboxStatus.FAILED: "could not record an outcome"
+    }
 
-    def __init__(self, database: Database, claimer: str, poll_interval: float, lease: float):
+    def __init__(
+        self,
+        database: Database,
+        claimer: str,
+        poll_interval: float,
+        lease: float,
+        policy: RetryPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._database = database
         self._claimer = claimer
         self._poll = poll_interval
         # A claimed row is not claimed again until this long after: an attempt must fit in it.
         self._lease = lease
+        self._policy = policy
+        self._clock = clock
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
 
-    # What a subclass provides.
+    # What a sender provides.
 
     def release(self, session: Session, claimer: str, now: datetime) -> int:
         return release_claims(session, self.model, claimer, now)
@@ -86,14 +144,132 @@ class OutboxWorker(Generic[Job]):
     def claim(self, session: Session, now: datetime, limit: int) -> list[Job]:
         raise NotImplementedError
 
-    async def deliver(self, job: Job) -> None:
+    def job_name(self, job: Job) -> str:
         raise NotImplementedError
 
-    def job_name(self, job: Job) -> str:
+    def begin(self, job: Job) -> Delivery[Job]:
+        """The state of one delivery; a sender that keeps more per delivery extends it."""
+        return Delivery(job, job.attempts, self._clock())
+
+    async def attempt(self, delivery: Delivery[Job]) -> None:
+        """One attempt: return when done, raise SendDeferred to retry, SendRefused to stop."""
+        raise NotImplementedError
+
+    def fields(self, job: Job) -> dict[str, Any]:
+        """What names the row in log lines."""
+        raise NotImplementedError
+
+    def retried(self, delivery: Delivery[Job], error: BaseException | None, wait: float) -> None:
+        """Log and count a failed attempt that will be retried in `wait` seconds."""
+        raise NotImplementedError
+
+    def failed(
+        self, delivery: Delivery[Job], error: SendDeferred | SendRefused, reason: str
+    ) -> None:
+        """Log and count a row failed: refused, or given up on (`reason` is what is kept)."""
+        raise NotImplementedError
+
+    def outcome(self, delivery: Delivery[Job]) -> tuple[OutboxStatus, str | None]:
+        """The row's status after the attempts succeeded (a sender may still call it failed)."""
+        return OutboxStatus.SENT, None
+
+    def done(self, delivery: Delivery[Job], status: OutboxStatus) -> None:
+        """Log and count a row whose attempts succeeded."""
         raise NotImplementedError
 
     async def close(self) -> None:
         """Release what the sender holds (a client, connections)."""
+
+    # One delivery.
+
+    async def deliver(self, job: Job) -> None:
+        """Attempt until sent, refused, given up on or stopped; record each step."""
+        delivery = self.begin(job)
+        policy = self._policy
+        deadline = job.queued_at + timedelta(seconds=policy.give_up_after)
+
+        async def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.upcoming_sleep
+            await self._record(
+                delivery,
+                OutboxStatus.PENDING,
+                str(error),
+                next_attempt_at=utcnow() + timedelta(seconds=wait + self._lease),
+            )
+            self.retried(delivery, error, wait)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(SendDeferred),
+            stop=stop_before_delay(max(0.0, (deadline - utcnow()).total_seconds())),
+            wait=wait_exponential_jitter(
+                multiplier=policy.retry_initial, max=policy.retry_max, jitter=policy.retry_initial
+            ),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    delivery.attempts += 1
+                    await self.attempt(delivery)
+        except Stopping:
+            return
+        except asyncio.CancelledError:
+            raise
+        except (SendDeferred, SendRefused) as exc:
+            reason = (
+                str(exc)
+                if isinstance(exc, SendRefused)
+                else f"gave up after {delivery.attempts} attempts over "
+                f"{policy.give_up_after:g} s ({self.give_up_key}): {exc}"
+            )
+            await self._record(delivery, OutboxStatus.FAILED, reason)
+            self.failed(delivery, exc, reason)
+            return
+        except Exception as exc:  # a bug of ours: keep the row for `maild ... retry`
+            await self._record(delivery, OutboxStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            log.exception(f"{self.thing} failed: internal error", **self.fields(job))
+            return
+        status, error = self.outcome(delivery)
+        await self._record(delivery, status, error)
+        self.done(delivery, status)
+
+    async def _record(
+        self,
+        delivery: Delivery[Job],
+        status: OutboxStatus,
+        error: str | None,
+        next_attempt_at: datetime | None = None,
+    ) -> None:
+        """Write an attempt's or the delivery's outcome. When the write fails the row stays
+        pending: a last outcome lost means the row is sent again (same dedup key; a second
+        copy of a mail), never lost."""
+        row_id = delivery.job.id
+        try:
+            await self._database.write_core(
+                lambda s: record_outcome(
+                    s,
+                    self.model,
+                    row_id,
+                    attempts=delivery.attempts,
+                    status=status,
+                    error=error,
+                    next_attempt_at=next_attempt_at,
+                )
+            )
+        except Exception as exc:
+            if next_attempt_at is not None:
+                log.warning(
+                    self.unrecorded_attempt, **self.fields(delivery.job), error=str(exc)[:500]
+                )
+            else:
+                log.error(
+                    self.unrecorded.get(status, self.unrecorded[OutboxStatus.FAILED]),
+                    **self.fields(delivery.job),
+                    error=str(exc)[:500],
+                )
 
     # The loop.
 
@@ -164,26 +340,6 @@ class OutboxWorker(Generic[Job]):
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-
-    def retrying(
-        self,
-        transient: type[BaseException],
-        *,
-        remaining: float,
-        initial: float,
-        longest: float,
-        before_sleep: Callable[[RetryCallState], Awaitable[Any]],
-    ) -> AsyncRetrying:
-        """tenacity for one delivery: `transient` errors retried with exponential backoff and
-        jitter until `remaining` seconds have passed; every other error raised at once."""
-        return AsyncRetrying(
-            retry=retry_if_exception_type(transient),
-            stop=stop_before_delay(remaining),
-            wait=wait_exponential_jitter(multiplier=initial, max=longest, jitter=initial),
-            sleep=self.sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
 
     async def sleep(self, seconds: float) -> None:
         """tenacity's sleep between attempts; cut short when the daemon stops."""

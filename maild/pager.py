@@ -24,41 +24,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
-from datetime import datetime, timedelta
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, ClassVar
 
 import httpx2
 import pagerduty
 import structlog
 from sqlmodel import Session
-from tenacity import RetryCallState
 
 from maild import metrics
 from maild.config import PagerDutySettings
 from maild.database import Database
-from maild.enums import PageStatus
+from maild.enums import OutboxStatus
+from maild.errors import SendDeferred, SendRefused
 from maild.escalation import PageJob, claim_due
 from maild.models import Page, utcnow
-from maild.outbox import POLL_SECONDS, OutboxWorker, Stopping, record_outcome, tls_context
+from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, tls_context
 
 log = structlog.get_logger("maild.pager")
-
-
-class PageError(Exception):
-    """A failed attempt to send a page."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class TransientPageError(PageError):
-    """429, 5xx, a timeout or a network error: worth trying again."""
-
-
-class PermanentPageError(PageError):
-    """PagerDuty refused the event itself (400 and other 4xx): trying again cannot help."""
 
 
 class _OneShotEventsClient(pagerduty.EventsApiV2Client):
@@ -119,8 +103,8 @@ class EventsClient:
             status = exc.response.status_code if exc.response is not None else 0
             message = exc.msg if isinstance(exc.msg, str) else str(exc)
             if status in (0, 408, 429) or status >= 500:
-                raise TransientPageError(message, status) from None
-            raise PermanentPageError(message, status) from None
+                raise SendDeferred(message, status) from None
+            raise SendRefused(message, status) from None
         except pagerduty.Error as exc:  # no response: network, TLS, timeout
             cause = exc.__cause__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
@@ -128,9 +112,9 @@ class EventsClient:
                 # The event was sent and no answer came: the retry carries the same
                 # dedup key, so PagerDuty folds it into the alert it may have opened.
                 detail += "; possibly delivered"
-            raise TransientPageError(detail) from None
+            raise SendDeferred(detail) from None
         except OSError as exc:
-            raise TransientPageError(f"{type(exc).__name__}: {exc}") from None
+            raise SendDeferred(f"{type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         self._client.close()
@@ -140,7 +124,13 @@ class Pager(OutboxWorker[PageJob]):
     """The background task that delivers the page outbox."""
 
     noun = "pages"
+    thing = "page"
+    give_up_key = "[pagerduty] give_up_after"
     model = Page
+    unrecorded_attempt = "could not record a page attempt"
+    unrecorded: ClassVar[Mapping[OutboxStatus, str]] = {
+        OutboxStatus.FAILED: "could not record a page's outcome; it will be sent again"
+    }
 
     def __init__(
         self,
@@ -153,10 +143,10 @@ class Pager(OutboxWorker[PageJob]):
     ) -> None:
         # A claimed page is not claimed again until this long after (an attempt
         # can take `timeout`); a crash mid-attempt delays it by at most this much.
-        super().__init__(database, claimer, poll_interval, lease=settings.timeout * 2 + 5)
+        super().__init__(
+            database, claimer, poll_interval, settings.timeout * 2 + 5, settings, clock
+        )
         self._client = client
-        self._settings = settings
-        self._clock = clock
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[PageJob]:
         return claim_due(session, now, limit, self._lease, self._claimer)
@@ -167,105 +157,46 @@ class Pager(OutboxWorker[PageJob]):
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
 
-    async def deliver(self, job: PageJob) -> None:
-        deadline = job.queued_at + timedelta(seconds=self._settings.give_up_after)
-        remaining = max(0.0, (deadline - utcnow()).total_seconds())
-        attempts = job.attempts
-        started = self._clock()
+    def fields(self, job: PageJob) -> dict[str, Any]:
+        return {"page": job.id, "ticket": job.ticket_id, "action": job.action}
 
-        async def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            wait = state.upcoming_sleep
-            try:
-                await self._database.write_core(
-                    lambda s: record_outcome(
-                        s,
-                        Page,
-                        job.id,
-                        attempts=attempts,
-                        status=PageStatus.PENDING,
-                        error=str(error),
-                        next_attempt_at=utcnow() + timedelta(seconds=wait + self._lease),
-                    )
-                )
-            except Exception as exc:  # the retries go on; the lease keeps others off it
-                log.warning("could not record a page attempt", page=job.id, error=str(exc)[:500])
-            metrics.PAGES.labels(job.action, "retried").inc()
-            log.warning(
-                "page attempt failed; will retry",
-                page=job.id,
-                ticket=job.ticket_id,
-                action=job.action,
-                attempts=attempts,
-                error=str(error),
-                retry_in=round(wait, 1),
-            )
+    async def attempt(self, delivery: Delivery[PageJob]) -> None:
+        await asyncio.to_thread(self._client.send, delivery.job.event)
 
-        retrying = self.retrying(
-            TransientPageError,
-            remaining=remaining,
-            initial=self._settings.retry_initial,
-            longest=self._settings.retry_max,
-            before_sleep=before_sleep,
+    def retried(
+        self, delivery: Delivery[PageJob], error: BaseException | None, wait: float
+    ) -> None:
+        metrics.PAGES.labels(delivery.job.action, "retried").inc()
+        log.warning(
+            "page attempt failed; will retry",
+            **self.fields(delivery.job),
+            attempts=delivery.attempts,
+            error=str(error),
+            retry_in=round(wait, 1),
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    await asyncio.to_thread(self._client.send, job.event)
-        except Stopping:
-            return
-        except asyncio.CancelledError:
-            raise
-        except PageError as exc:
-            permanent = isinstance(exc, PermanentPageError)
-            error = (
-                str(exc)
-                if permanent
-                else f"gave up after {attempts} attempts over "
-                f"{self._settings.give_up_after:g} s ([pagerduty] give_up_after): {exc}"
-            )
-            await self._record(job, attempts, PageStatus.FAILED, error)
-            metrics.PAGES.labels(job.action, "failed").inc()
-            log.error(
-                "page failed: PagerDuty refused it" if permanent else "page failed: gave up",
-                page=job.id,
-                ticket=job.ticket_id,
-                action=job.action,
-                attempts=attempts,
-                status=exc.status,
-                error=str(exc),
-            )
-            return
-        except Exception as exc:  # a bug of ours: keep the page for `maild pages retry`
-            await self._record(job, attempts, PageStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            log.exception("page failed: internal error", page=job.id, ticket=job.ticket_id)
-            return
-        await self._record(job, attempts, PageStatus.SENT, None)
+
+    def failed(
+        self, delivery: Delivery[PageJob], error: SendDeferred | SendRefused, reason: str
+    ) -> None:
+        metrics.PAGES.labels(delivery.job.action, "failed").inc()
+        log.error(
+            "page failed: PagerDuty refused it"
+            if isinstance(error, SendRefused)
+            else "page failed: gave up",
+            **self.fields(delivery.job),
+            attempts=delivery.attempts,
+            status=error.status,
+            error=str(error),
+        )
+
+    def done(self, delivery: Delivery[PageJob], status: OutboxStatus) -> None:
+        job = delivery.job
         metrics.PAGES.labels(job.action, "sent").inc()
         log.info(
             "page sent",
-            page=job.id,
-            ticket=job.ticket_id,
-            action=job.action,
+            **self.fields(job),
             dedup_key=job.dedup_key,
-            attempts=attempts,
-            send_ms=round((self._clock() - started) * 1000),
+            attempts=delivery.attempts,
+            send_ms=round((self._clock() - delivery.started) * 1000),
             since_queued_ms=round((utcnow() - job.created_at).total_seconds() * 1000),
         )
-
-    async def _record(
-        self, job: PageJob, attempts: int, status: PageStatus, error: str | None
-    ) -> None:
-        try:
-            await self._database.write_core(
-                lambda s: record_outcome(
-                    s, Page, job.id, attempts=attempts, status=status, error=error
-                )
-            )
-        except Exception as exc:  # the row stays pending and is sent again: same dedup key
-            log.error(
-                "could not record a page's outcome; it will be sent again",
-                page=job.id,
-                error=str(exc)[:500],
-            )
