@@ -39,8 +39,8 @@ from maild.escalation import EscalationPolicy
 from maild.intake import FilingContext
 from maild.parsing import parse_message
 from maild.processing import FILE_CHUNK, _file_ids
+from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
-from maild.spool import Delivery, insert_deliveries
 
 REPO = Path(__file__).resolve().parent.parent
 SPOOL_GROUP = 8  # deliveries per spool commit: the mean under the 20 × 10 load

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import make_url
 
-from maild import metrics, systemd
+from maild import metrics
 from maild.acks import AckPolicy
 from maild.config import Settings, parse_hostport
 from maild.database import Database
@@ -33,9 +33,10 @@ from maild.escalation import EscalationPolicy
 from maild.mailer import Mailer, SmtpClient
 from maild.pager import EventsClient, Pager
 from maild.processing import Processor
+from maild.receive import systemd
+from maild.receive.smtp import DataBudget, Handler, Listener, SessionLimits
+from maild.receive.spool import Spool
 from maild.rules import RuleTable, load_rules
-from maild.smtp import DataBudget, Handler, Listener, SessionLimits
-from maild.spool import Spool
 
 log = structlog.get_logger("maild.service")
 WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes

@@ -41,7 +41,7 @@ from sqlmodel import col, select
 from maild.config import load_settings
 from maild.database import Database
 from maild.models import Inbound, Message
-from maild.spool import Delivery, insert_deliveries
+from maild.receive.spool import Delivery, insert_deliveries
 from tests.conftest import RunningMaild, wait_until
 from tests.daemon import Daemon
 

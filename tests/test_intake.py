@@ -16,8 +16,8 @@ from maild.enums import TicketStatus
 from maild.intake import Filed, FilingContext, file_batch
 from maild.models import Inbound, Message
 from maild.parsing import ParsedMessage, parse_message
+from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
-from maild.spool import Delivery, insert_deliveries
 from maild.tickets import set_status, show_ticket
 from tests.conftest import RunningMaild, mail
 

@@ -19,7 +19,7 @@ from sqlmodel import select
 
 from maild.config import load_settings
 from maild.models import Inbound
-from maild.smtp import MaildSMTP
+from maild.receive.smtp import MaildSMTP
 from tests.conftest import RunningMaild, mail, wait_until
 
 
@@ -263,7 +263,7 @@ def test_path_fast_path_agrees_with_aiosmtpd() -> None:
 
     from aiosmtpd.smtp import SMTP
 
-    from maild.smtp import _SIMPLE_PATH, _ConnectionFixes
+    from maild.receive.smtp import _SIMPLE_PATH, _ConnectionFixes
 
     class Parser(_ConnectionFixes, SMTP):  # only the path parser, on no connection
         local_part_limit = 0

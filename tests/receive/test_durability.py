@@ -17,7 +17,7 @@ from maild.config import load_settings
 from maild.database import Database
 from maild.models import Inbound
 from maild.tickets import list_tickets
-from tests.conftest import RunningMaild, mail, wait_until
+from tests.conftest import REPO, RunningMaild, mail, wait_until
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.slow
@@ -193,7 +193,7 @@ def test_pool_workers_end_when_their_daemon_dies(tmp_path: Path) -> None:
             "-c",
             ORPHAN_SCRIPT,
             f"sqlite:///{tmp_path / 'maild.db'}",
-            str(Path(__file__).resolve().parent.parent / "rules"),
+            str(REPO / "rules"),
         ],
         capture_output=True,
         text=True,
