@@ -59,14 +59,14 @@ from typing import Any, NamedTuple, cast
 import psycopg
 from psycopg import sql
 
-from maild import hygiene
 from maild.database import make_engines
 from maild.enums import Direction, InboundStatus, MessageKind, ParticipantRole, TicketStatus
 from maild.errors import MaildError
 from maild.intake import SUBJECT_TAG
-from maild.message_ids import message_id_hash, normalize_message_id
+from maild.mail import hygiene
+from maild.mail.message_ids import message_id_hash, normalize_message_id
+from maild.mail.parsing import parse_message
 from maild.models import utcnow
-from maild.parsing import parse_message
 from maild.rules import MessageContext, best_decision, load_rules
 from maild.schema import upgrade
 

@@ -37,7 +37,7 @@ from bench.servers import Server, cpu_seconds
 from maild.database import Database
 from maild.escalation import EscalationPolicy
 from maild.intake import FilingContext
-from maild.parsing import parse_message
+from maild.mail.parsing import parse_message
 from maild.processing import FILE_CHUNK, _file_ids
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules

@@ -45,12 +45,13 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from maild import addresses, hygiene
-from maild.addresses import Address
 from maild.config import OutboundSettings
 from maild.enums import MailStatus, MessageKind, ParticipantRole
 from maild.errors import ConfigError
-from maild.message_ids import message_id_hash
+from maild.mail import addresses, hygiene
+from maild.mail.addresses import Address
+from maild.mail.message_ids import message_id_hash
+from maild.mail.text import one_line
 from maild.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
 from maild.outgoing import (
     STRANGER_NAME_CHARS,
@@ -61,7 +62,6 @@ from maild.outgoing import (
     is_known,
     queue_mail,
 )
-from maild.text import one_line
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")

@@ -20,10 +20,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from maild import __version__
 from maild.config import Settings, default_config_path, load_settings
-from maild.display import for_display, json_safe
 from maild.enums import InboundStatus, Outcome
 from maild.errors import ConfigError, MaildError, RecipientRefused, RulesError
 from maild.logs import configure_logging
+from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.acks import AckPolicy
@@ -669,7 +669,7 @@ def rules_explain(
     Give a stored delivery (--message ID) or a FILE.eml; for a file the
     recipients are --rcpt, else the message's To and Cc.
     """
-    from maild.parsing import parse_message, sender_of
+    from maild.mail.parsing import parse_message, sender_of
     from maild.rules import MessageContext
 
     if (inbound_id is None) == (file is None):

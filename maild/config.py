@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from maild.addresses import is_sender_pattern
 from maild.errors import ConfigError
+from maild.mail.addresses import is_sender_pattern
 from maild.tomllines import TomlLines
 
 DEFAULT_CONFIG = "/etc/maild/config.toml"

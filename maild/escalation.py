@@ -39,15 +39,15 @@ from sqlalchemy import bindparam, exists, func, update
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
-from maild.addresses import Address, sender_matches
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
+from maild.mail.addresses import Address, sender_matches
 from maild.models import Envelope, Page, Ticket, as_utc, table_of
 from maild.outbox import reopen
 from maild.ratelimit import limit_key
 
 if TYPE_CHECKING:
-    from maild.parsing import ParsedMessage
+    from maild.mail.parsing import ParsedMessage
     from maild.rules import Decision
 
 SUMMARY_LIMIT = 1024

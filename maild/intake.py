@@ -47,10 +47,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from maild import addresses, hygiene, ratelimit
+from maild import ratelimit
 from maild.acks import AckPolicy, plan_ack
-from maild.addresses import Address
-from maild.dsn import DeliveryReport
 from maild.enums import (
     Direction,
     InboundStatus,
@@ -63,7 +61,11 @@ from maild.enums import (
     TicketStatus,
 )
 from maild.escalation import EscalationPolicy, plan_trigger
-from maild.message_ids import message_id_hash
+from maild.mail import addresses, hygiene
+from maild.mail.addresses import Address
+from maild.mail.dsn import DeliveryReport
+from maild.mail.message_ids import message_id_hash
+from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.models import (
     Attachment,
     Blob,
@@ -80,7 +82,6 @@ from maild.models import (
     utcnow,
 )
 from maild.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
-from maild.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")

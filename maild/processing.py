@@ -46,8 +46,8 @@ from maild.enums import InboundStatus, OutboxStatus, Outcome
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
+from maild.mail.parsing import ParsedMessage, parse_message
 from maild.models import Inbound, table_of
-from maild.parsing import ParsedMessage, parse_message
 from maild.rules import RuleTable
 
 log = structlog.get_logger("maild.processing")

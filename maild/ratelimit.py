@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sqlmodel import Session
 
-from maild import addresses
+from maild.mail import addresses
 
 # One statement for every lock, taken in the order of the (sorted) array.
 _LOCK = text(

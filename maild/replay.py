@@ -15,8 +15,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
+from maild.mail.parsing import parse_message, sender_of
 from maild.models import Inbound, Message, Ticket, as_utc
-from maild.parsing import parse_message, sender_of
 from maild.rules import MessageContext, RuleTable, best_decision
 
 

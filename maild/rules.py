@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maild import addresses
-from maild.addresses import Address
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
+from maild.mail import addresses
+from maild.mail.addresses import Address
 from maild.tomllines import Table, TomlLines
 
 if TYPE_CHECKING:
-    from maild.parsing import ParsedMessage
+    from maild.mail.parsing import ParsedMessage
 
 MATCH_KEYS = frozenset({"recipients", "senders", "sender_domains", "subject", "headers"})
 SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})

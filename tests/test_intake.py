@@ -14,8 +14,8 @@ from sqlmodel import select
 from maild.database import Database
 from maild.enums import TicketStatus
 from maild.intake import Filed, FilingContext, file_batch
+from maild.mail.parsing import ParsedMessage, parse_message
 from maild.models import Inbound, Message
-from maild.parsing import ParsedMessage, parse_message
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
 from maild.tickets import set_status, show_ticket

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maild import addresses
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
+from maild.mail import addresses
 from maild.rules import Decision, MessageContext, Route, RuleTable, best_decision, load_rules
 from tests.conftest import REPO
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
+from maild.mail.parsing import parse_message
 from maild.models import Inbound
-from maild.parsing import parse_message
 from tests.conftest import RunningMaild
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 EXPECTED: dict[str, dict[str, Any]] = tomllib.loads(
     (SAMPLES / "expected.toml").read_text(encoding="utf-8")
 )

@@ -21,8 +21,8 @@ import email.message
 import re
 from dataclasses import dataclass, field
 
-from maild.message_ids import normalize_message_id
-from maild.text import one_line
+from maild.mail.message_ids import normalize_message_id
+from maild.mail.text import one_line
 
 MAX_RECIPIENTS = 100
 
@@ -128,7 +128,7 @@ def read_report(raw: bytes, message: email.message.Message | None = None) -> Del
         return None
     try:
         if message is None:
-            from maild.parsing import message_from_bytes  # parsing imports this module
+            from maild.mail.parsing import message_from_bytes  # parsing imports this module
 
             message = message_from_bytes(raw)
         if message.get_content_type() != "multipart/report":

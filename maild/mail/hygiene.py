@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from maild import addresses
+from maild.mail import addresses
 
 LOOP_HEADER = "X-Maild-Loop"
 OUR_MESSAGE_ID_PREFIX = "maild."

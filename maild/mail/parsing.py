@@ -37,11 +37,11 @@ from datetime import UTC, datetime
 
 import mailparser
 
-from maild import addresses, dsn, hygiene
-from maild.addresses import Address
-from maild.htmltext import html_to_text
-from maild.message_ids import extract_ids, normalize_message_id
-from maild.text import one_line
+from maild.mail import addresses, dsn, hygiene
+from maild.mail.addresses import Address
+from maild.mail.htmltext import html_to_text
+from maild.mail.message_ids import extract_ids, normalize_message_id
+from maild.mail.text import one_line
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maild import dsn, hygiene, message_ids, parsing
+from maild.mail import dsn, hygiene, message_ids, parsing
 from tests.test_acks import dsn as make_dsn
 
 PERSON = [("From", "Alice <alice@customer.example>"), ("Subject", "Site down")]

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maild import parsing
-from maild.addresses import Address
-from maild.htmltext import html_to_text
-from maild.message_ids import extract_ids, message_id_hash, normalize_message_id
-from maild.parsing import (
+from maild.mail import parsing
+from maild.mail.addresses import Address
+from maild.mail.htmltext import html_to_text
+from maild.mail.message_ids import extract_ids, message_id_hash, normalize_message_id
+from maild.mail.parsing import (
     BARE_LINE_BREAK_DEFECT,
     ParsedMessage,
     clean_text,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maild import addresses
-from maild.text import one_line
+from maild.mail import addresses
+from maild.mail.text import one_line
 
 
 @pytest.mark.parametrize(
