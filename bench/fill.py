@@ -23,7 +23,7 @@ evenly over the last 90 days. Ids, Message-IDs, senders and subjects do not
 depend on N (only the timestamps do), so `message_id(n)` tells the benchmark
 client how to write a reply that threads into a stored ticket (In-Reply-To).
 
-The schema is created the way `maild db upgrade` does (maild.schema.upgrade).
+The schema is created the way `maild db upgrade` does (maild.store.schema.upgrade).
 The rows are made in another process (marshal down a pipe) and go in through
 the raw DB-API: executemany in large transactions on SQLite (synchronous=OFF
 for the fill only; the file stays in WAL mode), binary COPY FROM STDIN in one
@@ -59,16 +59,16 @@ from typing import Any, NamedTuple, cast
 import psycopg
 from psycopg import sql
 
-from maild.database import make_engines
 from maild.enums import Direction, InboundStatus, MessageKind, ParticipantRole, TicketStatus
 from maild.errors import MaildError
 from maild.intake import SUBJECT_TAG
 from maild.mail import hygiene
 from maild.mail.message_ids import message_id_hash, normalize_message_id
 from maild.mail.parsing import parse_message
-from maild.models import utcnow
 from maild.rules import MessageContext, best_decision, load_rules
-from maild.schema import upgrade
+from maild.store.database import make_engines
+from maild.store.models import utcnow
+from maild.store.schema import upgrade
 
 SUPPORT = "support@altis-dxp.com"
 ID_DOMAIN = "bench.invalid"

@@ -34,13 +34,13 @@ from typing import Any
 
 from bench.client import Corpus, run_load
 from bench.servers import Server, cpu_seconds
-from maild.database import Database
 from maild.escalation import EscalationPolicy
 from maild.intake import FilingContext
 from maild.mail.parsing import parse_message
 from maild.processing import FILE_CHUNK, _file_ids
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
+from maild.store.database import Database
 
 REPO = Path(__file__).resolve().parent.parent
 SPOOL_GROUP = 8  # deliveries per spool commit: the mean under the 20 × 10 load

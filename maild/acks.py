@@ -52,7 +52,6 @@ from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address
 from maild.mail.message_ids import message_id_hash
 from maild.mail.text import one_line
-from maild.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
 from maild.outgoing import (
     STRANGER_NAME_CHARS,
     STRANGER_SUBJECT_CHARS,
@@ -62,6 +61,7 @@ from maild.outgoing import (
     is_known,
     queue_mail,
 )
+from maild.store.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")

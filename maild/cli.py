@@ -27,8 +27,8 @@ from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.acks import AckPolicy
-    from maild.database import Database
     from maild.rules import MessageContext, RuleTable
+    from maild.store.database import Database
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -134,7 +134,7 @@ def _database(settings: Settings, *, create: bool = False, schema: bool = True) 
     """The configured database, checked: its schema must be this maild's. Only `serve`,
     `ingest` and `db upgrade` may `create` it; every other command on a missing or
     empty database exits 78, naming it and the command that creates it."""
-    from maild.database import Database, DatabaseMissing
+    from maild.store.database import Database, DatabaseMissing
 
     fix = f"maild db upgrade --config {settings.source}"
     try:
@@ -169,8 +169,8 @@ def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
 
 def _retry(settings: Settings, noun: str, row_id: int, retry: Callable[..., T]) -> T:
     """An outbox row made due again (`pages retry`, `acks retry`); exit 1 naming the problem."""
-    from maild.models import utcnow
     from maild.outbox import NotFound, NotRetryable
+    from maild.store.models import utcnow
 
     database = _database(settings)
     try:
@@ -237,7 +237,7 @@ def serve(config_path: Path | None) -> None:
     except OSError as exc:
         _fail(f"cannot start: {exc}", 1)
     except SQLAlchemyError as exc:
-        from maild.database import describe
+        from maild.store.database import describe
 
         message, code = _database_problem(describe(settings.database.url), exc)
         _fail(f"cannot start: {message}", code)
@@ -297,7 +297,7 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
             err=True,
         )
         return EX_DATAERR
-    from maild.database import Database
+    from maild.store.database import Database
 
     database = Database(settings.database.url, settings.database.busy_timeout)
     try:
@@ -336,9 +336,9 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
     """File deliveries again: the given inbound IDs, else every failed or unprocessed one."""
     from maild.escalation import EscalationPolicy
-    from maild.inbound import unfiled_ids
     from maild.intake import FilingContext
     from maild.processing import process_now
+    from maild.store.inbound import unfiled_ids
 
     settings = _settings(config_path)
     table = _rules(settings)
@@ -399,7 +399,7 @@ def tickets_list(
     limit: int | None,
 ) -> None:
     """Tickets, most recently updated first."""
-    from maild.tickets import list_tickets
+    from maild.store.tickets import list_tickets
 
     views = _read(
         config_path,
@@ -442,7 +442,7 @@ def _clip(text: str, width: int) -> str:
 @click.argument("ticket_id", type=int)
 def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> None:
     """One ticket with its participants and messages."""
-    from maild.tickets import TicketNotFound, show_ticket
+    from maild.store.tickets import TicketNotFound, show_ticket
 
     try:
         view = _read(config_path, lambda s: show_ticket(s, ticket_id))
@@ -494,7 +494,7 @@ def _status_command(name: str, status: str, help_text: str) -> None:
     @click.argument("ticket_id", type=int)
     def command(config_path: Path | None, ticket_id: int) -> None:
         from maild.enums import TicketStatus
-        from maild.tickets import TicketNotFound, set_status
+        from maild.store.tickets import TicketNotFound, set_status
 
         database = _database(_settings(config_path))
         try:
@@ -679,8 +679,8 @@ def rules_explain(
     mail_from = ""
     filed: dict[str, Any] | None = None
     if inbound_id is not None:
-        from maild.inbound import filed_by
-        from maild.models import Inbound
+        from maild.store.inbound import filed_by
+        from maild.store.models import Inbound
 
         row, filed = _read(
             config_path, lambda s: (s.get(Inbound, inbound_id), filed_by(s, inbound_id))
@@ -734,8 +734,8 @@ def rules_replay(config_path: Path | None, as_json: bool, since: str, changed: b
     from datetime import timedelta
 
     from maild.config import parse_duration
-    from maild.models import utcnow
     from maild.replay import replay
+    from maild.store.models import utcnow
 
     try:
         seconds = parse_duration(since)
@@ -778,7 +778,7 @@ def inbound() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def inbound_list(config_path: Path | None, as_json: bool, status: str | None, limit: int) -> None:
     """Accepted deliveries, newest first."""
-    from maild.inbound import list_inbound
+    from maild.store.inbound import list_inbound
 
     _print_views(
         _read(config_path, lambda s: list_inbound(s, status, limit)),
@@ -805,7 +805,7 @@ def inbound_list(config_path: Path | None, as_json: bool, status: str | None, li
 @click.argument("inbound_id", type=int)
 def inbound_show(config_path: Path | None, as_json: bool, raw: bool, inbound_id: int) -> None:
     """One delivery's envelope and state (or its raw bytes)."""
-    from maild.inbound import get_inbound, inbound_view
+    from maild.store.inbound import get_inbound, inbound_view
 
     row = _read(config_path, lambda s: get_inbound(s, inbound_id))
     if row is None:
@@ -888,8 +888,8 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
     import uuid
 
     from maild.errors import SendDeferred, SendRefused
-    from maild.models import utcnow
     from maild.pager import EventsClient
+    from maild.store.models import utcnow
 
     settings = _settings(config_path)
     if not settings.pagerduty.key():
@@ -1000,7 +1000,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(config_path: Path | None, as_json: bool, revision: str) -> None:
     """Migrate the database to this maild's schema (creates it when empty). Safe to rerun."""
-    from maild.schema import upgrade
+    from maild.store.schema import upgrade
 
     database = _database(_settings(config_path, quiet=False), create=True, schema=False)
     try:
@@ -1031,7 +1031,7 @@ def db_upgrade(config_path: Path | None, as_json: bool, revision: str) -> None:
 def db_current(config_path: Path | None, as_json: bool) -> None:
     """The database's schema revision and the one this maild needs (exit 1 if they differ;
     78 when there is no database, or no maild tables in it)."""
-    from maild.schema import SchemaMissing, schema_state
+    from maild.store.schema import SchemaMissing, schema_state
 
     settings = _settings(config_path, quiet=False)
     database = _database(settings, schema=False)

@@ -42,9 +42,9 @@ from sqlmodel import Session, col, select
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.mail.addresses import Address, sender_matches
-from maild.models import Envelope, Page, Ticket, as_utc, table_of
 from maild.outbox import reopen
-from maild.ratelimit import limit_key
+from maild.store.models import Envelope, Page, Ticket, as_utc, table_of
+from maild.store.ratelimit import limit_key
 
 if TYPE_CHECKING:
     from maild.mail.parsing import ParsedMessage

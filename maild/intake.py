@@ -47,7 +47,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from maild import ratelimit
 from maild.acks import AckPolicy, plan_ack
 from maild.enums import (
     Direction,
@@ -66,7 +65,10 @@ from maild.mail.addresses import Address
 from maild.mail.dsn import DeliveryReport
 from maild.mail.message_ids import message_id_hash
 from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
-from maild.models import (
+from maild.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
+from maild.rules import Decision, MessageContext, RuleTable, best_decision
+from maild.store import ratelimit
+from maild.store.models import (
     Attachment,
     Blob,
     Envelope,
@@ -81,8 +83,6 @@ from maild.models import (
     table_of,
     utcnow,
 )
-from maild.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
-from maild.rules import Decision, MessageContext, RuleTable, best_decision
 
 log = structlog.get_logger("maild.intake")
 SUBJECT_TAG = re.compile(r"\[#(\d{1,18})\]")

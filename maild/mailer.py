@@ -38,12 +38,12 @@ from sqlmodel import Session, col, select
 
 from maild import metrics
 from maild.config import OutboundSettings, parse_hostport
-from maild.database import Database
 from maild.enums import MailStatus, OutboxStatus, RecipientState
 from maild.errors import SendDeferred, SendRefused
-from maild.models import Outmail, OutmailRecipient, as_utc, utcnow
 from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
 from maild.outgoing import mark_undeliverable
+from maild.store.database import Database
+from maild.store.models import Outmail, OutmailRecipient, as_utc, utcnow
 
 log = structlog.get_logger("maild.mailer")
 

@@ -37,10 +37,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from maild.database import Database
 from maild.enums import OutboxStatus
 from maild.errors import SendDeferred, SendRefused
-from maild.models import as_utc, table_of, utcnow
+from maild.store.database import Database
+from maild.store.models import as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.outbox")
 

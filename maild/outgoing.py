@@ -31,12 +31,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from maild import ratelimit
 from maild.enums import Direction, MailStatus, RecipientState
 from maild.mail import hygiene
 from maild.mail.addresses import Address
 from maild.mail.text import one_line
-from maild.models import Message, Outmail, OutmailRecipient, Participant
+from maild.store import ratelimit
+from maild.store.models import Message, Outmail, OutmailRecipient, Participant
 
 DEFAULT_MAX_RECIPIENTS = 20
 STRANGER_NAME_CHARS = 40

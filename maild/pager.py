@@ -35,12 +35,12 @@ from sqlmodel import Session
 
 from maild import metrics
 from maild.config import PagerDutySettings
-from maild.database import Database
 from maild.enums import OutboxStatus
 from maild.errors import SendDeferred, SendRefused
 from maild.escalation import PageJob, claim_due
-from maild.models import Page, utcnow
 from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, tls_context
+from maild.store.database import Database
+from maild.store.models import Page, utcnow
 
 log = structlog.get_logger("maild.pager")
 

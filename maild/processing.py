@@ -41,14 +41,14 @@ from sqlmodel import Session, col, select
 
 from maild import metrics
 from maild.acks import AckPolicy
-from maild.database import Database
 from maild.enums import InboundStatus, OutboxStatus, Outcome
 from maild.escalation import EscalationPolicy
 from maild.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
 from maild.mail.parsing import ParsedMessage, parse_message
-from maild.models import Inbound, table_of
 from maild.rules import RuleTable
+from maild.store.database import Database
+from maild.store.models import Inbound, table_of
 
 log = structlog.get_logger("maild.processing")
 

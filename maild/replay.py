@@ -16,8 +16,8 @@ from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
 from maild.mail.parsing import parse_message, sender_of
-from maild.models import Inbound, Message, Ticket, as_utc
 from maild.rules import MessageContext, RuleTable, best_decision
+from maild.store.models import Inbound, Message, Ticket, as_utc
 
 
 def _was(session: Session, row: Inbound) -> str | None:

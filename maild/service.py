@@ -27,7 +27,6 @@ from sqlalchemy.engine import make_url
 from maild import metrics
 from maild.acks import AckPolicy
 from maild.config import Settings, parse_hostport
-from maild.database import Database
 from maild.errors import ConfigError, RulesError
 from maild.escalation import EscalationPolicy
 from maild.mailer import Mailer, SmtpClient
@@ -37,6 +36,7 @@ from maild.receive import systemd
 from maild.receive.smtp import DataBudget, Handler, Listener, SessionLimits
 from maild.receive.spool import Spool
 from maild.rules import RuleTable, load_rules
+from maild.store.database import Database
 
 log = structlog.get_logger("maild.service")
 WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes
@@ -280,7 +280,7 @@ class Service:
             await asyncio.sleep(interval)
 
     async def _backlog(self) -> dict[str, int]:
-        from maild.inbound import backlog
+        from maild.store.inbound import backlog
 
         return await self.database.read(backlog)
 

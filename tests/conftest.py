@@ -32,7 +32,7 @@ from sqlmodel import select
 from maild.config import Settings, load_settings
 from maild.logs import configure_logging
 from maild.service import Service
-from maild.tickets import list_tickets, show_ticket
+from maild.store.tickets import list_tickets, show_ticket
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("MAILD_TEST_DATABASE_URL", "")
@@ -202,7 +202,7 @@ class RunningMaild:
 
     def settle(self, timeout: float = 30) -> None:
         """Wait until no accepted delivery is still waiting to be processed."""
-        from maild.models import Inbound
+        from maild.store.models import Inbound
 
         def waiting() -> int:
             return len(

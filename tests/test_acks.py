@@ -23,8 +23,8 @@ from sqlmodel import select
 from maild.acks import load_templates, make_token, read_token
 from maild.config import load_settings
 from maild.errors import ConfigError
-from maild.models import Inbound, OutmailRecipient
-from maild.tickets import set_status
+from maild.store.models import Inbound, OutmailRecipient
+from maild.store.tickets import set_status
 from tests.conftest import REPO, RunningMaild, mail, wait_until
 from tests.fake_events import FakeEvents
 from tests.sink import Received, SmtpSink

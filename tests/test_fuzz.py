@@ -39,9 +39,9 @@ from hypothesis.strategies import DrawFn, SearchStrategy
 from sqlmodel import col, select
 
 from maild.config import load_settings
-from maild.database import Database
-from maild.models import Inbound, Message
 from maild.receive.spool import Delivery, insert_deliveries
+from maild.store.database import Database
+from maild.store.models import Inbound, Message
 from tests.conftest import RunningMaild, wait_until
 from tests.daemon import Daemon
 

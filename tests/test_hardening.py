@@ -35,7 +35,7 @@ from maild import metrics
 from maild.cli import main
 from maild.config import load_settings
 from maild.errors import ConfigError
-from maild.models import Inbound, Outmail, OutmailRecipient, Page, utcnow
+from maild.store.models import Inbound, Outmail, OutmailRecipient, Page, utcnow
 from tests.conftest import PG_URL, Client, RunningMaild, mail, wait_until
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents
@@ -497,7 +497,7 @@ def test_a_repeated_alert_for_a_closed_ticket_pages_nobody(
         events.wait_for(1)
         maild.settle()
         from maild.enums import TicketStatus
-        from maild.tickets import set_status
+        from maild.store.tickets import set_status
 
         maild.service.database.run_write(lambda s: set_status(s, 1, TicketStatus.CLOSED))
         maild.service.pager.notify()  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ from sqlmodel import select
 
 from maild.config import load_settings
 from maild.mail.parsing import BARE_LINE_BREAK_DEFECT, MAX_TEXT_CHARS, parse_message
-from maild.models import Blob, Inbound, Message
+from maild.store.models import Blob, Inbound, Message
 from tests.conftest import RunningMaild, mail
 
 MIB = 1024 * 1024

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from maild.database import Database
-from maild.models import Inbound, Message, Page, Ticket
+from maild.store.database import Database
+from maild.store.models import Inbound, Message, Page, Ticket
 from tests.conftest import PG_URL, mail, wait_until
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents

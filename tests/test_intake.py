@@ -11,14 +11,14 @@ import pytest
 from sqlalchemy import event
 from sqlmodel import select
 
-from maild.database import Database
 from maild.enums import TicketStatus
 from maild.intake import Filed, FilingContext, file_batch
 from maild.mail.parsing import ParsedMessage, parse_message
-from maild.models import Inbound, Message
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
-from maild.tickets import set_status, show_ticket
+from maild.store.database import Database
+from maild.store.models import Inbound, Message
+from maild.store.tickets import set_status, show_ticket
 from tests.conftest import RunningMaild, mail
 
 

@@ -32,11 +32,11 @@ from sqlalchemy import create_engine, inspect
 
 from maild.cli import main
 from maild.config import load_settings
-from maild.database import describe
 from maild.errors import RulesError
-from maild.inbound import backlog
 from maild.rules import load_rules
-from maild.schema import head_revision
+from maild.store.database import describe
+from maild.store.inbound import backlog
+from maild.store.schema import head_revision
 from tests.conftest import PG_URL, REPO, RunningMaild, mail, postgres_schema, wait_until
 from tests.test_metrics import get, scrape, value
 

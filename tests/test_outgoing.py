@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maild.outgoing import echo
-from maild.ratelimit import limit_key, lock_id
+from maild.store.ratelimit import limit_key, lock_id
 
 
 @pytest.mark.parametrize(

@@ -27,14 +27,14 @@ from sqlmodel import select
 
 from maild.cli import main
 from maild.config import PagerDutySettings, load_settings
-from maild.database import Database
 from maild.enums import TicketStatus
 from maild.escalation import CLOSED_BEFORE_SENT, list_pages
 from maild.logs import configure_logging
-from maild.models import Page, Ticket, as_utc
 from maild.outbox import record_outcome
 from maild.pager import EventsClient
-from maild.tickets import list_tickets, set_status
+from maild.store.database import Database
+from maild.store.models import Page, Ticket, as_utc
+from maild.store.tickets import list_tickets, set_status
 from tests.conftest import RunningMaild, mail, wait_until
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents, free_port

@@ -8,9 +8,9 @@ from pathlib import Path
 from sqlmodel import col, select
 
 from maild.config import load_settings
-from maild.database import Database
-from maild.models import Inbound
 from maild.receive.spool import Delivery, insert_deliveries
+from maild.store.database import Database
+from maild.store.models import Inbound
 from tests.conftest import RunningMaild, mail
 
 BACKLOG = 400

@@ -28,8 +28,8 @@ from sqlmodel import col, select
 from maild import metrics
 from maild.cli import main
 from maild.config import load_settings
-from maild.database import Database
-from maild.models import Inbound, Outmail, OutmailRecipient
+from maild.store.database import Database
+from maild.store.models import Inbound, Outmail, OutmailRecipient
 from tests.conftest import RunningMaild, mail, wait_until, write_config
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents

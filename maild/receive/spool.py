@@ -32,9 +32,9 @@ from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
-from maild.database import Database
 from maild.errors import StorageTimeout, StorageUnavailable
-from maild.models import Inbound, StorageProbe, table_of, utcnow
+from maild.store.database import Database
+from maild.store.models import Inbound, StorageProbe, table_of, utcnow
 
 log = structlog.get_logger("maild.spool")
 

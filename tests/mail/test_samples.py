@@ -16,7 +16,7 @@ import pytest
 from sqlmodel import select
 
 from maild.mail.parsing import parse_message
-from maild.models import Inbound
+from maild.store.models import Inbound
 from tests.conftest import RunningMaild
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

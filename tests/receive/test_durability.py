@@ -14,9 +14,9 @@ import pytest
 from sqlmodel import col, select
 
 from maild.config import load_settings
-from maild.database import Database
-from maild.models import Inbound
-from maild.tickets import list_tickets
+from maild.store.database import Database
+from maild.store.models import Inbound
+from maild.store.tickets import list_tickets
 from tests.conftest import REPO, RunningMaild, mail, wait_until
 from tests.daemon import Daemon
 
@@ -165,7 +165,7 @@ def _alive(pid: int) -> bool:
 ORPHAN_SCRIPT = """
 import asyncio, os, sys
 from pathlib import Path
-from maild.database import Database
+from maild.store.database import Database
 from maild.processing import Processor
 from maild.rules import load_rules
 

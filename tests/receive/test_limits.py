@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from maild import metrics
 from maild.config import load_settings
 from maild.errors import ConfigError
-from maild.models import Inbound
+from maild.store.models import Inbound
 from tests.conftest import Client, RunningMaild, mail
 
 HOST = b"mx.test.invalid"  # the hostname make_config sets

@@ -18,8 +18,8 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from maild.config import load_settings
-from maild.models import Inbound
 from maild.receive.smtp import MaildSMTP
+from maild.store.models import Inbound
 from tests.conftest import RunningMaild, mail, wait_until
 
 

@@ -12,7 +12,7 @@ from sqlmodel import Session, col, select
 from maild.acks import list_outmail
 from maild.enums import TicketStatus
 from maild.escalation import list_pages, queue_resolve, ticket_pages
-from maild.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
+from maild.store.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 

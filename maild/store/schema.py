@@ -1,4 +1,4 @@
-"""The database schema's version: Alembic migrations shipped in maild/migrations.
+"""The database schema's version: Alembic migrations shipped in maild/store/migrations.
 
 `maild db upgrade` brings a database to the version this maild needs; `maild
 db current` says where it is. `maild serve` and the other commands check
@@ -55,7 +55,7 @@ def _config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str:
     head = ScriptDirectory.from_config(_config()).get_current_head()
-    assert head is not None, "maild/migrations has no revisions"
+    assert head is not None, "maild/store/migrations has no revisions"
     return head
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from maild.database import Database, writer_lock
+from maild.store.database import Database, writer_lock
 
 
 @contextlib.contextmanager

@@ -36,8 +36,8 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, create_engine
 
-from maild import models  # noqa: F401  (registers the tables)
 from maild.errors import ConfigError
+from maild.store import models  # noqa: F401  (registers the tables)
 
 T = TypeVar("T")
 
@@ -240,14 +240,14 @@ class Database:
 
     def create_schema(self) -> None:
         """Bring the schema to this maild's version (Alembic migrations)."""
-        from maild.schema import upgrade
+        from maild.store.schema import upgrade
 
         upgrade(self.write_engine)
 
     def ensure_schema(self, config_path: object, *, create: bool = True) -> None:
         """Refuse an out-of-date schema (SchemaError names the database and the fix);
         create the schema in an empty database only with `create`."""
-        from maild.schema import ensure_current
+        from maild.store.schema import ensure_current
 
         ensure_current(self.write_engine, str(config_path), create_if_empty=create, name=self.name)
 

@@ -1,4 +1,4 @@
-"""The schema is managed by the Alembic migrations shipped in maild/migrations."""
+"""The schema is managed by the Alembic migrations shipped in maild/store/migrations."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from maild.database import Database, describe
-from maild.models import metadata
-from maild.schema import (
+from maild.store.database import Database, describe
+from maild.store.models import metadata
+from maild.store.schema import (
     FIRST_REVISION,
     SchemaError,
     ensure_current,

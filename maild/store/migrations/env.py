@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from maild.models import metadata
+from maild.store.models import metadata
 
 config = context.config
 

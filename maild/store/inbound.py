@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus, OutboxStatus
-from maild.models import Inbound, Message
+from maild.store.models import Inbound, Message
 
 
 def inbound_view(row: Inbound) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def backlog(session: Session) -> dict[str, int]:
     """Work waiting: deliveries not yet processed, failed ones kept, pages and mail not sent."""
     from sqlalchemy import func
 
-    from maild.models import Outmail, Page
+    from maild.store.models import Outmail, Page
 
     counts = dict(
         session.exec(

@@ -28,7 +28,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _key(address: str) -> str:
-    """maild.ratelimit.limit_key as of this revision (migrations do not import the app)."""
+    """maild.store.ratelimit.limit_key as of this revision (migrations do not import the app)."""
     local, at, domain = address.strip().strip("<>").strip().lower().rpartition("@")
     if not at:
         local, domain = domain, ""
