@@ -26,7 +26,7 @@ from maild.logs import configure_logging
 from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
-    from maild.acks import AckPolicy
+    from maild.outbound.acks import AckPolicy
     from maild.rules import MessageContext, RuleTable
     from maild.store.database import Database
 
@@ -169,7 +169,7 @@ def _read(config_path: Path | None, work: Callable[[Any], T]) -> T:
 
 def _retry(settings: Settings, noun: str, row_id: int, retry: Callable[..., T]) -> T:
     """An outbox row made due again (`pages retry`, `acks retry`); exit 1 naming the problem."""
-    from maild.outbox import NotFound, NotRetryable
+    from maild.outbound.outbox import NotFound, NotRetryable
     from maild.store.models import utcnow
 
     database = _database(settings)
@@ -305,9 +305,9 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
         (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
         try:
-            from maild.acks import AckPolicy
-            from maild.escalation import EscalationPolicy
             from maild.intake import FilingContext
+            from maild.outbound.acks import AckPolicy
+            from maild.outbound.paging import EscalationPolicy
 
             context = FilingContext(
                 table,
@@ -335,8 +335,8 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 @click.argument("ids", nargs=-1, type=int)
 def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
     """File deliveries again: the given inbound IDs, else every failed or unprocessed one."""
-    from maild.escalation import EscalationPolicy
     from maild.intake import FilingContext
+    from maild.outbound.paging import EscalationPolicy
     from maild.processing import process_now
     from maild.store.inbound import unfiled_ids
 
@@ -836,7 +836,7 @@ def pages_list(
     limit: int,
 ) -> None:
     """Pages, newest first, with why each was withheld or failed."""
-    from maild.escalation import list_pages
+    from maild.outbound.paging import list_pages
 
     _print_views(
         _read(
@@ -863,7 +863,7 @@ def pages_list(
 @click.argument("page_id", type=int)
 def pages_retry(config_path: Path | None, page_id: int) -> None:
     """Send a failed or withheld page (again); the running daemon sends it within a second."""
-    from maild.escalation import retry_page
+    from maild.outbound.paging import retry_page
 
     settings = _settings(config_path)
     page = _retry(settings, "page", page_id, retry_page)
@@ -888,7 +888,7 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
     import uuid
 
     from maild.errors import SendDeferred, SendRefused
-    from maild.pager import EventsClient
+    from maild.outbound.pager import EventsClient
     from maild.store.models import utcnow
 
     settings = _settings(config_path)
@@ -930,7 +930,7 @@ def pages_test(config_path: Path | None, no_resolve: bool) -> None:
 
 
 def _acks(settings: Settings) -> AckPolicy:
-    from maild.acks import AckPolicy
+    from maild.outbound.acks import AckPolicy
 
     try:
         return AckPolicy.from_settings(settings.outbound)
@@ -953,7 +953,7 @@ def acks_list(
     limit: int,
 ) -> None:
     """Acknowledgements, newest first, with their recipients and why any was withheld."""
-    from maild.acks import list_outmail
+    from maild.outbound.acks import list_outmail
 
     _print_views(
         _read(
@@ -980,7 +980,7 @@ def acks_list(
 @click.argument("outmail_id", type=int)
 def acks_retry(config_path: Path | None, outmail_id: int) -> None:
     """Send a failed or withheld acknowledgement again to its recipients not yet reached."""
-    from maild.mailer import retry_outmail
+    from maild.outbound.mailer import retry_outmail
 
     settings = _settings(config_path)
     outmail = _retry(settings, "acknowledgement", outmail_id, retry_outmail)

@@ -13,7 +13,7 @@ The order of decisions, for one accepted delivery:
    takes part in ticket 123 (guessing a number never joins a stranger's ticket).
 4. Store: a new ticket, or the message added to the thread's ticket (which
    reopens when pending, solved or closed).
-5. Page: whether on-call is paged for it (escalation.plan_trigger); the page
+5. Page: whether on-call is paged for it (paging.plan_trigger); the page
    row commits with the ticket or not at all.
 6. Acknowledge: a new ticket from a person gets an acknowledgement
    (acks.plan_ack), also committed with the ticket.
@@ -47,7 +47,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from maild.acks import AckPolicy, plan_ack
 from maild.enums import (
     Direction,
     InboundStatus,
@@ -59,13 +58,14 @@ from maild.enums import (
     RecipientState,
     TicketStatus,
 )
-from maild.escalation import EscalationPolicy, plan_trigger
 from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address
 from maild.mail.dsn import DeliveryReport
 from maild.mail.message_ids import message_id_hash
 from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
-from maild.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
+from maild.outbound.acks import AckPolicy, plan_ack
+from maild.outbound.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
+from maild.outbound.paging import EscalationPolicy, plan_trigger
 from maild.rules import Decision, MessageContext, RuleTable, best_decision
 from maild.store import ratelimit
 from maild.store.models import (
@@ -808,7 +808,7 @@ def _page(
     created: bool,
     reopened: bool,
 ) -> Page | None:
-    """The page this delivery calls for, if paging is on (escalation.plan_trigger)."""
+    """The page this delivery calls for, if paging is on (paging.plan_trigger)."""
     if context.policy is None:
         return None
     return plan_trigger(

@@ -40,12 +40,12 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from maild import metrics
-from maild.acks import AckPolicy
 from maild.enums import InboundStatus, OutboxStatus, Outcome
-from maild.escalation import EscalationPolicy
 from maild.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
 from maild.mail.parsing import ParsedMessage, parse_message
+from maild.outbound.acks import AckPolicy
+from maild.outbound.paging import EscalationPolicy
 from maild.rules import RuleTable
 from maild.store.database import Database
 from maild.store.models import Inbound, table_of

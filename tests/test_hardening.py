@@ -39,9 +39,9 @@ from maild.store.models import Inbound, Outmail, OutmailRecipient, Page, utcnow
 from tests.conftest import PG_URL, Client, RunningMaild, mail, wait_until
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents
+from tests.outbound.test_acks import outbound_section
+from tests.outbound.test_paging import pagerduty_section
 from tests.sink import SmtpSink
-from tests.test_acks import outbound_section
-from tests.test_paging import pagerduty_section
 
 SUPPORT = "support@altis-dxp.com"
 SYSOPS = "sysops@altis-dxp.com"

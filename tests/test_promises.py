@@ -33,9 +33,9 @@ from maild.store.models import Inbound, Outmail, OutmailRecipient
 from tests.conftest import RunningMaild, mail, wait_until, write_config
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents
+from tests.outbound.test_paging import pagerduty_section, pages_of, sysops_mail, wait_pages
 from tests.receive.test_smtp import hold_write_lock, raw_dialogue
 from tests.sink import SmtpSink, _Handler
-from tests.test_paging import pagerduty_section, pages_of, sysops_mail, wait_pages
 
 SUPPORT = "support@altis-dxp.com"
 HOSTING = "hosting@humanmade.com"

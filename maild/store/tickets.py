@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
-from maild.acks import list_outmail
 from maild.enums import TicketStatus
-from maild.escalation import list_pages, queue_resolve, ticket_pages
+from maild.outbound.acks import list_outmail
+from maild.outbound.paging import list_pages, queue_resolve, ticket_pages
 from maild.store.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)

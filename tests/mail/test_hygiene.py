@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maild.mail import dsn, hygiene, message_ids, parsing
-from tests.test_acks import dsn as make_dsn
+from tests.outbound.test_acks import dsn as make_dsn
 
 PERSON = [("From", "Alice <alice@customer.example>"), ("Subject", "Site down")]
 

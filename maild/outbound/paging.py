@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.mail.addresses import Address, sender_matches
-from maild.outbox import reopen
+from maild.outbound.outbox import reopen
 from maild.store.models import Envelope, Page, Ticket, as_utc, table_of
 from maild.store.ratelimit import limit_key
 

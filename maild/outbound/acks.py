@@ -52,7 +52,7 @@ from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address
 from maild.mail.message_ids import message_id_hash
 from maild.mail.text import one_line
-from maild.outgoing import (
+from maild.outbound.outgoing import (
     STRANGER_NAME_CHARS,
     STRANGER_SUBJECT_CHARS,
     OutboundLimits,

@@ -28,10 +28,10 @@ from sqlmodel import select
 from maild.cli import main
 from maild.config import PagerDutySettings, load_settings
 from maild.enums import TicketStatus
-from maild.escalation import CLOSED_BEFORE_SENT, list_pages
 from maild.logs import configure_logging
-from maild.outbox import record_outcome
-from maild.pager import EventsClient
+from maild.outbound.outbox import record_outcome
+from maild.outbound.pager import EventsClient
+from maild.outbound.paging import CLOSED_BEFORE_SENT, list_pages
 from maild.store.database import Database
 from maild.store.models import Page, Ticket, as_utc
 from maild.store.tickets import list_tickets, set_status

@@ -20,9 +20,9 @@ import pytest
 import trustme
 from sqlmodel import select
 
-from maild.acks import load_templates, make_token, read_token
 from maild.config import load_settings
 from maild.errors import ConfigError
+from maild.outbound.acks import load_templates, make_token, read_token
 from maild.store.models import Inbound, OutmailRecipient
 from maild.store.tickets import set_status
 from tests.conftest import REPO, RunningMaild, mail, wait_until

@@ -37,8 +37,8 @@ from maild import metrics
 from maild.config import PagerDutySettings
 from maild.enums import OutboxStatus
 from maild.errors import SendDeferred, SendRefused
-from maild.escalation import PageJob, claim_due
-from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, tls_context
+from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, tls_context
+from maild.outbound.paging import PageJob, claim_due
 from maild.store.database import Database
 from maild.store.models import Page, utcnow
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maild.outgoing import echo
+from maild.outbound.outgoing import echo
 from maild.store.ratelimit import limit_key, lock_id
 
 

@@ -40,8 +40,8 @@ from maild import metrics
 from maild.config import OutboundSettings, parse_hostport
 from maild.enums import MailStatus, OutboxStatus, RecipientState
 from maild.errors import SendDeferred, SendRefused
-from maild.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
-from maild.outgoing import mark_undeliverable
+from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
+from maild.outbound.outgoing import mark_undeliverable
 from maild.store.database import Database
 from maild.store.models import Outmail, OutmailRecipient, as_utc, utcnow
 
