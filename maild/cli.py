@@ -836,7 +836,7 @@ def pages_list(
     limit: int,
 ) -> None:
     """Pages, newest first, with why each was withheld or failed."""
-    from maild.outbound.paging import list_pages
+    from maild.store.outboxes import list_pages
 
     _print_views(
         _read(
@@ -863,7 +863,7 @@ def pages_list(
 @click.argument("page_id", type=int)
 def pages_retry(config_path: Path | None, page_id: int) -> None:
     """Send a failed or withheld page (again); the running daemon sends it within a second."""
-    from maild.outbound.paging import retry_page
+    from maild.outbound.pager import retry_page
 
     settings = _settings(config_path)
     page = _retry(settings, "page", page_id, retry_page)
@@ -953,7 +953,7 @@ def acks_list(
     limit: int,
 ) -> None:
     """Acknowledgements, newest first, with their recipients and why any was withheld."""
-    from maild.outbound.acks import list_outmail
+    from maild.store.outboxes import list_outmail
 
     _print_views(
         _read(

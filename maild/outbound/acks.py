@@ -41,12 +41,11 @@ from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from sqlmodel import Session, col, select
 
 from maild.config import OutboundSettings
-from maild.enums import MailStatus, MessageKind, ParticipantRole
+from maild.enums import MessageKind, ParticipantRole
 from maild.errors import ConfigError
 from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address
@@ -61,7 +60,7 @@ from maild.outbound.outgoing import (
     is_known,
     queue_mail,
 )
-from maild.store.models import Message, Outmail, OutmailRecipient, Participant, Ticket, as_utc
+from maild.store.models import Message, Outmail, Participant, Ticket
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")
@@ -379,50 +378,3 @@ def plan_ack(
         now=now,
         left_out=left_out,
     )
-
-
-def outmail_view(session: Session, outmail: Outmail) -> dict[str, Any]:
-    recipients = session.exec(
-        select(OutmailRecipient)
-        .where(OutmailRecipient.outmail_id == outmail.id)
-        .order_by(col(OutmailRecipient.id))
-    ).all()
-    message = session.get(Message, outmail.message_pk)
-    return {
-        "id": outmail.id,
-        "ticket_id": outmail.ticket_id,
-        "kind": outmail.kind,
-        "status": outmail.status,
-        "reason": outmail.reason,
-        "subject": message.subject if message else "",
-        "message_id": message.message_id if message else "",
-        "recipients": [
-            {"email": r.email, "status": r.status, "error": r.error} for r in recipients
-        ],
-        "attempts": outmail.attempts,
-        "last_error": outmail.last_error,
-        "next_attempt_at": as_utc(outmail.next_attempt_at).isoformat()
-        if outmail.status == MailStatus.PENDING
-        else None,
-        "created_at": as_utc(outmail.created_at).isoformat(),
-        "sent_at": as_utc(outmail.sent_at).isoformat() if outmail.sent_at else None,
-    }
-
-
-def list_outmail(
-    session: Session,
-    *,
-    status: str | None = None,
-    ticket_id: int | None = None,
-    limit: int | None = None,
-    oldest_first: bool = False,
-) -> list[dict[str, Any]]:
-    query = select(Outmail)
-    if status:
-        query = query.where(Outmail.status == status)
-    if ticket_id is not None:
-        query = query.where(Outmail.ticket_id == ticket_id)
-    query = query.order_by(col(Outmail.id) if oldest_first else col(Outmail.id).desc())
-    if limit:
-        query = query.limit(limit)
-    return [outmail_view(session, o) for o in session.exec(query).all()]

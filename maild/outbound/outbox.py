@@ -49,7 +49,7 @@ POLL_SECONDS = 1.0  # rows queued by another process (`maild ingest`, the CLI, a
 
 
 class OutboxJob(Protocol):
-    """A claimed row, detached from its session (escalation.PageJob, mailer.MailJob)."""
+    """A claimed row, detached from its session (pager.PageJob, mailer.MailJob)."""
 
     @property
     def id(self) -> int: ...

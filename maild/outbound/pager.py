@@ -1,6 +1,6 @@
 """The pager: sends the page outbox to PagerDuty's Events API v2.
 
-It claims due `pending` rows (escalation.claim_due), sends each with the
+It claims due `pending` rows (claim_due, below), sends each with the
 `pagerduty` package's EventsApiV2Client in a worker thread (the client is
 synchronous; the event loop never waits on it), and records the outcome.
 
@@ -25,24 +25,154 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import httpx2
 import pagerduty
 import structlog
+from sqlalchemy import bindparam, exists, update
+from sqlalchemy import select as core_select
 from sqlmodel import Session
 
 from maild import metrics
 from maild.config import PagerDutySettings
-from maild.enums import OutboxStatus
+from maild.enums import OutboxStatus, PageAction, PageStatus
 from maild.errors import SendDeferred, SendRefused
-from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, tls_context
-from maild.outbound.paging import PageJob, claim_due
+from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
 from maild.store.database import Database
-from maild.store.models import Page, utcnow
+from maild.store.models import Page, as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.pager")
+
+
+CLOSED_BEFORE_SENT = "the ticket was closed before the page was sent"
+
+# The outbox rows.
+
+
+@dataclass(frozen=True)
+class PageJob:
+    """A claimed page, detached from its session (the pager sends it outside any transaction)."""
+
+    id: int
+    ticket_id: int
+    action: str
+    dedup_key: str
+    event: dict[str, Any]
+    attempts: int
+    queued_at: datetime
+    created_at: datetime
+
+
+_PAGE = table_of(Page)
+_EARLIER = _PAGE.alias("earlier")
+_DUE = (
+    core_select(
+        _PAGE.c.id,
+        _PAGE.c.ticket_id,
+        _PAGE.c.action,
+        _PAGE.c.dedup_key,
+        _PAGE.c.event,
+        _PAGE.c.attempts,
+        _PAGE.c.queued_at,
+        _PAGE.c.created_at,
+        _PAGE.c.claimed_by,
+    )
+    .where(
+        _PAGE.c.status == PageStatus.PENDING.value,
+        _PAGE.c.next_attempt_at <= bindparam("now"),
+        ~exists().where(
+            _EARLIER.c.dedup_key == _PAGE.c.dedup_key,
+            _EARLIER.c.id < _PAGE.c.id,
+            _EARLIER.c.status == PageStatus.PENDING.value,
+        ),
+    )
+    .order_by(_PAGE.c.id)
+    .limit(bindparam("limit"))
+)
+_PENDING_RESOLVES = (
+    core_select(_PAGE.c.id, _PAGE.c.dedup_key)
+    .where(
+        _PAGE.c.dedup_key.in_(bindparam("keys", expanding=True)),
+        _PAGE.c.action == PageAction.RESOLVE.value,
+        _PAGE.c.status == PageStatus.PENDING.value,
+    )
+    .order_by(_PAGE.c.id)
+)
+_LEASE = (
+    update(_PAGE)
+    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
+    .values(next_attempt_at=bindparam("until"), claimed_by=bindparam("claimer"))
+)
+_WITHHOLD_CLOSED = (
+    update(_PAGE)
+    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status=PageStatus.WITHHELD.value, reason=CLOSED_BEFORE_SENT)
+)
+
+
+def claim_due(
+    session: Session, now: datetime, limit: int, lease: float, claimer: str = ""
+) -> list[PageJob]:
+    """Pending pages that are due, oldest first, leased for `lease` seconds.
+
+    A page waits while an earlier page under the same dedup key is pending, so
+    a resolve never overtakes its trigger. A trigger never claimed (so never
+    sent) whose ticket was closed meanwhile is withheld together with its
+    resolve: nobody is woken for a ticket that is already closed. On PostgreSQL rows are taken
+    FOR UPDATE SKIP LOCKED, so several daemons share the outbox. Three statements
+    at most, however many pages are due: it runs for nearly every batch sysops@
+    mail is filed in.
+    """
+    query = _DUE
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=_PAGE)
+    rows = session.execute(query, {"now": now, "limit": limit}).all()
+    # Never claimed, so never sent (a claimed one may have reached PagerDuty before a
+    # crash, even with no attempt recorded): withheld if its resolve is queued already.
+    fresh = [r for r in rows if r.action == PageAction.TRIGGER and not r.claimed_by]
+    resolves: dict[str, list[int]] = {}
+    if fresh:
+        keys = list({r.dedup_key for r in fresh})
+        for resolve_id, key in session.execute(_PENDING_RESOLVES, {"keys": keys}).all():
+            resolves.setdefault(key, []).append(resolve_id)
+    withheld: list[int] = []
+    jobs = []
+    for row in rows:
+        if row.action == PageAction.TRIGGER and not row.claimed_by:
+            resolve = next((i for i in resolves.get(row.dedup_key, []) if i > row.id), None)
+            if resolve is not None:
+                withheld += [row.id, resolve]
+                continue
+        jobs.append(
+            PageJob(
+                id=row.id,
+                ticket_id=row.ticket_id,
+                action=row.action,
+                dedup_key=row.dedup_key,
+                event=dict(row.event),
+                attempts=row.attempts,
+                queued_at=as_utc(row.queued_at),
+                created_at=as_utc(row.created_at),
+            )
+        )
+    if withheld:
+        session.execute(_WITHHOLD_CLOSED, {"ids": withheld})
+    if jobs:
+        until = now + timedelta(seconds=lease)
+        session.execute(_LEASE, {"ids": [j.id for j in jobs], "until": until, "claimer": claimer})
+    return jobs
+
+
+def retry_page(session: Session, page_id: int, now: datetime) -> Page:
+    """Send a failed or withheld page again (or a pending one now), with a new give-up window."""
+    page: Page = reopen(session, Page, page_id, now)
+    return page
+
+
+# Sending.
 
 
 class _OneShotEventsClient(pagerduty.EventsApiV2Client):

@@ -3,7 +3,8 @@
 Every decision here runs inside the transaction that changes the ticket, so a
 page row exists exactly when the ticket change it belongs to committed; the
 sender hears 250 long before, and PagerDuty is reached later by the pager
-(maild/pager.py), which only ever reads and updates these rows.
+(outbound/pager.py), which only ever claims and updates these rows; store/outboxes.py
+shows them.
 
 When a message is filed (intake.file_message):
 
@@ -35,15 +36,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, exists, func, update
-from sqlalchemy import select as core_select
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from maild.config import Settings
 from maild.enums import PageAction, PageStatus, Priority
 from maild.mail.addresses import Address, sender_matches
-from maild.outbound.outbox import reopen
-from maild.store.models import Envelope, Page, Ticket, as_utc, table_of
+from maild.store.models import Envelope, Page, Ticket, as_utc
 from maild.store.ratelimit import limit_key
 
 if TYPE_CHECKING:
@@ -54,7 +53,6 @@ SUMMARY_LIMIT = 1024
 DEDUP_LIMIT = 255
 BODY_LINES = 20
 BODY_CHARS = 2000
-CLOSED_BEFORE_SENT = "the ticket was closed before the page was sent"
 
 
 @dataclass(frozen=True)
@@ -278,186 +276,4 @@ def queue_resolve(session: Session, ticket: Ticket, now: datetime) -> Page | Non
     )
     session.add(page)
     session.flush()
-    return page
-
-
-# The pager's side: claiming due rows and recording what happened.
-
-
-@dataclass(frozen=True)
-class PageJob:
-    """A claimed page, detached from its session (the pager sends it outside any transaction)."""
-
-    id: int
-    ticket_id: int
-    action: str
-    dedup_key: str
-    event: dict[str, Any]
-    attempts: int
-    queued_at: datetime
-    created_at: datetime
-
-
-_PAGE = table_of(Page)
-_EARLIER = _PAGE.alias("earlier")
-_DUE = (
-    core_select(
-        _PAGE.c.id,
-        _PAGE.c.ticket_id,
-        _PAGE.c.action,
-        _PAGE.c.dedup_key,
-        _PAGE.c.event,
-        _PAGE.c.attempts,
-        _PAGE.c.queued_at,
-        _PAGE.c.created_at,
-        _PAGE.c.claimed_by,
-    )
-    .where(
-        _PAGE.c.status == PageStatus.PENDING.value,
-        _PAGE.c.next_attempt_at <= bindparam("now"),
-        ~exists().where(
-            _EARLIER.c.dedup_key == _PAGE.c.dedup_key,
-            _EARLIER.c.id < _PAGE.c.id,
-            _EARLIER.c.status == PageStatus.PENDING.value,
-        ),
-    )
-    .order_by(_PAGE.c.id)
-    .limit(bindparam("limit"))
-)
-_PENDING_RESOLVES = (
-    core_select(_PAGE.c.id, _PAGE.c.dedup_key)
-    .where(
-        _PAGE.c.dedup_key.in_(bindparam("keys", expanding=True)),
-        _PAGE.c.action == PageAction.RESOLVE.value,
-        _PAGE.c.status == PageStatus.PENDING.value,
-    )
-    .order_by(_PAGE.c.id)
-)
-_LEASE = (
-    update(_PAGE)
-    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
-    .values(next_attempt_at=bindparam("until"), claimed_by=bindparam("claimer"))
-)
-_WITHHOLD_CLOSED = (
-    update(_PAGE)
-    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
-    .values(status=PageStatus.WITHHELD.value, reason=CLOSED_BEFORE_SENT)
-)
-
-
-def claim_due(
-    session: Session, now: datetime, limit: int, lease: float, claimer: str = ""
-) -> list[PageJob]:
-    """Pending pages that are due, oldest first, leased for `lease` seconds.
-
-    A page waits while an earlier page under the same dedup key is pending, so
-    a resolve never overtakes its trigger. A trigger never claimed (so never
-    sent) whose ticket was closed meanwhile is withheld together with its
-    resolve: nobody is woken for a ticket that is already closed. On PostgreSQL rows are taken
-    FOR UPDATE SKIP LOCKED, so several daemons share the outbox. Three statements
-    at most, however many pages are due: it runs for nearly every batch sysops@
-    mail is filed in.
-    """
-    query = _DUE
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=_PAGE)
-    rows = session.execute(query, {"now": now, "limit": limit}).all()
-    # Never claimed, so never sent (a claimed one may have reached PagerDuty before a
-    # crash, even with no attempt recorded): withheld if its resolve is queued already.
-    fresh = [r for r in rows if r.action == PageAction.TRIGGER and not r.claimed_by]
-    resolves: dict[str, list[int]] = {}
-    if fresh:
-        keys = list({r.dedup_key for r in fresh})
-        for resolve_id, key in session.execute(_PENDING_RESOLVES, {"keys": keys}).all():
-            resolves.setdefault(key, []).append(resolve_id)
-    withheld: list[int] = []
-    jobs = []
-    for row in rows:
-        if row.action == PageAction.TRIGGER and not row.claimed_by:
-            resolve = next((i for i in resolves.get(row.dedup_key, []) if i > row.id), None)
-            if resolve is not None:
-                withheld += [row.id, resolve]
-                continue
-        jobs.append(
-            PageJob(
-                id=row.id,
-                ticket_id=row.ticket_id,
-                action=row.action,
-                dedup_key=row.dedup_key,
-                event=dict(row.event),
-                attempts=row.attempts,
-                queued_at=as_utc(row.queued_at),
-                created_at=as_utc(row.created_at),
-            )
-        )
-    if withheld:
-        session.execute(_WITHHOLD_CLOSED, {"ids": withheld})
-    if jobs:
-        until = now + timedelta(seconds=lease)
-        session.execute(_LEASE, {"ids": [j.id for j in jobs], "until": until, "claimer": claimer})
-    return jobs
-
-
-# The CLI's side.
-
-
-def page_view(page: Page) -> dict[str, Any]:
-    payload = page.event.get("payload") or {}
-    return {
-        "id": page.id,
-        "ticket_id": page.ticket_id,
-        "action": page.action,
-        "status": page.status,
-        "reason": page.reason,
-        "dedup_key": page.dedup_key,
-        "sender": page.sender,
-        "route": page.route,
-        "summary": payload.get("summary", ""),
-        "attempts": page.attempts,
-        "last_error": page.last_error,
-        "next_attempt_at": as_utc(page.next_attempt_at).isoformat()
-        if page.status == PageStatus.PENDING
-        else None,
-        "created_at": as_utc(page.created_at).isoformat(),
-        "sent_at": as_utc(page.sent_at).isoformat() if page.sent_at else None,
-    }
-
-
-def list_pages(
-    session: Session,
-    *,
-    status: str | None = None,
-    ticket_id: int | None = None,
-    limit: int | None = None,
-) -> list[dict[str, Any]]:
-    query = select(Page)
-    if status:
-        query = query.where(Page.status == status)
-    if ticket_id is not None:
-        query = query.where(Page.ticket_id == ticket_id)
-    query = query.order_by(col(Page.id).desc())
-    if limit:
-        query = query.limit(limit)
-    return [page_view(p) for p in session.exec(query).all()]
-
-
-def ticket_pages(session: Session, ticket_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Each ticket's latest page, as the ticket views show it."""
-    if not ticket_ids:
-        return {}
-    latest = (
-        select(func.max(col(Page.id)))
-        .where(col(Page.ticket_id).in_(ticket_ids))
-        .group_by(col(Page.ticket_id))
-    )
-    rows = session.exec(select(Page).where(col(Page.id).in_(latest))).all()
-    return {
-        p.ticket_id: {"id": p.id, "action": p.action, "status": p.status, "reason": p.reason}
-        for p in rows
-    }
-
-
-def retry_page(session: Session, page_id: int, now: datetime) -> Page:
-    """Send a failed or withheld page again (or a pending one now), with a new give-up window."""
-    page: Page = reopen(session, Page, page_id, now)
     return page

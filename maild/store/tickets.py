@@ -10,9 +10,9 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from maild.enums import TicketStatus
-from maild.outbound.acks import list_outmail
-from maild.outbound.paging import list_pages, queue_resolve, ticket_pages
+from maild.outbound.paging import queue_resolve
 from maild.store.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
+from maild.store.outboxes import list_outmail, list_pages, ticket_pages
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 

@@ -30,10 +30,10 @@ from maild.config import PagerDutySettings, load_settings
 from maild.enums import TicketStatus
 from maild.logs import configure_logging
 from maild.outbound.outbox import record_outcome
-from maild.outbound.pager import EventsClient
-from maild.outbound.paging import CLOSED_BEFORE_SENT, list_pages
+from maild.outbound.pager import CLOSED_BEFORE_SENT, EventsClient
 from maild.store.database import Database
 from maild.store.models import Page, Ticket, as_utc
+from maild.store.outboxes import list_pages
 from maild.store.tickets import list_tickets, set_status
 from tests.conftest import RunningMaild, mail, wait_until
 from tests.daemon import Daemon
