@@ -61,7 +61,7 @@ from psycopg import sql
 
 from maild.enums import Direction, InboundStatus, MessageKind, ParticipantRole, TicketStatus
 from maild.errors import MaildError
-from maild.intake import SUBJECT_TAG
+from maild.filing.intake import SUBJECT_TAG
 from maild.mail import hygiene
 from maild.mail.message_ids import message_id_hash, normalize_message_id
 from maild.mail.parsing import parse_message

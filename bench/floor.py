@@ -34,10 +34,10 @@ from typing import Any
 
 from bench.client import Corpus, run_load
 from bench.servers import Server, cpu_seconds
-from maild.intake import FilingContext
+from maild.filing.intake import FilingContext
+from maild.filing.processing import FILE_CHUNK, _file_ids
 from maild.mail.parsing import parse_message
 from maild.outbound.paging import EscalationPolicy
-from maild.processing import FILE_CHUNK, _file_ids
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules
 from maild.store.database import Database

@@ -271,7 +271,7 @@ def ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, s
 
 
 def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, source: str) -> int:
-    from maild.processing import process_now
+    from maild.filing.processing import process_now
     from maild.receive.spool import Delivery, insert_deliveries
     from maild.rules import load_rules
 
@@ -305,7 +305,7 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         delivery = Delivery(protocol="pipe", mail_from=sender, rcpt_tos=list(recipients), raw=raw)
         (inbound_id,) = database.run_write(lambda s: insert_deliveries(s, [delivery]))
         try:
-            from maild.intake import FilingContext
+            from maild.filing.intake import FilingContext
             from maild.outbound.acks import AckPolicy
             from maild.outbound.paging import EscalationPolicy
 
@@ -335,9 +335,9 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
 @click.argument("ids", nargs=-1, type=int)
 def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> None:
     """File deliveries again: the given inbound IDs, else every failed or unprocessed one."""
-    from maild.intake import FilingContext
+    from maild.filing.intake import FilingContext
+    from maild.filing.processing import process_now
     from maild.outbound.paging import EscalationPolicy
-    from maild.processing import process_now
     from maild.store.inbound import unfiled_ids
 
     settings = _settings(config_path)

@@ -27,11 +27,11 @@ from sqlalchemy.engine import make_url
 from maild import metrics
 from maild.config import Settings, parse_hostport
 from maild.errors import ConfigError, RulesError
+from maild.filing.processing import Processor
 from maild.outbound.acks import AckPolicy
 from maild.outbound.mailer import Mailer, SmtpClient
 from maild.outbound.pager import EventsClient, Pager
 from maild.outbound.paging import EscalationPolicy
-from maild.processing import Processor
 from maild.receive import systemd
 from maild.receive.smtp import DataBudget, Handler, Listener, SessionLimits
 from maild.receive.spool import Spool

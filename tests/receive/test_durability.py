@@ -166,7 +166,7 @@ ORPHAN_SCRIPT = """
 import asyncio, os, sys
 from pathlib import Path
 from maild.store.database import Database
-from maild.processing import Processor
+from maild.filing.processing import Processor
 from maild.rules import load_rules
 
 async def main():

@@ -19,7 +19,7 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-PREFIX = "dropped by route "  # maild.intake.DROPPED_BY_ROUTE as of this revision
+PREFIX = "dropped by route "  # maild.filing.intake.DROPPED_BY_ROUTE as of this revision
 
 
 def upgrade() -> None:

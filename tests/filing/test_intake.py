@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlmodel import select
 
 from maild.enums import TicketStatus
-from maild.intake import Filed, FilingContext, file_batch
+from maild.filing.intake import Filed, FilingContext, file_batch
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.rules import load_rules

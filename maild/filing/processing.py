@@ -41,7 +41,7 @@ from sqlmodel import Session, col, select
 
 from maild import metrics
 from maild.enums import InboundStatus, OutboxStatus, Outcome
-from maild.intake import Filed, FilingContext, file_batch
+from maild.filing.intake import Filed, FilingContext, file_batch
 from maild.logs import configure_logging
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.outbound.acks import AckPolicy
@@ -327,7 +327,7 @@ def _make_pool(
     workers: int, database: Database, log: tuple[str, str]
 ) -> tuple[ProcessPoolExecutor, _Roster]:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["maild.processing"])
+    context.set_forkserver_preload(["maild.filing.processing"])
     roster = _Roster(context)
     pool = ProcessPoolExecutor(
         max_workers=workers,

@@ -61,7 +61,7 @@ def test_a_stuck_worker_is_killed_through_the_pools_roster(tmp_path: Path) -> No
     import time
     from concurrent.futures.process import BrokenProcessPool
 
-    from maild.processing import Processor
+    from maild.filing.processing import Processor
     from maild.rules import load_rules
     from tests.conftest import REPO
 
