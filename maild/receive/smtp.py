@@ -305,7 +305,7 @@ class _ConnectionFixes:
     smtp_EHLO = _junk_command("EHLO", "EHLO hostname")
 
     # sha256 of aiosmtpd's SMTP.smtp_DATA source (1.4.6), which the method below copies
-    # and changes; tests/test_smtp.py fails when an installed aiosmtpd's differs.
+    # and changes; tests/receive/test_smtp.py fails when an installed aiosmtpd's differs.
     UPSTREAM_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
 
     @syntax("DATA")
