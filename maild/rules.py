@@ -19,10 +19,23 @@ import hashlib
 import re
 import string
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
 
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
@@ -33,9 +46,7 @@ from maild.tomllines import Table, TomlLines
 if TYPE_CHECKING:
     from maild.mail.parsing import ParsedMessage
 
-MATCH_KEYS = frozenset({"recipients", "senders", "sender_domains", "subject", "headers"})
 SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
-ROUTE_KEYS = frozenset({"name", "drop", "reject"}) | MATCH_KEYS | SET_KEYS
 BOOLEAN_KEYS = {"page": False, "ack": True}  # and their defaults
 APPLICATION_FIELDS = frozenset({"subaddress", "local", "domain", "recipient"})
 _LOCAL = re.compile(r"^[^@\s+*]+$")
@@ -338,180 +349,269 @@ def _toml_line(error: tomllib.TOMLDecodeError) -> int:
     return int(match.group(1)) if match else 1
 
 
-@dataclass
-class _Checker:
-    """The problems of one [[route]], each reported at the line of the key or value at fault."""
+_REJECT = 'reject must be an SMTP reply such as "550 5.7.1 This address is retired", not {value!r}'
+_NAME = "route needs a name (a non-empty string)"
+_REJECT_AT_RCPT = (
+    "reject only works on a route with recipients and no other conditions "
+    "(it is decided at RCPT time)"
+)
+_NO_CONDITION = (
+    "a route without recipients needs at least one of senders, sender_domains, subject, headers"
+)
+# What pydantic's own checks (a missing key, a wrong type, an empty list) are reported as: the
+# user reads these, never pydantic's words. The validators of RouteSpec raise the rest.
+_TYPE_ERRORS = {
+    "name": _NAME,
+    "drop": "drop must be true or false, not {value!r}",
+    "page": "page must be true or false, not {value!r}",
+    "ack": "ack must be true or false, not {value!r}",
+    "reject": _REJECT,
+    "recipients": "recipients must be a non-empty list of addresses",
+    "application": "application must be a string",
+}
 
-    raw: dict[str, Any]
-    index: int
-    where: _Locator
-    file: str
-    problems: list[Problem]
 
-    def report(self, message: str, key: str | None = None, value: str | None = None) -> None:
-        if value is not None:
-            line = self.where.value(self.index, value)
-        elif key is not None and key in self.raw:
-            line = self.where.key(self.index, key)
-        else:
-            line = self.where.route(self.index)
-        self.problems.append(Problem(self.file, line, message))
+def _pattern(value: Any) -> Pattern:
+    pattern = Pattern.parse(value) if isinstance(value, str) else None
+    if pattern is None:
+        raise ValueError(
+            f"{value!r} is not an address like support@example.com, *@example.com or "
+            "sysops+*@example.com"
+        )
+    return pattern
 
-    def strings(self, key: str) -> list[str] | None:
-        """A list of non-empty strings ([] when absent), or None after reporting it."""
-        value = self.raw.get(key, [])
+
+def _sender(value: str) -> str:
+    if not addresses.is_sender_pattern(value):
+        raise ValueError(f"{value!r} in senders is not an address or *@domain")
+    return value
+
+
+def _domain(value: str) -> str:
+    if not addresses.is_domain(value):
+        raise ValueError(f"{value!r} in sender_domains is not a domain")
+    return value
+
+
+def _regex(text: Any, label: str) -> re.Pattern[str]:
+    if not isinstance(text, str):
+        raise ValueError(f"{label} must be a regular expression in a string")
+    try:
+        return re.compile(text, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"{label}: not a valid regular expression: {exc}") from None
+
+
+class RouteSpec(BaseModel):
+    """One [[route]] as written, each key checked on its own (`_whole_route` checks them together).
+
+    Strict: TOML has types, so `page = "yes"` is a mistake to report, not a value to coerce. A
+    validator raises ValueError with one argument per problem, so that a key with several (two
+    unknown placeholders) reports each; a list element's problem is reported at its own line.
+    The fields are in the order their problems are reported.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str
+    drop: bool = False
+    page: bool | None = None
+    ack: bool | None = None
+    reject: str | None = None
+    recipients: (
+        Annotated[list[Annotated[Pattern, PlainValidator(_pattern)]], Field(min_length=1)] | None
+    ) = None
+    senders: list[Annotated[str, AfterValidator(_sender)]] = []
+    sender_domains: list[Annotated[str, AfterValidator(_domain)]] = []
+    subject: re.Pattern[str] | None = None
+    headers: dict[str, re.Pattern[str]] | None = None
+    type: TicketType | None = None
+    priority: Priority | None = None
+    application: str | None = None
+    tags: list[str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError(_NAME)
+        return name.strip()
+
+    @field_validator("reject")
+    @classmethod
+    def _reject(cls, reply: str) -> str:
+        if not _REPLY.match(reply):
+            raise ValueError(_REJECT.format(value=reply))
+        return reply
+
+    @field_validator("senders", "sender_domains", "tags", mode="before")
+    @classmethod
+    def _strings(cls, value: Any, info: ValidationInfo) -> Any:
+        """Stripped; a wrong list is one problem of the key, and its entries are not checked."""
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            self.report(f"{key} must be a list of non-empty strings", key)
-            return None
+            raise ValueError(f"{info.field_name} must be a list of non-empty strings")
         return [v.strip() for v in value]
 
-    def regex(self, text: Any, label: str, key: str) -> re.Pattern[str] | None:
-        if not isinstance(text, str):
-            self.report(f"{label} must be a regular expression in a string", key)
-            return None
-        try:
-            return re.compile(text, re.IGNORECASE)
-        except re.error as exc:
-            self.report(f"{label}: not a valid regular expression: {exc}", key)
-            return None
+    @field_validator("subject", mode="plain")
+    @classmethod
+    def _subject(cls, text: Any) -> re.Pattern[str]:
+        return _regex(text, "subject")
 
-    def choice(self, key: str, values: Iterable[str]) -> str | None:
-        value = self.raw.get(key)
-        known = list(values)
-        if value is not None and value not in known:
-            self.report(f"{key} must be one of {', '.join(known)}, not {value!r}", key)
-        return value if isinstance(value, str) else None
+    @field_validator("headers", mode="plain")
+    @classmethod
+    def _headers(cls, table: Any) -> dict[str, re.Pattern[str]]:
+        """Every header's regular expression is checked, and each wrong one reported."""
+        if not isinstance(table, dict) or not table:
+            raise ValueError("headers must be a table of header name = regular expression")
+        regexes, wrong = {}, []
+        for header, text in table.items():
+            try:
+                regexes[header] = _regex(text, f"headers.{header}")
+            except ValueError as exc:
+                wrong.append(str(exc))
+        if wrong:
+            raise ValueError(*wrong)
+        return regexes
+
+    @field_validator("type", "priority", mode="before")
+    @classmethod
+    def _choice(cls, value: Any, info: ValidationInfo) -> StrEnum:
+        kind: type[StrEnum] = TicketType if info.field_name == "type" else Priority
+        known = [k.value for k in kind]
+        if value not in known:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(known)}, not {value!r}")
+        return kind(value)
+
+    @field_validator("application")
+    @classmethod
+    def _application(cls, template: str) -> str:
+        """A str.format template of the recipient's parts; each unknown placeholder is reported."""
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"application: {exc}") from None
+        known = ", ".join(sorted(APPLICATION_FIELDS))
+        unknown = sorted(fields - APPLICATION_FIELDS)
+        if unknown:
+            raise ValueError(
+                *(f"application: unknown placeholder {{{f}}} (known: {known})" for f in unknown)
+            )
+        return template
+
+    def route(self, file: str, line: int, position: int) -> Route:
+        """The Route these keys make (once `_whole_route` has found no problem either)."""
+        patterns = tuple(self.recipients or ())
+
+        def flag(value: bool | None, key: str) -> bool | None:
+            # A route with recipients is complete; one without (refining) leaves unset to the base.
+            return value if value is not None else BOOLEAN_KEYS[key] if patterns else None
+
+        return Route(
+            name=self.name,
+            recipients=tuple(p.text for p in patterns),
+            type=self.type,
+            priority=self.priority,
+            page=flag(self.page, "page"),
+            ack=flag(self.ack, "ack"),
+            application=self.application,
+            tags=tuple(self.tags) if self.tags is not None else None,
+            senders=tuple(s.lower() for s in self.senders),
+            sender_domains=tuple(d.lower() for d in self.sender_domains),
+            subject=self.subject,
+            headers=tuple((h.lower(), regex) for h, regex in (self.headers or {}).items()),
+            drop=self.drop,
+            reject=self.reject,
+            patterns=patterns,
+            file=file,
+            line=line,
+            position=position,
+        )
+
+
+def _messages(error: ErrorDetails) -> list[str]:
+    """What one pydantic error is reported as: a validator's own words, else ours for the key."""
+    key = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(sorted(RouteSpec.model_fields))
+        return [f"unknown key {key!r} in [[route]] (known: {known})"]
+    if error["type"] == "value_error":
+        return [str(message) for message in error["ctx"]["error"].args]
+    return [_TYPE_ERRORS[key].format(value=error["input"])]
+
+
+def _order(error: ErrorDetails) -> tuple[int, str]:
+    """Unknown keys first, by name; then the keys in RouteSpec's order."""
+    key = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return -1, key
+    return list(RouteSpec.model_fields).index(key), ""
+
+
+def _whole_route(
+    raw: dict[str, Any], failed: set[tuple[int | str, ...]]
+) -> Iterator[tuple[str, str | None]]:
+    """The route as a whole, as (message, key at fault): a rejecting route is decided at RCPT
+    time, a route without recipients refines others, one with recipients must say what it makes.
+
+    It runs even when keys failed (`failed`: their pydantic locations), so that every problem of
+    the route is reported at once. A key counts as written even when wrong; recipients count
+    when one of them is valid, senders and sender_domains when their list is well formed and
+    not empty."""
+    recipients = raw.get("recipients")
+    patterns = isinstance(recipients, list) and any(
+        ("recipients", i) not in failed for i in range(len(recipients))
+    )
+    conditions = (
+        "subject" in raw
+        or "headers" in raw
+        or any(raw.get(key) and (key,) not in failed for key in ("senders", "sender_domains"))
+    )
+    drop = raw.get("drop") is True
+    if "reject" in raw:
+        if drop:
+            yield "reject and drop cannot be combined", "reject"
+        if not patterns or conditions:
+            yield _REJECT_AT_RCPT, "reject"
+        sets = sorted(SET_KEYS & raw.keys())
+        if sets:
+            yield "a rejecting route sets nothing", sets[0]
+    elif "recipients" not in raw:
+        if not conditions:
+            yield _NO_CONDITION, None
+    elif not drop:
+        for key in ("type", "priority"):
+            if not isinstance(raw.get(key), str):  # a string, even unknown, is reported once
+                yield f"route needs a {key}", None
 
 
 def _check_route(
     raw: Any, index: int, position: int, where: _Locator, file: str, problems: list[Problem]
 ) -> Route | None:
+    """The Route of one [[route]]; or None, with every problem it has added to `problems`, each
+    at the line of the key or list entry at fault (else the route's)."""
     line = where.route(index)
     if not isinstance(raw, dict):
         problems.append(Problem(file, line, "[[route]] must be a table"))
         return None
-    check = _Checker(raw, index, where, file, problems)
-    before = len(problems)
-    for key in sorted(set(raw) - ROUTE_KEYS):
-        check.report(
-            f"unknown key {key!r} in [[route]] (known: {', '.join(sorted(ROUTE_KEYS))})", key
-        )
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        check.report("route needs a name (a non-empty string)", "name")
-    for key in ("drop", *BOOLEAN_KEYS):
-        if key in raw and not isinstance(raw[key], bool):
-            check.report(f"{key} must be true or false, not {raw[key]!r}", key)
-    drop = raw.get("drop") is True
-    reject = raw.get("reject")
-    if reject is not None and (not isinstance(reject, str) or not _REPLY.match(reject)):
-        check.report(
-            'reject must be an SMTP reply such as "550 5.7.1 This address is retired", '
-            f"not {reject!r}",
-            "reject",
-        )
-    # Matches.
-    patterns: list[Pattern] = []
-    if "recipients" in raw:
-        recipients = raw["recipients"]
-        if not isinstance(recipients, list) or not recipients:
-            check.report("recipients must be a non-empty list of addresses", "recipients")
-            recipients = []
-        for recipient in recipients:
-            pattern = Pattern.parse(recipient) if isinstance(recipient, str) else None
-            if pattern is None:
-                check.report(
-                    f"{recipient!r} is not an address like support@example.com, "
-                    "*@example.com or sysops+*@example.com",
-                    value=str(recipient),
-                )
-            else:
-                patterns.append(pattern)
-    senders = check.strings("senders") or []
-    for sender in senders:
-        if not addresses.is_sender_pattern(sender):
-            check.report(f"{sender!r} in senders is not an address or *@domain", value=sender)
-    sender_domains = check.strings("sender_domains") or []
-    for domain in sender_domains:
-        if not addresses.is_domain(domain):
-            check.report(f"{domain!r} in sender_domains is not a domain", value=domain)
-    subject = check.regex(raw["subject"], "subject", "subject") if "subject" in raw else None
-    headers: list[tuple[str, re.Pattern[str]]] = []
-    table = raw.get("headers", {})
-    if not isinstance(table, dict) or ("headers" in raw and not table):
-        check.report("headers must be a table of header name = regular expression", "headers")
-        table = {}
-    for header, text in table.items():
-        regex = check.regex(text, f"headers.{header}", "headers")
-        if regex is not None:
-            headers.append((str(header).lower(), regex))
-    # Sets.
-    kind = check.choice("type", (t.value for t in TicketType))
-    priority = check.choice("priority", (p.value for p in Priority))
-    application = raw.get("application")
-    if application is not None and not isinstance(application, str):
-        check.report("application must be a string", "application")
-    elif application is not None:
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(application) if f is not None}
-        except ValueError as exc:
-            check.report(f"application: {exc}", "application")
-            fields = set()
-        for unknown in sorted(fields - APPLICATION_FIELDS):
-            check.report(
-                f"application: unknown placeholder {{{unknown}}} "
-                f"(known: {', '.join(sorted(APPLICATION_FIELDS))})",
-                "application",
-            )
-    tags = check.strings("tags") if "tags" in raw else None
-    # What the route is, as a whole.
-    conditions = bool(senders or sender_domains or "subject" in raw or "headers" in raw)
-    if reject is not None:
-        if drop:
-            check.report("reject and drop cannot be combined", "reject")
-        if not patterns or conditions:
-            check.report(
-                "reject only works on a route with recipients and no other conditions "
-                "(it is decided at RCPT time)",
-                "reject",
-            )
-        sets = sorted(k for k in SET_KEYS if k in raw)
-        if sets:
-            check.report("a rejecting route sets nothing", sets[0])
-    elif "recipients" not in raw:
-        if not conditions:
-            check.report(
-                "a route without recipients needs at least one of senders, sender_domains, "
-                "subject, headers"
-            )
-    elif not drop:
-        if kind is None:
-            check.report("route needs a type")
-        if priority is None:
-            check.report("route needs a priority")
-    if len(problems) > before:
-        return None
-    return Route(
-        name=str(name).strip(),
-        recipients=tuple(p.text for p in patterns),
-        type=TicketType(kind) if kind else None,
-        priority=Priority(priority) if priority else None,
-        # A route with recipients is complete; one without (refining) leaves unset to the base.
-        page=raw.get("page", BOOLEAN_KEYS["page"] if patterns else None),
-        ack=raw.get("ack", BOOLEAN_KEYS["ack"] if patterns else None),
-        application=application,
-        tags=tuple(tags) if tags is not None else None,
-        senders=tuple(s.lower() for s in senders),
-        sender_domains=tuple(d.lower() for d in sender_domains),
-        subject=subject,
-        headers=tuple(headers),
-        drop=drop,
-        reject=reject,
-        patterns=tuple(patterns),
-        file=file,
-        line=line,
-        position=position,
-    )
+
+    def at(key: str | None) -> int:
+        return where.key(index, key) if key is not None and key in raw else line
+
+    spec: RouteSpec | None = None
+    errors: list[ErrorDetails] = []
+    try:
+        spec = RouteSpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=_order)
+    found: list[Problem] = []
+    for error in errors:
+        loc = error["loc"]
+        here = where.value(index, str(error["input"])) if len(loc) > 1 else at(str(loc[0]))
+        found += [Problem(file, here, message) for message in _messages(error)]
+    failed = {error["loc"] for error in errors}
+    found += [Problem(file, at(key), message) for message, key in _whole_route(raw, failed)]
+    problems += found
+    return spec.route(file, line, position) if spec is not None and not found else None
 
 
 def load_rules(folder: Path) -> RuleTable:

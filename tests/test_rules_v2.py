@@ -21,6 +21,20 @@ from tests.conftest import REPO, RunningMaild, mail
 
 DESK = (REPO / "rules" / "desk.toml").read_text()
 ALICE = MessageContext(sender="alice@customer.example", subject="Hello")
+NAME = "route needs a name (a non-empty string)"
+NEEDS_TYPE = "route needs a type"
+NOT_AN_ADDRESS = (
+    " is not an address like support@example.com, *@example.com or sysops+*@example.com"
+)
+REJECT = 'reject must be an SMTP reply such as "550 5.7.1 This address is retired",'
+REJECT_AT_RCPT = (
+    "reject only works on a route with recipients and no other conditions "
+    "(it is decided at RCPT time)"
+)
+KNOWN_KEYS = (
+    "ack, application, drop, headers, name, page, priority, recipients, reject, "
+    "sender_domains, senders, subject, tags, type"
+)
 
 
 def table(tmp_path: Path, *files: str) -> RuleTable:
@@ -333,6 +347,115 @@ def test_load_errors_carry_the_line_of_the_key(tmp_path: Path) -> None:
     (problem,) = caught.value.problems
     assert (problem.file, problem.line) == (str(folder / "a.toml"), 5)
     assert isinstance(problem, Problem)
+
+
+def problem_lines(tmp_path: Path, text: str) -> list[tuple[int, str]]:
+    """(line, message) of each problem of a one-file table, in the order reported."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.toml").write_text(text)
+    with pytest.raises(RulesError) as caught:
+        load_rules(folder)
+    return [(p.line, p.message) for p in caught.value.problems]
+
+
+ROUTE = '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\n'  # lines 1-3
+MADE = 'type = "task"\npriority = "low"\n'
+KNOWN_FIELDS = "domain, local, recipient, subaddress"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'route = [{ name = "x", recipients = ["a@d.example"], type = "task", '
+            'priority = "low" }, 5]\n',
+            [(1, "[[route]] must be a table")],
+        ),
+        ('[[route]]\nname = 5\nrecipients = ["a@d.example"]\n' + MADE, [(2, NAME)]),
+        (
+            '[[route]]\nname = "x"\nrecipients = "a@d.example"\n' + MADE,
+            [(3, "recipients must be a non-empty list of addresses")],
+        ),
+        (  # a wrong list is one problem: its entries are not checked one by one
+            ROUTE + 'senders = ["nobody", 5]\n' + MADE,
+            [(4, "senders must be a list of non-empty strings")],
+        ),
+        (
+            ROUTE + 'sender_domains = ["", "d.example"]\n' + MADE,
+            [(4, "sender_domains must be a list of non-empty strings")],
+        ),
+        (
+            ROUTE + 'senders = "alice@customer.example"\n' + MADE,
+            [(4, "senders must be a list of non-empty strings")],
+        ),
+        (
+            ROUTE + MADE + 'headers = { "X-A" = 5, "X-B" = "(", "X-C" = "fine" }\n',
+            [
+                (6, "headers.X-A must be a regular expression in a string"),
+                (
+                    6,
+                    "headers.X-B: not a valid regular expression: missing ), unterminated "
+                    "subpattern at position 0",
+                ),
+            ],
+        ),
+        (
+            ROUTE + MADE + "headers = {}\n",
+            [(6, "headers must be a table of header name = regular expression")],
+        ),
+        (
+            ROUTE + MADE + 'application = "{"\n',
+            [(6, "application: Single '{' encountered in format string")],
+        ),
+        (  # each unknown placeholder, by name
+            ROUTE + MADE + 'application = "{env}-{app}-{subaddress}"\n',
+            [
+                (6, f"application: unknown placeholder {{app}} (known: {KNOWN_FIELDS})"),
+                (6, f"application: unknown placeholder {{env}} (known: {KNOWN_FIELDS})"),
+            ],
+        ),
+        (  # unknown keys first, by name
+            ROUTE + MADE + "zeta = 1\nalpha = 2\n",
+            [
+                (7, f"unknown key 'alpha' in [[route]] (known: {KNOWN_KEYS})"),
+                (6, f"unknown key 'zeta' in [[route]] (known: {KNOWN_KEYS})"),
+            ],
+        ),
+        (ROUTE + "reject = 5\n", [(4, f"{REJECT} not 5")]),
+        (  # a type that is not a string is unknown, and the route has none
+            ROUTE + 'type = 5\npriority = "low"\n',
+            [(4, "type must be one of question, incident, problem, task, not 5"), (1, NEEDS_TYPE)],
+        ),
+        (  # no recipient is valid: nothing to reject at RCPT time
+            '[[route]]\nname = "x"\nrecipients = ["nope"]\nreject = "550 5.7.1 no"\n',
+            [(3, "'nope'" + NOT_AN_ADDRESS), (4, REJECT_AT_RCPT)],
+        ),
+        (  # senders that are not a list are not a condition
+            ROUTE + 'senders = "a@b.example"\nreject = "550 5.7.1 no"\n',
+            [(4, "senders must be a list of non-empty strings")],
+        ),
+        (  # every problem of a route at once, in this order; each at its key or entry
+            '[[route]]\nzz = 1\nname = ""\ntype = "bogus"\ndrop = true\n'
+            'recipients = ["a@d.example", "nope"]\nreject = "go away"\npage = "yes"\n',
+            [
+                (2, f"unknown key 'zz' in [[route]] (known: {KNOWN_KEYS})"),
+                (3, NAME),
+                (8, "page must be true or false, not 'yes'"),
+                (7, f"{REJECT} not 'go away'"),
+                (6, "'nope'" + NOT_AN_ADDRESS),
+                (4, "type must be one of question, incident, problem, task, not 'bogus'"),
+                (7, "reject and drop cannot be combined"),
+                (8, "a rejecting route sets nothing"),  # at the first of page and type by name
+            ],
+        ),
+    ],
+)
+def test_each_route_problem_is_reported_at_its_line(
+    tmp_path: Path, text: str, expected: list[tuple[int, str]]
+) -> None:
+    """The route checks without a test above, with their lines; a route's problems together."""
+    assert problem_lines(tmp_path, text) == expected
 
 
 def test_over_smtp_application_tags_drop_and_reject(
