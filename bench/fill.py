@@ -65,7 +65,7 @@ from maild.filing.intake import SUBJECT_TAG
 from maild.mail import hygiene
 from maild.mail.message_ids import message_id_hash, normalize_message_id
 from maild.mail.parsing import parse_message
-from maild.rules import MessageContext, best_decision, load_rules
+from maild.routing.rules import MessageContext, best_decision, load_rules
 from maild.store.database import make_engines
 from maild.store.models import utcnow
 from maild.store.schema import upgrade

@@ -39,7 +39,7 @@ from maild.filing.processing import FILE_CHUNK, _file_ids
 from maild.mail.parsing import parse_message
 from maild.outbound.paging import EscalationPolicy
 from maild.receive.spool import Delivery, insert_deliveries
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 from maild.store.database import Database
 
 REPO = Path(__file__).resolve().parent.parent

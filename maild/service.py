@@ -35,7 +35,7 @@ from maild.outbound.paging import EscalationPolicy
 from maild.receive import systemd
 from maild.receive.smtp import DataBudget, Handler, Listener, SessionLimits
 from maild.receive.spool import Spool
-from maild.rules import RuleTable, load_rules
+from maild.routing.rules import RuleTable, load_rules
 from maild.store.database import Database
 
 log = structlog.get_logger("maild.service")

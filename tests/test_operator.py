@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, inspect
 from maild.cli import main
 from maild.config import load_settings
 from maild.errors import RulesError
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 from maild.store.database import describe
 from maild.store.inbound import backlog
 from maild.store.schema import head_revision

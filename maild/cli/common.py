@@ -20,7 +20,7 @@ from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.outbound.acks import AckPolicy
-    from maild.rules import RuleTable
+    from maild.routing.rules import RuleTable
     from maild.store.database import Database
 
 EX_OK = 0
@@ -193,7 +193,7 @@ def print_views(
 
 
 def rule_table(settings: Settings) -> RuleTable:
-    from maild.rules import load_rules
+    from maild.routing.rules import load_rules
 
     try:
         return load_rules(settings.rules.path)

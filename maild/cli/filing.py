@@ -57,7 +57,7 @@ def ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, s
 def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, source: str) -> int:
     from maild.filing.processing import process_now
     from maild.receive.spool import Delivery, insert_deliveries
-    from maild.rules import load_rules
+    from maild.routing.rules import load_rules
 
     path = config_path or default_config_path()
     try:

@@ -25,7 +25,7 @@ from maild.cli.common import (
 from maild.errors import RecipientRefused, RulesError
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
-    from maild.rules import MessageContext, RuleTable
+    from maild.routing.rules import MessageContext, RuleTable
 
 
 @main.group()
@@ -37,7 +37,7 @@ def rules() -> None:
 @config_option
 def rules_check(config_path: Path | None) -> None:
     """Load the whole table; list every problem with file:line (exit 78 if any)."""
-    from maild.rules import load_rules
+    from maild.routing.rules import load_rules
 
     settings = load_config(config_path)
     try:
@@ -67,7 +67,7 @@ def _routing_view(
     table: RuleTable, recipients: Sequence[str], context: MessageContext
 ) -> dict[str, Any]:
     """How the table routes a message: per recipient every route tried, and the decision."""
-    from maild.rules import best_decision
+    from maild.routing.rules import best_decision
 
     per_recipient = []
     decisions = []
@@ -143,7 +143,7 @@ def rules_test(
     address: str,
 ) -> None:
     """Where mail to ADDRESS goes: route, type, priority, page (exit 1 if refused)."""
-    from maild.rules import MessageContext
+    from maild.routing.rules import MessageContext
 
     settings = load_config(config_path)
     table = rule_table(settings)
@@ -185,7 +185,7 @@ def rules_explain(
     recipients are --rcpt, else the message's To and Cc.
     """
     from maild.mail.parsing import parse_message, sender_of
-    from maild.rules import MessageContext
+    from maild.routing.rules import MessageContext
 
     if (inbound_id is None) == (file is None):
         fail("give either --message ID or FILE.eml", 2)
@@ -249,7 +249,7 @@ def rules_replay(config_path: Path | None, as_json: bool, since: str, changed: b
     from datetime import timedelta
 
     from maild.config import parse_duration
-    from maild.replay import replay
+    from maild.routing.replay import replay
     from maild.store.models import utcnow
 
     try:

@@ -66,7 +66,7 @@ from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.outbound.acks import AckPolicy, plan_ack
 from maild.outbound.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
 from maild.outbound.paging import EscalationPolicy, plan_trigger
-from maild.rules import Decision, MessageContext, RuleTable, best_decision
+from maild.routing.rules import Decision, MessageContext, RuleTable, best_decision
 from maild.store import ratelimit
 from maild.store.models import (
     Attachment,

@@ -46,7 +46,7 @@ from maild.logs import configure_logging
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.outbound.acks import AckPolicy
 from maild.outbound.paging import EscalationPolicy
-from maild.rules import RuleTable
+from maild.routing.rules import RuleTable
 from maild.store.database import Database
 from maild.store.models import Inbound, table_of
 

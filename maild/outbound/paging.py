@@ -47,7 +47,7 @@ from maild.store.ratelimit import limit_key
 
 if TYPE_CHECKING:
     from maild.mail.parsing import ParsedMessage
-    from maild.rules import Decision
+    from maild.routing.rules import Decision
 
 SUMMARY_LIMIT = 1024
 DEDUP_LIMIT = 255

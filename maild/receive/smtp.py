@@ -59,7 +59,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from maild import metrics
 from maild.errors import MessageTooLarge, RecipientRefused, StorageUnavailable, TemporaryFailure
 from maild.receive.spool import Delivery, Spool
-from maild.rules import RuleTable
+from maild.routing.rules import RuleTable
 
 log = structlog.get_logger("maild.smtp")
 

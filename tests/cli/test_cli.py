@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from maild.cli import main
 from maild.config import load_settings
 from maild.receive.spool import Delivery, insert_deliveries
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 from maild.store.database import Database
 from tests.conftest import BILLING, RunningMaild, mail, write_config
 

@@ -15,7 +15,7 @@ from maild.enums import TicketStatus
 from maild.filing.intake import Filed, FilingContext, file_batch
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.receive.spool import Delivery, insert_deliveries
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 from maild.store.database import Database
 from maild.store.models import Inbound, Message
 from maild.store.tickets import set_status, show_ticket

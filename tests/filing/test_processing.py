@@ -62,7 +62,7 @@ def test_a_stuck_worker_is_killed_through_the_pools_roster(tmp_path: Path) -> No
     from concurrent.futures.process import BrokenProcessPool
 
     from maild.filing.processing import Processor
-    from maild.rules import load_rules
+    from maild.routing.rules import load_rules
     from tests.conftest import REPO
 
     async def run() -> None:

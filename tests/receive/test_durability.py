@@ -167,7 +167,7 @@ import asyncio, os, sys
 from pathlib import Path
 from maild.store.database import Database
 from maild.filing.processing import Processor
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 
 async def main():
     database = Database(sys.argv[1])

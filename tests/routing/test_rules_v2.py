@@ -15,7 +15,7 @@ from maild.cli import main
 from maild.config import load_settings
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
-from maild.rules import MessageContext, RuleTable, best_decision, load_rules
+from maild.routing.rules import MessageContext, RuleTable, best_decision, load_rules
 from maild.store.models import Inbound
 from tests.conftest import REPO, RunningMaild, mail
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlmodel import select
 
 from maild.config import load_settings
-from maild.rules import load_rules
+from maild.routing.rules import load_rules
 from maild.store.models import Ticket
 from tests.conftest import BILLING, RunningMaild, mail, wait_until
 from tests.test_metrics import get

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from maild.enums import Priority, TicketType
 from maild.errors import Problem, RecipientRefused, RulesError
 from maild.mail import addresses
-from maild.rules import Decision, MessageContext, Route, RuleTable, best_decision, load_rules
+from maild.routing.rules import (
+    Decision,
+    MessageContext,
+    Route,
+    RuleTable,
+    best_decision,
+    load_rules,
+)
 from tests.conftest import REPO
 
 DOMAINS = ("altis-dxp.com", "humanmade.com")

@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from maild.enums import InboundStatus
 from maild.mail.parsing import parse_message, sender_of
-from maild.rules import MessageContext, RuleTable, best_decision
+from maild.routing.rules import MessageContext, RuleTable, best_decision
 from maild.store.models import Inbound, Message, Ticket, as_utc
 
 
