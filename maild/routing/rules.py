@@ -616,103 +616,124 @@ def _check_route(
 
 def load_rules(folder: Path) -> RuleTable:
     """Load and check every `*.toml` in `folder` (name order); RulesError lists all problems."""
-    problems: list[Problem] = []
     if not folder.is_dir():
         raise RulesError([Problem(str(folder), 0, "rules folder does not exist")])
     files = sorted(folder.glob("*.toml"))
     if not files:
         raise RulesError([Problem(str(folder), 0, "no *.toml rules files in the folder")])
-    digest = hashlib.sha256()
-    routes: list[Route] = []
-    names: dict[str, tuple[Route, int, float]] = {}  # the first route of each name, where
-    shadowed: list[Route] = []  # routes left out as duplicates: they still cover addresses
-    taken: dict[str, Route] = {}  # patterns of routes without conditions, first one
+    loader = _Loader()
     for path in files:
+        loader.read(path)
+    if not loader.problems and not loader.routes:
+        loader.problems.append(Problem(str(folder), 0, "the rules table has no [[route]]"))
+    loader.check_reachable()
+    if loader.problems:
+        raise RulesError(loader.problems)
+    return RuleTable(
+        routes=tuple(loader.routes),
+        version=loader.digest.hexdigest(),
+        folder=str(folder),
+        domains=frozenset(p.domain for r in loader.routes for p in r.patterns),
+    )
+
+
+@dataclass
+class _Loader:
+    """The table as it is read file by file, with the checks that span routes and files."""
+
+    problems: list[Problem] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    digest: Any = field(default_factory=hashlib.sha256)
+    names: dict[str, tuple[Route, int, float]] = field(default_factory=dict)  # first of each
+    shadowed: list[Route] = field(default_factory=list)  # left out as duplicates: still cover
+    taken: dict[str, Route] = field(default_factory=dict)  # patterns of unconditional routes
+
+    def read(self, path: Path) -> None:
+        """One file: its routes checked one by one, then against the routes read before."""
         file = str(path)
         try:
             data = path.read_bytes()
             text = data.decode("utf-8")
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            problems.append(Problem(file, _toml_line(exc), f"not valid TOML: {exc}"))
-            continue
+            self.problems.append(Problem(file, _toml_line(exc), f"not valid TOML: {exc}"))
+            return
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(file, 0, f"cannot read: {exc}"))
-            continue
-        digest.update(path.name.encode() + b"\0" + data + b"\0")
+            self.problems.append(Problem(file, 0, f"cannot read: {exc}"))
+            return
+        self.digest.update(path.name.encode() + b"\0" + data + b"\0")
         toml = TomlLines(text)
         where = _Locator(toml, toml.array("route"))
         changed = _mtime(path)  # a duplicate name is blamed on the file changed last
         for key in sorted(set(table) - {"route"}):
-            problems.append(Problem(file, 1, f"unknown top-level key {key!r} (expected [[route]])"))
+            self.problems.append(
+                Problem(file, 1, f"unknown top-level key {key!r} (expected [[route]])")
+            )
         raw_routes = table.get("route", [])
         if not isinstance(raw_routes, list):
-            problems.append(Problem(file, 1, "route must be an array of tables: [[route]]"))
-            continue
+            self.problems.append(Problem(file, 1, "route must be an array of tables: [[route]]"))
+            return
         for index, raw in enumerate(raw_routes):
-            route = _check_route(raw, index, len(routes), where, file, problems)
-            if route is None:
+            route = _check_route(raw, index, len(self.routes), where, file, self.problems)
+            if route is None or not self._named(route, where.key(index, "name"), changed):
                 continue
-            name_line = where.key(index, "name")
-            if route.name in names:
-                # Blame the definition the admin touched last (the newer file; in one
-                # file, the later route), not the one that happens to be read first.
-                first, first_line, first_changed = names[route.name]
-                here, there = (file, name_line), (first.file, first_line)
-                if first_changed > changed:
-                    here, there = there, here
-                problems.append(
-                    Problem(
-                        *here,
-                        f"duplicate route name {route.name!r} (also at {there[0]}:{there[1]})",
-                    )
-                )
-                shadowed.append(route)
-                continue
-            names[route.name] = (route, name_line, changed)
             if route.unconditional:
-                for written, pattern in zip(raw["recipients"], route.patterns, strict=True):
-                    if pattern.text in taken:
-                        first = taken[pattern.text]
-                        problems.append(
-                            Problem(
-                                file,
-                                where.value(index, written),
-                                f"duplicate recipient {pattern.text!r}: already routed by "
-                                f"{first.name!r} at {first.file}:{first.line}",
-                            )
-                        )
-                    else:
-                        taken[pattern.text] = route
-            routes.append(route)
-    if not problems and not routes:
-        problems.append(Problem(str(folder), 0, "the rules table has no [[route]]"))
-    # A route that failed to load may be the one that would take these addresses.
-    consequence = "; this may follow from a problem above" if problems else ""
-    unconditional = [r for r in [*routes, *shadowed] if r.unconditional]
-    for route in routes:
-        if route.unconditional or not route.patterns:
-            continue
-        for pattern in route.patterns:
-            probe = _probe(pattern)
-            if not any(u.takes(probe) for u in unconditional):
-                problems.append(
-                    Problem(
-                        route.file,
-                        route.line,
-                        f"recipient {pattern.text!r} of route {route.name!r} has conditions but "
-                        "no route without conditions takes it: mail to it would be refused"
-                        + consequence,
-                    )
+                self._claim_recipients(route, raw["recipients"], where, index)
+            self.routes.append(route)
+
+    def _named(self, route: Route, line: int, changed: float) -> bool:
+        """False for a second route of a name, blamed on the definition the admin touched last
+        (the newer file; in one file, the later route), not the one read first."""
+        if route.name not in self.names:
+            self.names[route.name] = (route, line, changed)
+            return True
+        first, first_line, first_changed = self.names[route.name]
+        here, there = (route.file, line), (first.file, first_line)
+        if first_changed > changed:
+            here, there = there, here
+        self.problems.append(
+            Problem(*here, f"duplicate route name {route.name!r} (also at {there[0]}:{there[1]})")
+        )
+        self.shadowed.append(route)
+        return False
+
+    def _claim_recipients(
+        self, route: Route, written: list[str], where: _Locator, index: int
+    ) -> None:
+        """A route without conditions takes its recipients; a second one taking one is wrong."""
+        for text, pattern in zip(written, route.patterns, strict=True):
+            if pattern.text not in self.taken:
+                self.taken[pattern.text] = route
+                continue
+            first = self.taken[pattern.text]
+            self.problems.append(
+                Problem(
+                    route.file,
+                    where.value(index, text),
+                    f"duplicate recipient {pattern.text!r}: already routed by "
+                    f"{first.name!r} at {first.file}:{first.line}",
                 )
-    if problems:
-        raise RulesError(problems)
-    return RuleTable(
-        routes=tuple(routes),
-        version=digest.hexdigest(),
-        folder=str(folder),
-        domains=frozenset(p.domain for r in routes for p in r.patterns),
-    )
+            )
+
+    def check_reachable(self) -> None:
+        """A recipient of a route with conditions needs a route without them that takes it at
+        RCPT, or its mail is refused. A route that failed to load may be the one that would."""
+        consequence = "; this may follow from a problem above" if self.problems else ""
+        unconditional = [r for r in [*self.routes, *self.shadowed] if r.unconditional]
+        for route in self.routes:
+            if route.unconditional:
+                continue
+            for pattern in route.patterns:
+                if not any(u.takes(_probe(pattern)) for u in unconditional):
+                    self.problems.append(
+                        Problem(
+                            route.file,
+                            route.line,
+                            f"recipient {pattern.text!r} of route {route.name!r} has conditions "
+                            "but no route without conditions takes it: mail to it would be "
+                            "refused" + consequence,
+                        )
+                    )
 
 
 def _mtime(path: Path) -> float:
