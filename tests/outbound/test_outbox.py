@@ -11,7 +11,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session, select
+from structlog.testing import capture_logs
 
 from maild.enums import OutboxStatus
 from maild.errors import SendDeferred, SendRefused
@@ -161,3 +163,29 @@ def test_stopping_during_a_wait_leaves_the_row_pending_with_its_attempt(
     row = _row(database, page_id)
     assert (row.status, row.attempts, row.last_error) == ("pending", 1, "503")
     assert as_utc(row.next_attempt_at) > utcnow() + timedelta(seconds=30)  # the wait + the lease
+
+
+def test_an_outcome_that_cannot_be_written_leaves_the_row_pending_to_send_again(
+    database: Database,
+) -> None:
+    """The send succeeds but the table is gone when the skeleton records it: the failure is
+    logged, and the row stays pending (sent again later: a second copy, never none)."""
+    page_id = _page(database)
+    sender = ScriptedSender(database, [], Policy())
+
+    async def run() -> list[dict[str, Any]]:
+        (job,) = database.run_write(lambda s: sender.claim(s, utcnow(), 10))
+        database.run_write(lambda s: s.execute(text("ALTER TABLE page RENAME TO page_away")))
+        try:
+            with capture_logs() as logs:
+                await sender.deliver(job)
+        finally:
+            database.run_write(lambda s: s.execute(text("ALTER TABLE page_away RENAME TO page")))
+        return logs
+
+    logs = asyncio.run(run())
+    row = _row(database, page_id)
+    assert (row.status, row.attempts, row.sent_at) == ("pending", 0, None)
+    assert sender.log == [("done", "sent")]  # the far end took it
+    (entry,) = [e for e in logs if e["event"] == "could not record an outcome"]
+    assert (entry["log_level"], entry["page"]) == ("error", page_id)
