@@ -87,6 +87,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a CLI command run in-process configures
+    process-wide logging (warning level, for its stderr), and a later test capturing a
+    daemon's info events must not inherit that."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def quiet_logging() -> Iterator[None]:
     """The CLI reconfigures process-wide logging; keep an in-process daemon off stdout."""
