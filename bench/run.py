@@ -100,7 +100,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[rank - 1]
 
 
-def shapes(quick: bool) -> list[Shape]:
+def shapes(quick: bool, small: bool = False) -> list[Shape]:
+    if small:  # --small: the 4 KiB rows alone, to compare two commits
+        return [Shape(c, per, 4 * KIB) for c in (1, 20) for per in (1, 10)]
     if quick:
         return [Shape(1, 1, 4 * KIB), Shape(20, 10, 4 * KIB), Shape(20, 1, MIB)]
     return [
@@ -265,7 +267,7 @@ class Bench:
         """The reference's rows: run first and again last, so that a ratio does not
         depend on where in the run the machine's speed drifted."""
         with Server.reference(self.folder) as server:
-            for shape in shapes(self.quick):
+            for shape in shapes(self.quick, self.args.small):
                 self.measure(server, self._row("reference", "", 0, shape), shape, None)
 
     def maild(
@@ -296,7 +298,7 @@ class Bench:
             folder.mkdir()
             server = Server.maild(folder, url, self.events.url, self.events.ca_file)
             with server, TicketWatch(url) as watch:
-                for shape in shapes(self.quick):
+                for shape in shapes(self.quick, self.args.small):
                     if only(shape):
                         row = self._row("maild", kind, stored, shape)
                         self.measure(server, row, shape, watch, reply_to)
@@ -349,7 +351,7 @@ class Bench:
         stored = (
             self.args.stored
             if self.args.stored is not None
-            else (20_000 if self.quick else 1_000_000)
+            else (0 if self.args.small else 20_000 if self.quick else 1_000_000)
         )
         self.reference()
         self.maild(None, 0)
@@ -361,7 +363,8 @@ class Bench:
             if self.args.database_url:
                 self.maild(self.args.database_url, stored, small)
         self.reference()
-        self.memory_row(2 * MIB if self.quick else 25 * MIB)
+        if not self.args.small:
+            self.memory_row(2 * MIB if self.quick else 25 * MIB)
         passes: dict[tuple[int, int, str], list[float]] = {}
         for r in self.rows:
             if r.server == "reference":
@@ -472,6 +475,11 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run that only shows it works")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="the 4 KiB rows alone (no stored or memory rows): to compare two commits",
+    )
     parser.add_argument(
         "--database-url",
         default=os.environ.get("MAILD_BENCH_DATABASE_URL", ""),
