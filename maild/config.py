@@ -129,6 +129,21 @@ class SmtpSettings(_Section):
         return value
 
 
+def _url_template(value: str) -> str:
+    """A link to a ticket: "" or a URL with {id} in it."""
+    if value:
+        try:
+            value.format(id=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"{value!r} is not a template with {{id}} (for example "
+                f'"https://desk.example/tickets/{{id}}"): {exc}'
+            ) from None
+        if "{id}" not in value:
+            raise ValueError(f"{value!r} does not contain {{id}}")
+    return value
+
+
 def _optional_hostport(value: str | None) -> str | None:
     if value is not None:
         parse_hostport(value)
@@ -213,20 +228,7 @@ class PagerDutySettings(_Section):
             raise ValueError(f"{value!r} must be an https:// URL")
         return value.rstrip("/")
 
-    @field_validator("ticket_url")
-    @classmethod
-    def _ticket_url(cls, value: str) -> str:
-        if value:
-            try:
-                value.format(id=1)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(
-                    f"{value!r} is not a template with {{id}} (for example "
-                    f'"https://desk.example/tickets/{{id}}"): {exc}'
-                ) from None
-            if "{id}" not in value:
-                raise ValueError(f"{value!r} does not contain {{id}}")
-        return value
+    _ticket_url = field_validator("ticket_url")(_url_template)
 
     def key(self) -> str | None:
         return self.routing_key.get_secret_value() if self.routing_key else None
@@ -240,6 +242,22 @@ def _check_routing_key(key: str) -> None:
         )
 
 
+def _sender_patterns(values: list[str]) -> list[str]:
+    result = []
+    for value in values:
+        if not is_sender_pattern(value):
+            raise ValueError(f"{value!r} is not an address or *@domain")
+        result.append(value.strip().lower())
+    return result
+
+
+def _resolver_address(value: str | None) -> str | None:
+    """A DNS resolver: "host" (port 53) or "host:port"."""
+    if value is not None:
+        parse_hostport(value if value.count(":") == 1 or value.startswith("[") else f"{value}:53")
+    return value
+
+
 class EscalationSettings(_Section):
     """Who may page on-call, and how often."""
 
@@ -249,12 +267,7 @@ class EscalationSettings(_Section):
     @field_validator("allowed_senders")
     @classmethod
     def _senders(cls, values: list[str]) -> list[str]:
-        result = []
-        for value in values:
-            if not is_sender_pattern(value):
-                raise ValueError(f"{value!r} is not an address or *@domain")
-            result.append(value.strip().lower())
-        return result
+        return _sender_patterns(values)
 
 
 class OutboundSettings(_Section):
@@ -321,6 +334,35 @@ class OutboundSettings(_Section):
         return email.utils.parseaddr(self.from_)[1].lower()
 
 
+class DeskSettings(_Section):
+    """The desk's two-way mail: who is staff, how their mail is verified, what is copied."""
+
+    # staff: addresses and *@domain patterns (the same matcher as allowed_senders); their
+    # mail to a ticket is an agent reply, relayed to the participants, once verified
+    agents: list[str] = Field(default_factory=list)
+    # the receiving MTA whose Authentication-Results header maild trusts (dkim=/dmarc=pass)
+    trusted_authserv_id: str | None = None
+    verify_dkim: bool = True  # check an agent's DKIM signature itself (dkimpy)
+    dns_resolver: str | None = None  # "host[:port]" for DKIM key lookups; unset: the system's
+    dns_timeout: float = 5.0
+    name: str = ""  # "Altis Support": the desk's display name; "" means `from`'s display name
+    ticket_url: str = ""  # "https://desk.example/tickets/{id}"; "" falls back to [pagerduty]'s
+    copy_participants: bool = True  # participants get copies of each other's mail
+    copy_attachments_max: int = 10 * MIB  # attachments a copy carries, in total
+    max_copies_per_address_per_hour: int = Field(default=20, ge=0)  # 0: no limit
+
+    _duration = field_validator("dns_timeout", mode="before")(parse_duration)
+    _size = field_validator("copy_attachments_max", mode="before")(parse_size)
+    _resolver = field_validator("dns_resolver")(_resolver_address)
+
+    @field_validator("agents")
+    @classmethod
+    def _agents(cls, values: list[str]) -> list[str]:
+        return _sender_patterns(values)
+
+    _ticket_url = field_validator("ticket_url")(_url_template)
+
+
 class Settings(_Section):
     """Everything maild reads from its config file."""
 
@@ -335,6 +377,7 @@ class Settings(_Section):
     pagerduty: PagerDutySettings = Field(default_factory=PagerDutySettings)
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    desk: DeskSettings = Field(default_factory=DeskSettings)
 
 
 def default_config_path() -> Path:

@@ -54,16 +54,32 @@ class MessageKind(StrEnum):
     AUTO = "auto"  # auto-generated (out-of-office, list, monitoring): never acknowledged
     BOUNCE = "bounce"  # a delivery status notification about mail we sent
     ACK = "ack"  # our own acknowledgement (direction outbound)
+    AGENT = "agent"  # an agent's public reply: by mail (verified) or from the CLI
+    NOTE = "note"  # an agent's internal note (direction internal): never sent
+    COPY = "copy"  # the desk's copy of a participant's mail to the other participants
+    NOTIFY = "notify"  # the desk's notice to a route's `notify` addresses
+    SOLVED = "solved"  # the notice to the requester that the ticket is solved
 
 
 class Direction(StrEnum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
+    INTERNAL = "internal"  # an internal note: stored, never sent
 
 
 class ParticipantRole(StrEnum):
     REQUESTER = "requester"
     CC = "cc"
+
+
+class TicketField(StrEnum):
+    """What a ticket event changed."""
+
+    STATUS = "status"
+    PRIORITY = "priority"
+    TYPE = "type"
+    APPLICATION = "application"
+    ASSIGNEE = "assignee"
 
 
 class PageAction(StrEnum):

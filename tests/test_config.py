@@ -97,6 +97,42 @@ ca_file = "/etc/ssl/certs/ca.pem"
     assert Path("/etc/ssl/certs/ca.pem") == pagerduty.ca_file
 
 
+def test_desk_keys_are_read_and_checked(tmp_path: Path) -> None:
+    """[desk]: agents are patterns as allowed_senders are; sizes and durations take units;
+    a wrong agent, link or resolver names its key and line."""
+    path = write(
+        tmp_path,
+        """
+[desk]
+agents = ["*@Altis-DXP.com", "jo@humanmade.com"]
+trusted_authserv_id = "mx.altis-dxp.com"
+dns_resolver = "127.0.0.1:5353"
+dns_timeout = "2s"
+name = "Altis Support"
+ticket_url = "https://desk.example/tickets/{id}"
+copy_attachments_max = "5 MiB"
+max_copies_per_address_per_hour = 3
+""",
+    )
+    desk = load_settings(path).desk
+    assert desk.agents == ["*@altis-dxp.com", "jo@humanmade.com"]
+    assert (desk.trusted_authserv_id, desk.dns_resolver, desk.dns_timeout) == (
+        "mx.altis-dxp.com", "127.0.0.1:5353", 2.0,
+    )  # fmt: skip
+    assert (desk.copy_attachments_max, desk.max_copies_per_address_per_hour) == (5 * MIB, 3)
+    assert desk.copy_participants is True
+    assert desk.verify_dkim is True
+    defaults = load_settings(write(tmp_path / "empty", "")).desk
+    assert (defaults.agents, defaults.copy_attachments_max) == ([], 10 * MIB)
+    for body, key in [
+        ('agents = ["staff"]', "agents"),
+        ('ticket_url = "https://desk.example/tickets"', "ticket_url"),
+        ('dns_resolver = "127.0.0.1:dns"', "dns_resolver"),
+    ]:
+        wrong = write(tmp_path / key, f"[desk]\n{body}\n")
+        assert config_error(wrong).startswith(f"{wrong}:2: [desk] {key}: "), config_error(wrong)
+
+
 def test_sizes_and_durations_with_units_are_read_from_the_file(tmp_path: Path) -> None:
     """max_message_size and the durations accept the unit forms the parsers accept."""
     path = write(

@@ -746,6 +746,7 @@ def _ticket_for(
                 rules_version=context.table.version,
                 application=route.application,
                 tags=list(route.tags),
+                desk_address=addresses.route_key(route.recipient),
                 created_at=now,
                 updated_at=now,
             )

@@ -46,7 +46,9 @@ from maild.tomllines import Table, TomlLines
 if TYPE_CHECKING:
     from maild.mail.parsing import ParsedMessage
 
-SET_KEYS = frozenset({"type", "priority", "page", "ack", "application", "tags"})
+SET_KEYS = frozenset(
+    {"type", "priority", "page", "ack", "application", "tags", "notify", "copy_participants"}
+)
 BOOLEAN_KEYS = {"page": False, "ack": True}  # and their defaults
 APPLICATION_FIELDS = frozenset({"subaddress", "local", "domain", "recipient"})
 _LOCAL = re.compile(r"^[^@\s+*]+$")
@@ -130,6 +132,8 @@ class Route:
     drop: bool = False
     reject: str | None = None
     patterns: tuple[Pattern, ...] = field(default=(), repr=False)
+    notify: tuple[str, ...] | None = None  # who hears of new tickets and follow-ups
+    copy_participants: bool | None = None  # None: [desk] copy_participants decides
 
     @property
     def unconditional(self) -> bool:
@@ -176,6 +180,8 @@ class Decision:
     position: int
     base: str  # the route without conditions that took the recipient at RCPT
     recipient: str
+    notify: tuple[str, ...] = ()  # addresses told of new tickets and customer follow-ups
+    copy_participants: bool | None = None  # None: as [desk] copy_participants says
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +195,8 @@ class Decision:
             "application": self.application,
             "tags": list(self.tags),
             "drop": self.drop,
+            "notify": list(self.notify),
+            "copy_participants": self.copy_participants,
         }
 
 
@@ -312,6 +320,8 @@ def _decision(winner: Route, base: Route, recipient: str) -> Decision:
         position=winner.position,
         base=base.name,
         recipient=recipient,
+        notify=tuple(pick(winner.notify, base.notify) or ()),
+        copy_participants=pick(winner.copy_participants, base.copy_participants),
     )
 
 
@@ -365,6 +375,7 @@ _TYPE_ERRORS = {
     "drop": "drop must be true or false, not {value!r}",
     "page": "page must be true or false, not {value!r}",
     "ack": "ack must be true or false, not {value!r}",
+    "copy_participants": "copy_participants must be true or false, not {value!r}",
     "reject": _REJECT,
     "recipients": "recipients must be a non-empty list of addresses",
     "application": "application must be a string",
@@ -385,6 +396,12 @@ def _sender(value: str) -> str:
     if not addresses.is_sender_pattern(value):
         raise ValueError(f"{value!r} in senders is not an address or *@domain")
     return value
+
+
+def _notify(value: str) -> str:
+    if not addresses.is_sender_pattern(value) or value.strip().startswith("*@"):
+        raise ValueError(f"{value!r} in notify is not an address")
+    return value.strip().lower()
 
 
 def _domain(value: str) -> str:
@@ -429,6 +446,8 @@ class RouteSpec(BaseModel):
     priority: Priority | None = None
     application: str | None = None
     tags: list[str] | None = None
+    notify: list[Annotated[str, AfterValidator(_notify)]] | None = None
+    copy_participants: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -444,7 +463,7 @@ class RouteSpec(BaseModel):
             raise ValueError(_REJECT.format(value=reply))
         return reply
 
-    @field_validator("senders", "sender_domains", "tags", mode="before")
+    @field_validator("senders", "sender_domains", "tags", "notify", mode="before")
     @classmethod
     def _strings(cls, value: Any, info: ValidationInfo) -> Any:
         """Stripped; a wrong list is one problem of the key, and its entries are not checked."""
@@ -522,6 +541,8 @@ class RouteSpec(BaseModel):
             drop=self.drop,
             reject=self.reject,
             patterns=patterns,
+            notify=tuple(self.notify) if self.notify is not None else None,
+            copy_participants=self.copy_participants,
             file=file,
             line=line,
             position=position,

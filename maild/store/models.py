@@ -3,6 +3,8 @@
 inbound      one row per accepted SMTP/LMTP/pipe delivery: envelope + raw bytes,
              committed before 250; status received → processed | duplicate | dropped | failed
 ticket       one conversation with a customer
+ticket_event one change to a ticket (status, priority, type, application, assignee):
+             what, old, new, who, when
 participant  people on a ticket (requester, cc), unique per ticket and address
 message      one stored message of a ticket; unique on the hash of its Message-ID
 attachment   a file of a message; its bytes are in blob, keyed by sha256
@@ -91,7 +93,10 @@ class Envelope:
 
 class Ticket(SQLModel, table=True):
     __tablename__ = "ticket"
-    __table_args__ = (Index("ix_ticket_status_updated", "status", "updated_at"),)
+    __table_args__ = (
+        Index("ix_ticket_status_updated", "status", "updated_at"),
+        Index("ix_ticket_assignee_updated", "assignee", "updated_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     type: str = Field(max_length=16)
@@ -104,8 +109,25 @@ class Ticket(SQLModel, table=True):
     rules_version: str = Field(default="", max_length=64)
     application: str = Field(default="", sa_type=Text)  # the application/environment concerned
     tags: list[str] = Field(default_factory=list, sa_type=JSON)
+    assignee: str | None = Field(default=None, max_length=320)  # the agent working it
+    # the desk address it came in through (support@…): the From of the desk's mail about it
+    desk_address: str = Field(default="", max_length=320)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TicketEvent(SQLModel, table=True):
+    """One change to a ticket, by whom and when: the ticket's history."""
+
+    __tablename__ = "ticket_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    field: str = Field(max_length=32)  # a TicketField
+    old: str | None = Field(default=None, sa_type=Text)
+    new: str | None = Field(default=None, sa_type=Text)
+    by: str = Field(default="", max_length=320)  # an agent's address, or "maild"
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class Participant(SQLModel, table=True):
@@ -146,8 +168,9 @@ class Message(SQLModel, table=True):
     rule: str = Field(default="", max_length=255)
     rules_version: str = Field(default="", max_length=64)  # the table that routed it
     defects: list[str] = Field(default_factory=list, sa_type=JSON)
-    direction: str = Field(default="inbound", max_length=16)  # inbound | outbound
-    kind: str = Field(default="human", max_length=16)  # human | auto | bounce | ack
+    direction: str = Field(default="inbound", max_length=16)  # inbound | outbound | internal
+    # human | auto | bounce | ack | agent | note | copy | notify | solved (enums.MessageKind)
+    kind: str = Field(default="human", max_length=16)
     auto_reasons: list[str] = Field(default_factory=list, sa_type=JSON)  # why it is automatic
     report: dict[str, Any] | None = Field(default=None, sa_type=JSON)  # a bounce's DSN
     created_at: datetime = Field(default_factory=utcnow)

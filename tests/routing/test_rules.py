@@ -373,8 +373,9 @@ def test_unknown_key_in_a_route_is_reported_at_its_line(tmp_path: Path) -> None:
     expected = Problem(
         str(folder / "a.toml"),
         6,
-        "unknown key 'paeg' in [[route]] (known: ack, application, drop, headers, name, page, "
-        "priority, recipients, reject, sender_domains, senders, subject, tags, type)",
+        "unknown key 'paeg' in [[route]] (known: ack, application, copy_participants, drop, "
+        "headers, name, notify, page, priority, recipients, reject, sender_domains, senders, "
+        "subject, tags, type)",
     )
     assert [expected] == problems_of(folder)
 

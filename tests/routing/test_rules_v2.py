@@ -32,8 +32,8 @@ REJECT_AT_RCPT = (
     "(it is decided at RCPT time)"
 )
 KNOWN_KEYS = (
-    "ack, application, drop, headers, name, page, priority, recipients, reject, "
-    "sender_domains, senders, subject, tags, type"
+    "ack, application, copy_participants, drop, headers, name, notify, page, priority, "
+    "recipients, reject, sender_domains, senders, subject, tags, type"
 )
 
 
@@ -119,6 +119,39 @@ def test_a_refining_route_overrides_only_what_it_sets(tmp_path: Path) -> None:
     assert summary(rules, "support@altis-dxp.com")[:3] == ("support", "question", "normal")
     decision = rules.decide("support@altis-dxp.com", vip)
     assert decision.base == "support"
+
+
+def test_notify_and_copy_participants_come_from_the_base_unless_the_winner_sets_them(
+    tmp_path: Path,
+) -> None:
+    """A route's `notify` and `copy_participants` travel in its decision (and `rules test
+    --json`); a refining route that sets neither keeps the base's."""
+    rules = table(
+        tmp_path,
+        """
+[[route]]
+name = "team-vip"
+sender_domains = ["vip.example"]
+priority = "high"
+
+[[route]]
+name = "team"
+recipients = ["help@altis-dxp.com"]
+type = "question"
+priority = "normal"
+notify = ["Support-Team@altis-dxp.com"]
+copy_participants = false
+""",
+    )
+    plain = rules.decide("help@altis-dxp.com", ALICE)
+    assert (plain.notify, plain.copy_participants) == (("support-team@altis-dxp.com",), False)
+    vip = rules.decide("help@altis-dxp.com", MessageContext(sender="a@vip.example", subject="s"))
+    assert (vip.name, vip.notify, vip.copy_participants) == (
+        "team-vip", ("support-team@altis-dxp.com",), False,
+    )  # fmt: skip
+    assert plain.as_dict()["notify"] == ["support-team@altis-dxp.com"]
+    shipped = rules.decide("support@altis-dxp.com", ALICE)
+    assert (shipped.notify, shipped.copy_participants) == ((), None)
 
 
 @pytest.mark.parametrize(
@@ -316,6 +349,22 @@ def test_reject_refuses_at_rcpt_with_its_own_reply(tmp_path: Path) -> None:
             '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\nack = "no"\n'
             'type = "task"\npriority = "low"\n',
             ["ack must be true or false, not 'no'"],
+        ),
+        (
+            '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\ncopy_participants = 1\n'
+            'type = "task"\npriority = "low"\n',
+            ["copy_participants must be true or false, not 1"],
+        ),
+        (
+            '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\n'
+            'notify = ["team@d.example", "*@d.example", "nobody"]\n'
+            'type = "task"\npriority = "low"\n',
+            ["'*@d.example' in notify is not an address", "'nobody' in notify is not an address"],
+        ),
+        (
+            '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\nnotify = "team@d.example"\n'
+            'type = "task"\npriority = "low"\n',
+            ["notify must be a list of non-empty strings"],
         ),
         (
             '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\nsubject = "urgent"\n'
