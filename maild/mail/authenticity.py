@@ -39,7 +39,8 @@ that MTA alone.
 only when its `d=` is the domain. Signatures by other domains are never
 looked up in DNS (a hostile mail with fifty of them costs no query), at most
 `MAX_SIGNATURES` of the domain's are checked, and one with `l=` (it signs
-only the first bytes of the body, so text can be appended) is refused. The
+only the first bytes of the body, so text can be appended), with rsa-sha1
+(RFC 8301) or without the From field in `h=` is refused. The
 key is fetched through `dnsfunc` (dkimpy's convention: a name in, the TXT
 record's bytes or None out), by default dnspython asking `dns_resolver` (or
 the system's resolver) with `dns_timeout`. A lookup that fails or times out
@@ -347,6 +348,8 @@ def _refused(tags: dict[bytes, bytes]) -> str:
     """Why a signature is not even checked, or ""."""
     if b"l" in tags:
         return "has l= (it signs only part of the body, so text can be added): refused"
+    if tags.get(b"a", b"").strip().lower() == b"rsa-sha1":
+        return "uses rsa-sha1 (RFC 8301: never valid): refused"
     signed = {h.strip().lower() for h in tags.get(b"h", b"").split(b":")}
     if b"from" not in signed:
         return "does not sign the From field: refused"
@@ -412,7 +415,7 @@ class _Capture(logging.Handler):
 
 def resolver_address(text: str) -> tuple[str, int]:
     """`dns_resolver` as (IP address, port): "10.0.0.53", "10.0.0.53:5353",
-    "::1", "[::1]:5353". ValueError for anything else (config validation uses it)."""
+    "::1", "[::1]:5353". ValueError for anything else, for the config to validate with."""
     text = text.strip()
     host, port = text, 53
     if text.startswith("["):

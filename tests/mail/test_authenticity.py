@@ -191,6 +191,17 @@ def test_a_signature_with_a_body_length_limit_is_refused(key: Key, dns_answers: 
     assert dns_answers.asked == []
 
 
+def test_an_rsa_sha1_signature_is_refused(key: Key, dns_answers: Dns) -> None:
+    """RFC 8301: rsa-sha1 is never valid, however well it verifies."""
+    raw = sign(message(), key, signature_algorithm=b"rsa-sha1")
+    verdict = verify(raw, DKIM_ONLY, dns_answers)
+    assert (
+        verdict.reason
+        == f"DKIM signature by {DOMAIN} uses rsa-sha1 (RFC 8301: never valid): refused"
+    )
+    assert dns_answers.asked == []
+
+
 def test_no_signature_is_not_verified(dns_answers: Dns) -> None:
     verdict = verify(message(), DKIM_ONLY, dns_answers)
     assert verdict == Verdict(False, "", f"no DKIM signature by {DOMAIN}")
