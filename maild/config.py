@@ -8,6 +8,7 @@ is started from.
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import os
 import re
 import tomllib
@@ -252,9 +253,20 @@ def _sender_patterns(values: list[str]) -> list[str]:
 
 
 def _resolver_address(value: str | None) -> str | None:
-    """A DNS resolver: "host" (port 53) or "host:port"."""
+    """A DNS resolver by IP address: "10.0.0.53", "10.0.0.53:5353", "[::1]:5353"."""
     if value is not None:
-        parse_hostport(value if value.count(":") == 1 or value.startswith("[") else f"{value}:53")
+        text = value.strip()
+        bare = text.count(":") == 0 or (text.count(":") > 1 and not text.startswith("["))
+        try:
+            host, _ = parse_hostport(
+                f"[{text}]:53" if bare and ":" in text else f"{text}:53" if bare else text
+            )
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f'{value!r} is not an IP address or "address:port" (for example '
+                '"127.0.0.1:53"; the resolver is asked by address)'
+            ) from None
     return value
 
 
@@ -343,7 +355,7 @@ class DeskSettings(_Section):
     # the receiving MTA whose Authentication-Results header maild trusts (dkim=/dmarc=pass)
     trusted_authserv_id: str | None = None
     verify_dkim: bool = True  # check an agent's DKIM signature itself (dkimpy)
-    dns_resolver: str | None = None  # "host[:port]" for DKIM key lookups; unset: the system's
+    dns_resolver: str | None = None  # "IP[:port]" for DKIM key lookups; unset: the system's
     dns_timeout: float = 5.0
     name: str = ""  # "Altis Support": the desk's display name; "" means `from`'s display name
     ticket_url: str = ""  # "https://desk.example/tickets/{id}"; "" falls back to [pagerduty]'s

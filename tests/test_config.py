@@ -128,6 +128,7 @@ max_copies_per_address_per_hour = 3
         ('agents = ["staff"]', "agents"),
         ('ticket_url = "https://desk.example/tickets"', "ticket_url"),
         ('dns_resolver = "127.0.0.1:dns"', "dns_resolver"),
+        ('dns_resolver = "dns.example"', "dns_resolver"),
     ]:
         wrong = write(tmp_path / key, f"[desk]\n{body}\n")
         assert config_error(wrong).startswith(f"{wrong}:2: [desk] {key}: "), config_error(wrong)
