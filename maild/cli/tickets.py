@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from maild.cli.common import (
+    F,
     clip,
     config_option,
+    database_problem,
+    desk_context,
     fail,
     json_option,
     load_config,
@@ -20,6 +25,14 @@ from maild.cli.common import (
     read_with,
     show,
 )
+from maild.config import Settings
+from maild.enums import Priority, TicketStatus, TicketType
+
+if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
+    from sqlmodel import Session
+
+    from maild.desk.actions import ChangeResult, Changes
+    from maild.store.models import Page
 
 
 @main.group()
@@ -40,6 +53,8 @@ def tickets() -> None:
 @click.option("--type", "type_", type=click.Choice(["question", "incident", "problem", "task"]))
 @click.option("--priority", type=click.Choice(["low", "normal", "high", "urgent"]))
 @click.option("--search", help="Text in the subject, requester or messages.")
+@click.option("--assignee", metavar="ADDR", help="Only the tickets assigned to this agent.")
+@click.option("--unassigned", is_flag=True, help="Only the tickets nobody is assigned.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many tickets.")
 def tickets_list(
     config_path: Path | None,
@@ -48,15 +63,26 @@ def tickets_list(
     type_: str | None,
     priority: str | None,
     search: str | None,
+    assignee: str | None,
+    unassigned: bool,
     limit: int | None,
 ) -> None:
     """Tickets, most recently updated first."""
     from maild.store.tickets import list_tickets
 
+    if assignee is not None and unassigned:
+        raise click.UsageError("--assignee and --unassigned cannot be combined")
     views = read_with(
         config_path,
         lambda s: list_tickets(
-            s, status=status, type_=type_, priority=priority, search=search, limit=limit
+            s,
+            status=status,
+            type_=type_,
+            priority=priority,
+            search=search,
+            limit=limit,
+            assignee=assignee,
+            unassigned=unassigned,
         ),
     )
     print_views(
@@ -90,6 +116,7 @@ def _page_cell(page: dict[str, Any] | None) -> str:
 @click.argument("ticket_id", type=int)
 def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> None:
     """One ticket with its participants and messages."""
+    from maild.desk.actions import change_line
     from maild.store.tickets import TicketNotFound, show_ticket
 
     try:
@@ -102,6 +129,7 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
     show(f"Ticket #{view['id']}: {view['subject'] or '(no subject)'}")
     show(f"  {view['type']}, {view['priority']}, {view['status']}; route {view['rule']}")
     show(f"  created {view['created_at']}, updated {view['updated_at']}")
+    show(f"  assignee {view['assignee'] or '(nobody)'}")
     for page in view["pages"]:
         why = f": {page['reason']}" if page["reason"] else ""
         show(f"  page {page['id']}: {page['action']} {page['status']}{why}")
@@ -114,6 +142,12 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         name = f"{person['name']} " if person["name"] else ""
         bad = f" (undeliverable: {person['undeliverable']})" if "undeliverable" in person else ""
         show(f"  {person['role']:<9} {name}<{person['email']}>{bad}")
+    if view["events"]:
+        show("\nEvents:")
+        for event in view["events"]:
+            when = (event["at"] or "")[:19].replace("T", " ")
+            line = change_line(event["field"], event["old"], event["new"])
+            show(f"  {when}  {event['by']}  {line}")
     for number, message in enumerate(view["messages"], start=1):
         sender = message["from"]
         flags = ""
@@ -136,26 +170,172 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         show(message["text"])
 
 
-def _status_command(name: str, status: str, help_text: str) -> None:
+# Changing a ticket: `set`, and its shortcuts `close`, `solve` and `reopen`.
+
+
+def _by_option(required: bool) -> Callable[[F], F]:
+    return click.option(
+        "--by",
+        metavar="ADDR",
+        required=required,
+        help=(
+            "Who makes the change (recorded on each event; the page's sender for "
+            "[escalation] allowed_senders); one of [desk] agents when those are set."
+            + ("" if required else "  [default: the user running maild, as USER@HOST]")
+        ),
+    )
+
+
+def _who(by: str | None, settings: Settings) -> str:
+    """--by checked (exit 2 unless an address, one of [desk] agents when set), or, for the
+    shortcuts, the user running the command as USER@HOST (not checked against the agents:
+    it names who ran it, not whom someone typed)."""
+    return _local_user() if by is None else _checked(by, settings, "--by")
+
+
+def _checked(address: str, settings: Settings, option: str) -> str:
+    """An address option as the desk records it; exit 2 naming the option (check_agent)."""
+    from maild.desk.actions import NotAllowed, check_agent
+
+    try:
+        return check_agent(address, settings.desk.agents, option)
+    except NotAllowed as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"{option}: "), param_hint=option) from None
+
+
+def _local_user() -> str:
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (a container's uid)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}".lower()[:320]
+
+
+def _change(
+    settings: Settings, ticket_id: int, changes: Changes, by: str
+) -> tuple[ChangeResult, dict[str, Any]]:
+    """change_ticket in one transaction; the result and the ticket as `show --json` has it."""
+    from maild.desk.actions import NotAllowed, change_ticket
+    from maild.store.tickets import TicketNotFound, show_ticket
+
+    context = desk_context(settings)
+    database = open_database(settings)
+
+    def work(session: Session) -> tuple[ChangeResult, dict[str, Any]]:
+        result = change_ticket(session, ticket_id, changes, by=by, context=context)
+        session.flush()
+        return result, show_ticket(session, ticket_id)
+
+    try:
+        return database.run_write(work)
+    except TicketNotFound:
+        fail(f"no ticket {ticket_id}")
+    except NotAllowed as exc:
+        fail(str(exc), 2)
+    except SQLAlchemyError as exc:
+        fail(*database_problem(database.name, exc))
+    finally:
+        database.close()
+
+
+def _page_line(page: Page) -> str:
+    if page.status == "withheld":
+        return f"PagerDuty {page.action} withheld (page {page.id}): {page.reason}"
+    return f"PagerDuty {page.action} queued as page {page.id} (dedup key {page.dedup_key})"
+
+
+CHANGE_OPTIONS = "--priority, --type, --application, --status, --assignee or --unassign"
+
+
+@tickets.command("set")
+@config_option
+@json_option
+@click.argument("ticket_id", type=int)
+@click.option("--priority", type=click.Choice([p.value for p in Priority]))
+@click.option("--type", "type_", type=click.Choice([t.value for t in TicketType]))
+@click.option("--application", help="The application or environment concerned.")
+@click.option("--status", type=click.Choice([s.value for s in TicketStatus]))
+@click.option("--assignee", metavar="ADDR", help="The agent working it.")
+@click.option("--unassign", is_flag=True, help="Nobody works it any more.")
+@_by_option(required=True)
+def tickets_set(
+    config_path: Path | None,
+    as_json: bool,
+    ticket_id: int,
+    priority: str | None,
+    type_: str | None,
+    application: str | None,
+    status: str | None,
+    assignee: str | None,
+    unassign: bool,
+    by: str,
+) -> None:
+    """Change a ticket: each change is an event on it, shown by `tickets show`.
+
+    Raised to a type and priority that a route pages for (incident + urgent in the
+    shipped rules), or reopened there, the ticket pages on-call as that route's mail
+    would, with --by as the sender; solved, closed or lowered below it, its incident
+    is resolved. The running daemon sends the page within a second.
+    """
+    from maild.desk.actions import Changes, change_line
+
+    if assignee is not None and unassign:
+        raise click.UsageError("--assignee and --unassign cannot be combined")
+    if (priority, type_, application, status, assignee) == (None,) * 5 and not unassign:
+        raise click.UsageError(f"nothing to change: give {CHANGE_OPTIONS}")
+    settings = load_config(config_path)
+    who = _who(by, settings)
+    if assignee is not None:
+        assignee = _checked(assignee, settings, "--assignee")
+    changes = Changes(
+        status=TicketStatus(status) if status else None,
+        priority=Priority(priority) if priority else None,
+        type=TicketType(type_) if type_ else None,
+        application=application,
+        assignee=assignee,
+        unassign=unassign,
+    )
+    result, view = _change(settings, ticket_id, changes, who)
+    if as_json:
+        print_json(view)
+        return
+    if not result.events:
+        click.echo(f"ticket {ticket_id} unchanged: it already is as asked")
+    for event in result.events:
+        show(change_line(event.field, event.old, event.new))
+    if result.page is not None:
+        show(_page_line(result.page))
+
+
+def _status_command(name: str, status: TicketStatus, help_text: str) -> None:
     @tickets.command(name, help=help_text)
     @config_option
     @click.argument("ticket_id", type=int)
-    def command(config_path: Path | None, ticket_id: int) -> None:
-        from maild.enums import TicketStatus
-        from maild.store.tickets import TicketNotFound, set_status
+    @_by_option(required=False)
+    def command(config_path: Path | None, ticket_id: int, by: str | None) -> None:
+        from maild.desk.actions import Changes
 
-        database = open_database(load_config(config_path))
-        try:
-            page = database.run_write(lambda s: set_status(s, ticket_id, TicketStatus(status)))
-        except TicketNotFound:
-            fail(f"no ticket {ticket_id}")
-        finally:
-            database.close()
-        click.echo(f"ticket {ticket_id} is {status}")
-        if page is not None:
-            click.echo(f"PagerDuty resolve queued as page {page.id} (dedup key {page.dedup_key})")
+        settings = load_config(config_path)
+        result, _ = _change(settings, ticket_id, Changes(status=status), _who(by, settings))
+        click.echo(f"ticket {ticket_id} is {status.value}")
+        if result.page is not None:
+            show(_page_line(result.page))
 
 
-_status_command("close", "closed", "Close a ticket (a new reply reopens it).")
-_status_command("solve", "solved", "Mark a ticket solved (a new reply reopens it).")
-_status_command("reopen", "open", "Open a ticket again.")
+_status_command(
+    "close", TicketStatus.CLOSED, "Close a ticket (a new reply reopens it); shortcut of `set`."
+)
+_status_command(
+    "solve",
+    TicketStatus.SOLVED,
+    "Mark a ticket solved (a new reply reopens it); shortcut of `set`.",
+)
+_status_command(
+    "reopen",
+    TicketStatus.OPEN,
+    "Open a ticket again; shortcut of `set` (an urgent incident reopened pages again).",
+)

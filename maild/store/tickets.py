@@ -1,4 +1,7 @@
-"""Reading and changing tickets for the CLI; the JSON shapes of the contract live here."""
+"""Reading tickets for the CLI; the JSON shapes of the contract live here.
+
+Changing them is the desk's (desk/actions.py), which writes each change as an event.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,15 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from maild.enums import TicketStatus
-from maild.outbound.paging import queue_resolve
-from maild.store.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
+from maild.mail import addresses
+from maild.store.models import (
+    Attachment,
+    Inbound,
+    Message,
+    Participant,
+    Ticket,
+    TicketEvent,
+)
 from maild.store.outboxes import list_outmail, list_pages, ticket_pages
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
@@ -71,6 +81,7 @@ def ticket_view(
         "rules_version": ticket.rules_version,
         "application": ticket.application,
         "tags": ticket.tags,
+        "assignee": ticket.assignee,  # the agent working it, or null
         "created_at": _iso(ticket.created_at),
         "updated_at": _iso(ticket.updated_at),
         "message_count": count,
@@ -86,9 +97,12 @@ def list_tickets(
     priority: str | None = None,
     search: str | None = None,
     limit: int | None = None,
+    assignee: str | None = None,
+    unassigned: bool = False,
 ) -> list[dict[str, Any]]:
     """Tickets, most recently updated first. status: open (open+pending), closed
-    (solved+closed), all, or one exact status."""
+    (solved+closed), all, or one exact status; assignee: only this agent's (compared
+    lower-case); unassigned: only those nobody is assigned."""
     query = select(Ticket)
     if status == "open":
         query = query.where(col(Ticket.status).in_(OPEN_STATUSES))
@@ -102,6 +116,10 @@ def list_tickets(
         query = query.where(Ticket.type == type_)
     if priority:
         query = query.where(Ticket.priority == priority)
+    if assignee:
+        query = query.where(Ticket.assignee == addresses.normalize(assignee))
+    if unassigned:
+        query = query.where(col(Ticket.assignee).is_(None))
     if search:
         escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{escaped}%"
@@ -174,6 +192,7 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
         len(messages),
         ticket_pages(session, [ticket_id]).get(ticket_id),
     )
+    view["events"] = ticket_events(session, ticket_id)
     view["pages"] = list(reversed(list_pages(session, ticket_id=ticket_id)))
     view["acknowledgements"] = list_outmail(session, ticket_id=ticket_id, oldest_first=True)
     view["messages"] = [
@@ -200,18 +219,14 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
     return view
 
 
-def set_status(session: Session, ticket_id: int, status: TicketStatus) -> Page | None:
-    """Change a ticket's status; solving or closing a paged ticket queues the resolve.
-
-    Returns the resolve page queued, if any.
-    """
-    ticket = session.get(Ticket, ticket_id, with_for_update=True)
-    if ticket is None:
-        raise TicketNotFound(ticket_id)
-    now = utcnow()
-    ticket.status = status.value
-    ticket.updated_at = now
-    session.add(ticket)
-    if status in (TicketStatus.SOLVED, TicketStatus.CLOSED):
-        return queue_resolve(session, ticket, now)
-    return None
+def ticket_events(session: Session, ticket_id: int) -> list[dict[str, Any]]:
+    """The ticket's history, oldest first: what changed, from what, to what, by whom, when."""
+    rows = session.exec(
+        select(TicketEvent)
+        .where(TicketEvent.ticket_id == ticket_id)
+        .order_by(col(TicketEvent.created_at), col(TicketEvent.id))
+    ).all()
+    return [
+        {"field": e.field, "old": e.old, "new": e.new, "by": e.by, "at": _iso(e.created_at)}
+        for e in rows
+    ]
