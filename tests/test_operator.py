@@ -233,6 +233,7 @@ READ_ONLY = [
     ("tickets", "show", "1"),
     ("tickets", "close", "1"),
     ("tickets", "set", "1", "--priority", "low", "--by", "jo@altis-dxp.com"),
+    ("tickets", "attachment", "1", "1"),
     ("inbound", "list"),
     ("inbound", "show", "1"),
     ("pages", "list"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,7 +164,7 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
             show(f"Defects: {'; '.join(message['defects'])}")
         for att in message["attachments"]:
             show(
-                f"Attachment: {att['filename']} ({att['content_type']}, "
+                f"Attachment {att['number']}: {att['filename']} ({att['content_type']}, "
                 f"{att['size']} bytes, sha256 {att['sha256'][:12]}…)"
             )
         show("")
@@ -339,3 +340,95 @@ _status_command(
     TicketStatus.OPEN,
     "Open a ticket again; shortcut of `set` (an urgent incident reopened pages again).",
 )
+
+
+# Attachments out.
+
+
+@tickets.command("attachment")
+@config_option
+@click.argument("ticket_id", type=int)
+@click.argument("number", type=click.IntRange(min=1))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bytes to this file (the mail's own filename is never used as a path).",
+)
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def tickets_attachment(
+    config_path: Path | None, ticket_id: int, number: int, output: Path | None, force: bool
+) -> None:
+    """Write attachment NUMBER of a ticket (as numbered in `tickets show`), byte for byte.
+
+    Without -o the bytes go to stdout, but never to a terminal (a customer's file can
+    hold escape sequences). An existing FILE is kept unless --force (then replaced
+    whole: a reader never sees half of it).
+    """
+    from maild.store.tickets import AttachmentNotFound, TicketNotFound, attachment_bytes
+
+    if output is None and sys.stdout.isatty():
+        raise click.UsageError(
+            "will not write an attachment to a terminal: give -o FILE, or redirect stdout"
+        )
+    if output is not None and not force and output.exists():
+        fail(f"{output} exists; give --force to replace it")
+    try:
+        attachment, data = read_with(config_path, lambda s: attachment_bytes(s, ticket_id, number))
+    except TicketNotFound:
+        fail(f"no ticket {ticket_id}")
+    except AttachmentNotFound as exc:
+        fail(str(exc))
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        _write_file(output, data, replace=force)
+    except FileExistsError:
+        fail(f"{output} exists; give --force to replace it")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    click.echo(
+        f"wrote {len(data)} bytes to {output} (attachment {number}: {attachment.filename!r}, "
+        f"{attachment.content_type})",
+        err=True,
+    )
+
+
+def _write_file(path: Path, data: bytes, *, replace: bool) -> None:
+    """`data` as the file `path`, all or nothing: written beside it under a temporary name,
+    then renamed over it (replace) or linked to it (never over an existing file)."""
+    import os
+    import tempfile
+
+    descriptor, temporary = tempfile.mkstemp(prefix=".maild-attachment-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # FileExistsError if someone made it meanwhile
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: O_EXCL, unlinked if cut short
+                _write_new(path, data)
+    finally:
+        if os.path.lexists(temporary):  # linked, or not got that far; renamed: gone already
+            os.unlink(temporary)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    import os
+
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

@@ -1,6 +1,10 @@
 """Reading tickets for the CLI; the JSON shapes of the contract live here.
 
 Changing them is the desk's (desk/actions.py), which writes each change as an event.
+
+Attachments are numbered 1..N per ticket, as `tickets show` lists them: by message (in
+the order stored), then by attachment within the message (in the order stored).
+`tickets attachment ID N` takes the same numbers (attachment_bytes).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from maild.enums import TicketStatus
 from maild.mail import addresses
 from maild.store.models import (
     Attachment,
+    Blob,
     Inbound,
     Message,
     Participant,
@@ -29,6 +34,15 @@ OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 
 class TicketNotFound(LookupError):
     pass
+
+
+class AttachmentNotFound(LookupError):
+    """No attachment of that number; `count` is how many the ticket has."""
+
+    def __init__(self, ticket_id: int, number: int, count: int) -> None:
+        have = {0: "no attachments", 1: "1 attachment"}.get(count, f"{count} attachments")
+        super().__init__(f"ticket {ticket_id} has {have}; there is no attachment {number}")
+        self.count = count
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -163,22 +177,17 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
     messages = session.exec(
         select(Message).where(Message.ticket_id == ticket_id).order_by(col(Message.id))
     ).all()
-    message_ids = [m.id for m in messages if m.id is not None]
     attachments: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    if message_ids:
-        for att in session.exec(
-            select(Attachment)
-            .where(col(Attachment.message_pk).in_(message_ids))
-            .order_by(col(Attachment.id))
-        ).all():
-            attachments[att.message_pk].append(
-                {
-                    "filename": att.filename,
-                    "content_type": att.content_type,
-                    "size": att.size,
-                    "sha256": att.sha256,
-                }
-            )
+    for number, att in enumerate(_attachments(session, ticket_id), start=1):
+        attachments[att.message_pk].append(
+            {
+                "number": number,  # what `tickets attachment ID N` takes
+                "filename": att.filename,
+                "content_type": att.content_type,
+                "size": att.size,
+                "sha256": att.sha256,
+            }
+        )
     received = dict(
         session.exec(
             select(Inbound.id, Inbound.received_at).where(
@@ -230,3 +239,30 @@ def ticket_events(session: Session, ticket_id: int) -> list[dict[str, Any]]:
         {"field": e.field, "old": e.old, "new": e.new, "by": e.by, "at": _iso(e.created_at)}
         for e in rows
     ]
+
+
+def _attachments(session: Session, ticket_id: int) -> list[Attachment]:
+    """The ticket's attachments in their numbered order: by message, then attachment id."""
+    return list(
+        session.exec(
+            select(Attachment)
+            .join(Message, col(Message.id) == col(Attachment.message_pk))
+            .where(Message.ticket_id == ticket_id)
+            .order_by(col(Message.id), col(Attachment.id))
+        ).all()
+    )
+
+
+def attachment_bytes(session: Session, ticket_id: int, number: int) -> tuple[Attachment, bytes]:
+    """The ticket's attachment number `number` (1-based, as `tickets show` numbers them) and
+    its exact bytes. TicketNotFound, or AttachmentNotFound saying how many there are."""
+    if session.get(Ticket, ticket_id) is None:
+        raise TicketNotFound(ticket_id)
+    found = _attachments(session, ticket_id)
+    if not 1 <= number <= len(found):
+        raise AttachmentNotFound(ticket_id, number, len(found))
+    attachment = found[number - 1]
+    blob = session.get(Blob, attachment.sha256)
+    if blob is None:  # a foreign key makes this impossible; say so rather than write nothing
+        raise LookupError(f"the bytes of attachment {number} (sha256 {attachment.sha256}) are gone")
+    return attachment, blob.data

@@ -202,6 +202,7 @@ def test_config_option_wins_over_the_environment_variable(
         ["tickets", "solve", "1"],
         ["tickets", "reopen", "1"],
         ["tickets", "set", "1", "--status", "closed", "--by", "jo@altis-dxp.com"],
+        ["tickets", "attachment", "1", "1"],
         ["rules", "check"],
         ["rules", "test", "support@altis-dxp.com"],
         ["inbound", "list"],
@@ -488,6 +489,7 @@ def test_tickets_show_json_adds_the_messages(maild: RunningMaild) -> None:
             "text": "Where are last night's backups?",
             "attachments": [
                 {
+                    "number": 1,
                     "filename": "error.log",
                     "content_type": "text/plain",
                     "size": 9,

@@ -1,4 +1,4 @@
-"""`maild tickets set`, its shortcuts and the assignee filters.
+"""`maild tickets set`, its shortcuts, the assignee filters and `tickets attachment`.
 
 Tickets are filed by `maild ingest` (stored and filed at once, no daemon) or by a
 running maild over SMTP when pages must reach the HTTPS stand-in for PagerDuty's
@@ -10,7 +10,11 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import os
+import pty
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -33,6 +37,7 @@ SUPPORT = "support@altis-dxp.com"
 HOSTING = "hosting@altis-dxp.com"
 SYSOPS = "sysops@altis-dxp.com"
 AGENTS = '[desk]\nagents = ["*@altis-dxp.com"]\n'
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) + b"\x00" * 64 + b"IEND"
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +71,20 @@ def ingest(config: Path, message: EmailMessage, to: str = HOSTING) -> int:
     assert result.exit_code == 0, result.stderr
     views = json.loads(ok(config, "tickets", "list", "--status", "all", "--json"))
     return max(view["id"] for view in views)
+
+
+def maild_process(
+    config: Path, *args: str, cwd: Path | None = None, stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[bytes]:
+    """`maild ARGS --config CONFIG` as a process of its own (this checkout's code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "maild", *args, "--config", str(config)],
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
 
 
 def local_user() -> str:
@@ -248,7 +267,126 @@ def test_list_filters_by_assignee_and_unassigned(make_config: Callable[..., Path
     assert "--assignee and --unassigned cannot be combined" in both.stderr
 
 
-# 4. Paging, end to end: a running maild sends what the CLI queued.
+# 4. Attachments out.
+
+
+def with_attachments(subject: str, *files: tuple[bytes, str, str]) -> EmailMessage:
+    message = mail(subject, body="See attached.")
+    for data, filename, kind in files:
+        maintype, subtype = kind.split("/")
+        message.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    return message
+
+
+def test_attachment_writes_the_exact_bytes_numbered_as_show_numbers_them(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Attachments are numbered by message, then within it; N gives that one's exact bytes."""
+    config = make_config()
+    first = with_attachments(
+        "Screenshots", (b"first\n", "a.txt", "text/plain"), (PNG, "shot.png", "image/png")
+    )
+    tid = ingest(config, first)
+    reply = with_attachments("Re: Screenshots", (b"\x00\x01third", "c.bin", "application/x-c"))
+    reply["In-Reply-To"] = first["Message-ID"]
+    assert ingest(config, reply) == tid
+    view = shown(config, tid)
+    numbered = [(a["number"], a["filename"]) for m in view["messages"] for a in m["attachments"]]
+    assert numbered == [(1, "a.txt"), (2, "shot.png"), (3, "c.bin")]
+    text = ok(config, "tickets", "show", str(tid))
+    assert "Attachment 2: shot.png (image/png, " in text
+    for number, expected in ((1, b"first\n"), (2, PNG), (3, b"\x00\x01third")):
+        out = tmp_path / f"out-{number}"
+        result = cli(config, "tickets", "attachment", str(tid), str(number), "-o", str(out))
+        assert (result.exit_code, result.stdout) == (0, "")
+        assert out.read_bytes() == expected
+    stdout = cli(config, "tickets", "attachment", str(tid), "2")
+    assert (stdout.exit_code, stdout.stdout_bytes, stdout.stderr) == (0, PNG, "")
+
+
+def test_a_hostile_filename_is_never_used_as_a_path(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """../../etc/x.png from the mail is a name shown (stored as x.png), never a path written."""
+    config = make_config()
+    tid = ingest(config, with_attachments("Look", (PNG, "../../etc/x.png", "image/png")))
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    out = work / "saved"
+    result = maild_process(config, "tickets", "attachment", str(tid), "1", "-o", "saved", cwd=work)
+    assert (result.returncode, result.stdout) == (0, b""), result.stderr
+    assert out.read_bytes() == PNG
+    assert sorted(p.name for p in work.iterdir()) == ["saved"]
+    assert not (tmp_path / "etc").exists()
+    assert not (tmp_path / "a" / "etc").exists()
+    assert [p for p in tmp_path.rglob("*.png")] == []
+    assert b"(attachment 1: 'x.png', image/png)" in result.stderr  # its stored, safe name
+
+
+def test_attachment_number_out_of_range_exits_1_saying_how_many(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """N past the last: exit 1 naming how many there are; 0 is a usage error; no file written."""
+    config = make_config()
+    tid = ingest(
+        config,
+        with_attachments("Two", (b"1", "1.txt", "text/plain"), (b"2", "2.txt", "text/plain")),
+    )
+    bare = ingest(config, mail("None"))
+    out = tmp_path / "out"
+    result = cli(config, "tickets", "attachment", str(tid), "3", "-o", str(out))
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"maild: ticket {tid} has 2 attachments; there is no attachment 3\n"
+    none = cli(config, "tickets", "attachment", str(bare), "1", "-o", str(out))
+    assert none.stderr == f"maild: ticket {bare} has no attachments; there is no attachment 1\n"
+    zero = cli(config, "tickets", "attachment", str(tid), "0", "-o", str(out))
+    assert zero.exit_code == 2
+    missing = cli(config, "tickets", "attachment", "42", "1", "-o", str(out))
+    assert (missing.exit_code, missing.stderr) == (1, "maild: no ticket 42\n")
+    assert not out.exists()
+
+
+def test_an_existing_file_is_kept_unless_force(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """-o onto an existing file exits 1 and keeps it; --force replaces it whole."""
+    config = make_config()
+    tid = ingest(config, with_attachments("Shot", (PNG, "shot.png", "image/png")))
+    out = tmp_path / "shot.png"
+    out.write_bytes(b"mine")
+    kept = cli(config, "tickets", "attachment", str(tid), "1", "-o", str(out))
+    assert (kept.exit_code, kept.stderr) == (
+        1,
+        f"maild: {out} exists; give --force to replace it\n",
+    )
+    assert out.read_bytes() == b"mine"
+    forced = cli(config, "tickets", "attachment", str(tid), "1", "-o", str(out), "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert out.read_bytes() == PNG
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".maild")) == []
+
+
+def test_attachment_refuses_to_write_to_a_terminal(make_config: Callable[..., Path]) -> None:
+    """Without -o and with stdout a terminal: exit 2 pointing at -o; nothing written to it."""
+    config = make_config()
+    tid = ingest(config, with_attachments("Shot", (PNG, "shot.png", "image/png")))
+    controller, terminal = pty.openpty()
+    try:
+        result = maild_process(config, "tickets", "attachment", str(tid), "1", stdout=terminal)
+        os.set_blocking(controller, False)
+        try:
+            written = os.read(controller, 4096)
+        except BlockingIOError:
+            written = b""
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 2
+    assert b"will not write an attachment to a terminal: give -o FILE" in result.stderr
+    assert written == b""
+
+
+# 5. Paging, end to end: a running maild sends what the CLI queued.
 
 
 @pytest.fixture
