@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from maild import metrics
 from maild.config import Settings, parse_hostport
+from maild.desk.actions import DeskContext
 from maild.errors import ConfigError, RulesError
 from maild.filing.processing import Processor
 from maild.outbound.acks import AckPolicy
@@ -118,6 +119,10 @@ class Service:
         self.rules_problems: list[str] = []  # of the last reload that failed, until one works
         self._watch_stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+
+    def desk(self) -> DeskContext:
+        """What the desk's actions need (desk/actions.py), with the rules current now."""
+        return DeskContext(self.rules, self.policy, tuple(self.settings.desk.agents))
 
     def reload_rules(self, trigger: str = "sighup") -> bool:
         """Swap in the rules table from disk; on any problem keep the current one.
