@@ -633,6 +633,8 @@ def test_rules_test_json_for_a_paging_address(rules_config: Path, rules_dir: Pat
         "application": "",
         "tags": [],
         "drop": False,
+        "notify": [],
+        "copy_participants": None,
         "file": desk,
         "line": 20,
         "steps": [
