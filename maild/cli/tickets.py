@@ -53,7 +53,18 @@ def tickets() -> None:
 )
 @click.option("--type", "type_", type=click.Choice(["question", "incident", "problem", "task"]))
 @click.option("--priority", type=click.Choice(["low", "normal", "high", "urgent"]))
-@click.option("--search", help="Text in the subject, requester or messages.")
+@click.option(
+    "--participant",
+    metavar="ADDRESS",
+    help="Tickets this address is on (requester or CC) or wrote a message to, in any case.",
+)
+@click.option("--application", metavar="NAME", help="Tickets of this application, exactly.")
+@click.option(
+    "--search",
+    metavar="WORDS",
+    callback=lambda _ctx, _param, value: _check_search(value),
+    help="Tickets with a message (subject or text) that has all these words; at most 32.",
+)
 @click.option("--assignee", metavar="ADDR", help="Only the tickets assigned to this agent.")
 @click.option("--unassigned", is_flag=True, help="Only the tickets nobody is assigned.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many tickets.")
@@ -63,12 +74,14 @@ def tickets_list(
     status: str,
     type_: str | None,
     priority: str | None,
+    participant: str | None,
+    application: str | None,
     search: str | None,
     assignee: str | None,
     unassigned: bool,
     limit: int | None,
 ) -> None:
-    """Tickets, most recently updated first."""
+    """Tickets, most recently updated first. The filters combine."""
     from maild.store.tickets import list_tickets
 
     if assignee is not None and unassigned:
@@ -80,6 +93,8 @@ def tickets_list(
             status=status,
             type_=type_,
             priority=priority,
+            participant=participant,
+            application=application,
             search=search,
             limit=limit,
             assignee=assignee,
@@ -103,6 +118,18 @@ def tickets_list(
             clip(v["subject"] or "(no subject)", 60),
         ],
     )
+
+
+def _check_search(value: str | None) -> str | None:
+    """--search's words counted before the database is opened (exit 2 past the limit)."""
+    from maild.store.search import TooManyWords, words
+
+    if value is not None:
+        try:
+            words(value)
+        except TooManyWords as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 def _page_cell(page: dict[str, Any] | None) -> str:

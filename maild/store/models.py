@@ -7,6 +7,7 @@ ticket_event one change to a ticket (status, priority, type, application, assign
              what, old, new, who, when
 participant  people on a ticket (requester, cc), unique per ticket and address
 message      one stored message of a ticket; unique on the hash of its Message-ID
+             (its words are indexed outside the models: store/search.py)
 attachment   a file of a message; its bytes are in blob, keyed by sha256
 blob         content-addressed attachment bytes, stored once however often sent
 page         the PagerDuty outbox: one row per event (trigger/resolve) to send,
@@ -96,6 +97,7 @@ class Ticket(SQLModel, table=True):
     __table_args__ = (
         Index("ix_ticket_status_updated", "status", "updated_at"),
         Index("ix_ticket_assignee_updated", "assignee", "updated_at"),
+        Index("ix_ticket_application_updated", "application", "updated_at"),  # --application
     )
 
     id: int | None = Field(default=None, primary_key=True)

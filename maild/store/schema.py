@@ -83,6 +83,22 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     return before.current, schema_state(engine).current or ""
 
 
+def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate down to `revision` (the tests of a migration, the benchmark's comparisons)."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        command.downgrade(_config(connection), revision)
+
+
+def previous_revision(revision: str) -> str:
+    """The revision `revision` migrates from."""
+    script = ScriptDirectory.from_config(_config()).get_revision(revision)
+    assert script is not None, revision
+    assert isinstance(script.down_revision, str), revision
+    return script.down_revision
+
+
 class SchemaMissing(SchemaError):
     """The database has no maild tables at all (a wrong URL, or never upgraded)."""
 

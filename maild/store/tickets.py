@@ -13,7 +13,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from maild.enums import TicketStatus
@@ -28,6 +28,7 @@ from maild.store.models import (
     TicketEvent,
 )
 from maild.store.outboxes import list_outmail, list_pages, ticket_pages
+from maild.store.search import has_participant, has_words
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 
@@ -109,14 +110,19 @@ def list_tickets(
     status: str = "open",
     type_: str | None = None,
     priority: str | None = None,
+    participant: str | None = None,
+    application: str | None = None,
     search: str | None = None,
     limit: int | None = None,
     assignee: str | None = None,
     unassigned: bool = False,
 ) -> list[dict[str, Any]]:
     """Tickets, most recently updated first. status: open (open+pending), closed
-    (solved+closed), all, or one exact status; assignee: only this agent's (compared
-    lower-case); unassigned: only those nobody is assigned."""
+    (solved+closed), all, or one exact status. participant: an address on the ticket
+    or that wrote to it, any case; application: exactly; search: words one message
+    has, all of them (store/search.py; search.TooManyWords past search.MAX_WORDS);
+    assignee: only this agent's (compared lower-case); unassigned: only those nobody
+    is assigned."""
     query = select(Ticket)
     if status == "open":
         query = query.where(col(Ticket.status).in_(OPEN_STATUSES))
@@ -134,24 +140,13 @@ def list_tickets(
         query = query.where(Ticket.assignee == addresses.normalize(assignee))
     if unassigned:
         query = query.where(col(Ticket.assignee).is_(None))
-    if search:
-        escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = f"%{escaped}%"
-
-        def like(column: Any) -> Any:
-            return func.lower(column).like(pattern, escape="\\")
-
-        in_messages = select(Message.ticket_id).where(
-            or_(like(Message.subject), like(Message.text))
-        )
-        query = query.where(
-            or_(
-                like(Ticket.subject),
-                like(Ticket.requester_email),
-                like(Ticket.requester_name),
-                col(Ticket.id).in_(in_messages),
-            )
-        )
+    dialect = session.get_bind().dialect.name
+    if participant is not None:
+        query = query.where(has_participant(dialect, participant))
+    if application is not None:
+        query = query.where(Ticket.application == application)
+    if search is not None:
+        query = query.where(has_words(dialect, search))
     query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc())
     if limit:
         query = query.limit(limit)

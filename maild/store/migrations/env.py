@@ -11,6 +11,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 from maild.store.models import metadata
+from maild.store.search import include_name
 
 config = context.config
 
@@ -21,6 +22,7 @@ def _run(connection: object) -> None:
         target_metadata=metadata,
         render_as_batch=True,  # SQLite alters tables by copying them
         compare_type=True,
+        include_name=include_name,  # the search index is not in the models
     )
     with context.begin_transaction():
         context.run_migrations()
