@@ -6,7 +6,8 @@ Phases, each with a fresh server:
   1. the reference (aiosmtpd answering 250, storing nothing);
   2. maild on SQLite (a new file), then on PostgreSQL (a scratch database made
      from --database-url) when a URL is given;
-  3. the same maild rows with N messages already stored (bench.fill), 4 KiB;
+  3. the same maild rows with N messages already stored (bench.fill), 4 KiB,
+     after timing `tickets list --search` and `--participant` there (bench.search);
   4. the reference again: every ratio is against the mean of its two rates for
      the shape, since this machine's speed drifts over minutes (its own rows'
      ratios show by how much);
@@ -45,6 +46,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
+from bench import search
 from bench.client import Corpus, LoadResult, Sent, run_load
 from bench.servers import REPO, MemoryWatch, Server, cpu_seconds, descendants, rss_bytes
 from bench.watch import TicketWatch
@@ -288,6 +290,11 @@ class Bench:
                 took = time.monotonic() - started
                 self.log(f"filled {kind} with {stored} messages in {took:.0f} s")
                 self.fills[name] = info
+                self.searches[kind] = {
+                    "stored": stored,
+                    "fill_seconds": info["seconds"],
+                    "searches": search.time_searches(url, stored),
+                }
 
                 def reply_to(rng: random.Random) -> str:
                     return filler.message_id(rng.randrange(1, stored + 1))
@@ -341,11 +348,13 @@ class Bench:
         )
 
     fills: dict[str, Any]
+    searches: dict[str, Any]
     postgres: dict[str, str]
     peak_pss_mib: float = 0.0
 
     def run(self) -> dict[str, Any]:
         self.fills = {}
+        self.searches = {}
         self.postgres = {}
         started = time.monotonic()
         stored = (
@@ -381,6 +390,7 @@ class Bench:
             "machine": machine(),
             "postgresql": self.postgres,
             "fills": self.fills,
+            "searches": {"databases": self.searches},
             "rows": [asdict(row) for row in self.rows],
             "reference_passes": {
                 f"{c} × {m}, {size}": rates for (c, m, size), rates in passes.items()
@@ -459,6 +469,10 @@ def table(report: dict[str, Any]) -> str:
             "The reference ran first and again last; × reference is against the mean of "
             f"its two rates (msg/s, first → last): {drift}.",
         ]
+    searches = report.get("searches") or {}
+    if searches.get("databases"):
+        heading = "Searches (bench/search.py) in the filled databases:"
+        lines += ["", heading, "", search.table(searches).rstrip("\n")]
     memory = report["memory"]
     if memory:
         lines += [

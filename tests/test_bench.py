@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.search import searches
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -65,6 +67,28 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert memory["peak_rss_mib"] > memory["idle_rss_mib"] > 0
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n| maild |") == len([r for r in rows if r["server"] == "maild"])
+    # the searches were timed in the filled database
+    timed = report["searches"]["databases"]["sqlite"]["searches"]
+    assert [t["search"] for t in timed] == [what for what, _ in searches(20_000)]
+    assert "Searches (bench/search.py)" in table
+
+
+def test_search_bench_times_every_search_and_the_filing_cost() -> None:
+    """`python -m bench.search` fills a database, runs every search (each finds what the
+    fill put there) and files with and without the index; no figure is asserted."""
+    output = run_module(
+        "bench.search", "--stored", "2000", "--repeat", "1", "--filing", "40", "--database-url", ""
+    )
+    entry = json.loads(output.splitlines()[0])["sqlite"]
+    assert [(t["search"], t["tickets"]) for t in entry["searches"]] == [
+        ("selective word", 1),
+        ("common word, --limit 50", 50),
+        ("two common words, --limit 50", 50),
+        ("participant", 1),
+        ("application (none has it)", 0),
+    ]
+    assert set(entry["filing"]["file_ms"]) == {"with", "without"}
+    assert "| selective word | 1, " in output
 
 
 def test_floor_measures_every_step() -> None:
