@@ -2,6 +2,7 @@
 and what the search index costs filing.
 
     python -m bench.search [--stored N] [--database-url URL] [--repeat R] [--filing M]
+                           [--rounds K]
 
 For each database (SQLite; PostgreSQL too with --database-url or
 MAILD_BENCH_DATABASE_URL, in a scratch database made next to it), the
@@ -21,7 +22,7 @@ included; not the process start):
 Then, with --filing M (default 3,000; 0 skips it), bench.floor's filing step
 (M 4 KiB messages into an empty database, 16 to a transaction, in this process)
 with the schema at head and at the revision before the search index,
-alternately, twice each: the CPU (and wall time, which on PostgreSQL includes
+alternately, K times each (2 by default): the CPU (and wall time, which on PostgreSQL includes
 the server's work) per message the index adds.
 
 Prints one JSON line per database and the markdown table of docs/benchmarks.md.
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each search")
     parser.add_argument("--filing", type=int, default=3000, help="messages filed (0: skip)")
+    parser.add_argument("--rounds", type=int, default=2, help="filing rounds with and without")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"stored": args.stored, "databases": {}}
     with tempfile.TemporaryDirectory(prefix="maild-bench-search-") as folder:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                         scratch = scratch_database(base or None, Path(folder), f"filing_{name}")
                         return databases.enter_context(scratch)
 
-                    entry["filing"] = filing_cost(url_for, args.filing)
+                    entry["filing"] = filing_cost(url_for, args.filing, args.rounds)
             report["databases"][kind] = entry
             print(json.dumps({kind: entry}), flush=True)
     print(table(report))

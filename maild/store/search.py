@@ -41,11 +41,13 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, false, func, literal_column, select, table, union
 from sqlalchemy import column as sql_column
+from sqlmodel import Session
 
 from maild.mail import addresses
 from maild.store.models import Message, Participant, Ticket, table_of
 
 MAX_WORDS = 32  # in one search: each is a lookup in the index
+PROBE = 1000  # matching messages read first (has_words)
 TEXT_INDEXED = 100_000  # characters of a message's text that are indexed
 UNINDEXED_KINDS = ("ack", "copy", "notify", "solved")  # as migration 0009 writes them
 
@@ -77,29 +79,41 @@ def words(text: str) -> list[str]:
     return found
 
 
-def has_words(dialect: str, text: str) -> ColumnElement[bool]:
+def has_words(session: Session, text: str) -> ColumnElement[bool]:
     """A condition on ticket: one of its messages has every word of `text`. A text
-    without words finds no ticket."""
+    without words finds no ticket.
+
+    The tickets of the matching messages are read first, up to PROBE messages: a
+    search that few messages match is then a lookup of those tickets by id. Only past
+    that is the condition the subquery (one index scan, then every ticket it
+    names), which PostgreSQL's planner otherwise chose for rare words too,
+    reading every ticket (docs/benchmarks.md, "Searches")."""
     found = words(text)
     if not found:
         return false()
-    if dialect == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         query = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(found))
         matching = select(_VECTORS.c.ticket_id).where(_VECTORS.c[VECTOR_COLUMN].op("@@")(query))
     else:
         quoted = " ".join(f'"{word}"' for word in found)  # a word has no quote to escape
-        hits = select(_FTS.c.rowid).where(literal_column(FTS_TABLE).op("MATCH")(quoted))
-        matching = select(_MESSAGE.c.ticket_id).where(_MESSAGE.c.id.in_(hits))
+        matching = (
+            select(_MESSAGE.c.ticket_id)
+            .select_from(_FTS.join(_MESSAGE, _MESSAGE.c.id == _FTS.c.rowid))
+            .where(literal_column(FTS_TABLE).op("MATCH")(quoted))
+        )
+    first = session.execute(matching.limit(PROBE + 1)).scalars().all()
+    if len(first) <= PROBE:  # every match: their tickets by id
+        return _TICKET.c.id.in_(sorted(set(first)))
     return _TICKET.c.id.in_(matching)
 
 
-def has_participant(dialect: str, address: str) -> ColumnElement[bool]:
+def has_participant(session: Session, address: str) -> ColumnElement[bool]:
     """A condition on ticket: `address` (any case) is a participant of it (requester or
     cc), or sent one of its messages (an agent, the desk)."""
     email = addresses.normalize(address)  # participants are stored lower-case
     sender = (
         func.lower(_MESSAGE.c.from_email)
-        if dialect == "postgresql"
+        if session.get_bind().dialect.name == "postgresql"
         else _MESSAGE.c.from_email.collate("NOCASE")
     )
     return _TICKET.c.id.in_(

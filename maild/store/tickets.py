@@ -140,13 +140,12 @@ def list_tickets(
         query = query.where(Ticket.assignee == addresses.normalize(assignee))
     if unassigned:
         query = query.where(col(Ticket.assignee).is_(None))
-    dialect = session.get_bind().dialect.name
     if participant is not None:
-        query = query.where(has_participant(dialect, participant))
+        query = query.where(has_participant(session, participant))
     if application is not None:
         query = query.where(Ticket.application == application)
     if search is not None:
-        query = query.where(has_words(dialect, search))
+        query = query.where(has_words(session, search))
     query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc())
     if limit:
         query = query.limit(limit)

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, text
 from sqlmodel import Session, col, select
 
+from maild.store import search
 from maild.store.database import Database
 from maild.store.models import Message, Participant, Ticket
 from maild.store.schema import (
@@ -94,7 +96,7 @@ def add_ticket(
     return database.run_write(work)
 
 
-def found(database: Database, **filters: str) -> list[int]:
+def found(database: Database, **filters: Any) -> list[int]:
     """The ids list_tickets gives for these filters, every status, newest first."""
     views = database.run_read(lambda s: list_tickets(s, status="all", **filters))
     return [view["id"] for view in views]
@@ -120,6 +122,21 @@ def test_every_word_must_be_in_one_message(database: Database) -> None:
     assert found(database, search="FAILED Purge cache") == [together]
     assert found(database, search="purge failed") == [across, together, spread]
     assert found(database, search="stale twice") == []
+
+
+def test_a_search_many_messages_match_finds_the_same_tickets(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PROBE matching messages, the tickets come from a subquery rather than a list
+    of their ids: the same tickets, in the same order, with --limit too."""
+    tickets = [add_ticket(database, "Purge the cache.", "Cache again.") for _ in range(4)]
+    add_ticket(database, "Something else.")
+    newest_first = list(reversed(tickets))
+    assert found(database, search="cache") == newest_first
+    monkeypatch.setattr(search, "PROBE", 2)
+    assert found(database, search="cache") == newest_first
+    assert found(database, search="cache", limit=2) == newest_first[:2]
+    assert found(database, search="purge cache") == newest_first
 
 
 def test_a_search_without_words_finds_nothing(database: Database) -> None:
