@@ -29,6 +29,7 @@ from maild.config import Settings, parse_hostport
 from maild.errors import ConfigError, RulesError
 from maild.filing.processing import Processor
 from maild.outbound.acks import AckPolicy
+from maild.outbound.correspondence import DeskPolicy
 from maild.outbound.mailer import Mailer, SmtpClient
 from maild.outbound.pager import EventsClient, Pager
 from maild.outbound.paging import EscalationPolicy
@@ -74,6 +75,7 @@ class Service:
         check_paging(settings, self.rules)
         self.policy = EscalationPolicy.from_settings(settings)
         self.acks = AckPolicy.from_settings(settings.outbound)
+        self.desk = DeskPolicy.from_settings(settings, self.acks)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
         claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
         self.pager: Pager | None = None
@@ -106,6 +108,7 @@ class Service:
             on_filed=self._outbox_queued,
             acks=lambda: self.acks,
             log=(settings.log.format, settings.log.level),
+            desk=lambda: self.desk,
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self._probe_lock = asyncio.Lock()
@@ -137,7 +140,7 @@ class Service:
         except ConfigError as exc:
             log.error("templates reload failed; keeping the previous templates", problem=str(exc))
             return False
-        self.acks = acks
+        self.acks, self.desk = acks, DeskPolicy.from_settings(self.settings, acks)
         return True
 
     def _load_rules(self) -> bool:

@@ -20,6 +20,7 @@ from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.outbound.acks import AckPolicy
+    from maild.outbound.correspondence import DeskPolicy
     from maild.routing.rules import RuleTable
     from maild.store.database import Database
 
@@ -216,5 +217,14 @@ def ack_policy(settings: Settings) -> AckPolicy:
 
     try:
         return AckPolicy.from_settings(settings.outbound)
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+
+
+def desk_policy(settings: Settings, acks: AckPolicy | None = None) -> DeskPolicy:
+    from maild.outbound.correspondence import DeskPolicy
+
+    try:
+        return DeskPolicy.from_settings(settings, acks)
     except ConfigError as exc:
         fail(str(exc), EX_CONFIG)

@@ -17,6 +17,10 @@ The order of decisions, for one accepted delivery:
    row commits with the ticket or not at all.
 6. Acknowledge: a new ticket from a person gets an acknowledgement
    (acks.plan_ack), also committed with the ticket.
+7. Correspond (outbound/correspondence.py): a person's follow-up is copied to
+   the other participants who were not among its To and Cc; the route's
+   `notify` addresses hear of a person's new ticket or follow-up. Also
+   committed with the ticket.
 
 Before all of this, hygiene decides what kind of mail it is:
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -64,6 +68,7 @@ from maild.mail.dsn import DeliveryReport
 from maild.mail.message_ids import message_id_hash
 from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.outbound.acks import AckPolicy, plan_ack
+from maild.outbound.correspondence import DeskPolicy, Planned, plan_copy, plan_notify
 from maild.outbound.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
 from maild.outbound.paging import EscalationPolicy, plan_trigger
 from maild.routing.rules import Decision, MessageContext, RuleTable, best_decision
@@ -115,16 +120,29 @@ class Filed:
     ack_id: int | None = None
     ack_status: str | None = None  # pending | withheld
     ack_reason: str | None = None
+    mail: tuple[Queued, ...] = ()  # the desk's mail it caused (copies, notifications)
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One outgoing mail filing queued besides the acknowledgement."""
+
+    kind: str  # copy | notify | agent
+    outmail_id: int | None
+    status: str  # pending | withheld
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
 class FilingContext:
     """What filing needs besides the mail, fixed for a batch: the routing table, the
-    paging policy (None: no pages) and the acknowledgement policy (None: none sent)."""
+    paging policy (None: no pages), the acknowledgement policy (None: none sent) and the
+    desk's correspondence policy (None: no copies, notifications or agent replies)."""
 
     table: RuleTable
     policy: EscalationPolicy | None = None
     acks: AckPolicy | None = None
+    desk: DeskPolicy | None = None
 
 
 def _with_page(filed: Filed, page: Page | None) -> Filed:
@@ -634,12 +652,20 @@ def file_message(
         inbound.dropped_by_route = route.name
         return dropped
     ticket, outcome, reopened, how = _ticket_for(filing, context, delivery, route, kind)
+    created = outcome is Outcome.CREATED
+    assert ticket.id is not None
+    # a follow-up's writer already on the ticket (its copies go to the others)
+    was_participant = not created and _sender_on(filing, ticket.id, delivery.sender)
     _store(filing, context, delivery, ticket, route, kind, reasons, outcome)
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
-    page = _page(filing, context, delivery, ticket, outcome is Outcome.CREATED, reopened)
+    follow_up = not created and kind == MessageKind.HUMAN
+    page = _page(filing, context, delivery, ticket, created, reopened, follow_up)
     outmail = None
-    if outcome is Outcome.CREATED and kind == MessageKind.HUMAN:
+    if created and kind == MessageKind.HUMAN:
         outmail = _acknowledge(filing, context, delivery, ticket, route, page)
+    mail: list[Queued] = []
+    if kind == MessageKind.HUMAN:
+        mail += _correspond(filing, context, delivery, ticket, route, created, was_participant)
     filed = Filed(
         inbound.id,
         outcome,
@@ -651,6 +677,7 @@ def file_message(
         latency=(now - as_utc(inbound.received_at)).total_seconds(),
         kind=kind.value,
         auto_reasons=tuple(reasons),
+        mail=tuple(mail),
     )
     return _with_ack(_with_page(filed, page), outmail)
 
@@ -808,8 +835,10 @@ def _page(
     ticket: Ticket,
     created: bool,
     reopened: bool,
+    follow_up: bool = False,
 ) -> Page | None:
-    """The page this delivery calls for, if paging is on (paging.plan_trigger)."""
+    """The page this delivery calls for, if paging is on (paging.plan_trigger); a
+    customer's `follow_up` to a ticket whose incident is open pages under its key."""
     if context.policy is None:
         return None
     return plan_trigger(
@@ -823,6 +852,7 @@ def _page(
         inbound=delivery.inbound,
         parsed=delivery.parsed,
         now=delivery.now,
+        follow_up=follow_up,
     )
 
 
@@ -856,6 +886,91 @@ def _acknowledge(
     except Exception:
         log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)
         return None
+
+
+def _sender_on(filing: _Filing, ticket_id: int, sender: Address | None) -> bool:
+    return sender is not None and sender.email.lower() in filing.people(ticket_id)
+
+
+def _correspond(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    ticket: Ticket,
+    route: Decision,
+    created: bool,
+    was_participant: bool,
+) -> list[Queued]:
+    """The desk's mail about a person's message: copies of a participant's follow-up to
+    the participants it did not reach, and the route's notification. Each is written in a
+    savepoint of its own; a problem is logged and never costs the ticket."""
+    desk = context.desk
+    sender = delivery.sender
+    if desk is None or not desk.sending or sender is None:
+        return []
+    assert ticket.id is not None
+    parsed, now = delivery.parsed, delivery.now
+    reached = {a.email.lower() for a in [*parsed.to, *parsed.cc]}
+    plans: list[tuple[str, Callable[[], Planned | None]]] = []
+    copies_wanted = (
+        not created
+        and was_participant
+        and desk.copies_on(route.copy_participants)
+        and bool(filing.people(ticket.id) - reached - {sender.email.lower()})
+    )
+    if copies_wanted:
+        plans.append(
+            (
+                MessageKind.COPY.value,
+                lambda: plan_copy(
+                    filing.session,
+                    desk,
+                    ticket,
+                    writer=sender,
+                    subject=parsed.subject,
+                    text=parsed.text,
+                    attachments=parsed.attachments,
+                    leave_out=reached,
+                    ours=context.table.is_ours,
+                    now=now,
+                ),
+            )
+        )
+    if route.notify:
+        plans.append(
+            (
+                MessageKind.NOTIFY.value,
+                lambda: plan_notify(
+                    filing.session,
+                    desk,
+                    ticket,
+                    notify=route.notify,
+                    writer=sender,
+                    text=parsed.text,
+                    attachments=parsed.attachments,
+                    created=created,
+                    ours=context.table.is_ours,
+                    now=now,
+                ),
+            )
+        )
+    if not plans:
+        return []
+    filing.flush()  # the plans read the ticket's participants and messages
+    queued = []
+    for kind, plan in plans:
+        try:
+            with filing.session.begin_nested():
+                planned = plan()
+        except Exception:
+            log.exception(
+                "desk mail not written; the message is filed", ticket=ticket.id, kind=kind
+            )
+            continue
+        if planned is not None:
+            row = planned.outmail
+            queued.append(Queued(kind, row.id, row.status, row.reason))
+    return queued
 
 
 def _mark_failed(inbound: Envelope, error: str) -> Filed:
