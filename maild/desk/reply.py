@@ -216,6 +216,7 @@ def reply(
         ours=table.is_ours,
         now=now,
     )
+    assert planned is not None  # always: the reply is stored whoever it reaches
     store_attachments(session, _pk(planned.message), files)
     session.flush()
     outmail = planned.outmail

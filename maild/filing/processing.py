@@ -43,6 +43,8 @@ from maild import metrics
 from maild.enums import InboundStatus, OutboxStatus, Outcome
 from maild.filing.intake import Filed, FilingContext, Queued, file_batch
 from maild.logs import configure_logging
+from maild.mail import addresses
+from maild.mail.authenticity import verify_sender
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.outbound.acks import AckPolicy
 from maild.outbound.correspondence import DeskPolicy
@@ -139,7 +141,7 @@ def _log_results(results: Sequence[Filed]) -> None:
             metrics.MAIL.labels(mail.kind, queued).inc()
         if filed.outcome is Outcome.DROPPED:
             metrics.HYGIENE.labels("loop" if filed.kind == "auto" else filed.kind).inc()
-        elif filed.kind != "human":
+        elif filed.kind not in ("human", "agent"):  # an agent is a person too
             metrics.HYGIENE.labels(filed.kind).inc()
         if filed.outcome is Outcome.DROPPED:
             log.warning(
@@ -212,10 +214,28 @@ def _file_ids(
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
-        items = [(inbound_id, parse(raw)) for inbound_id, raw in claimed]
+        items = [
+            (inbound_id, _authenticated(parse(raw), raw, context)) for inbound_id, raw in claimed
+        ]
         del claimed
         results.extend(database.run_write(partial(file_batch, context=context, items=items)))
     return results
+
+
+def _authenticated(
+    parsed: ParsedMessage | BaseException, raw: bytes, context: FilingContext
+) -> ParsedMessage | BaseException:
+    """The parsed message with its sender's verdict, when its From is one of `[desk]
+    agents` (mail.authenticity: a DKIM check with a DNS lookup, or the trusted MTA's
+    Authentication-Results). Here, between the parse and the filing transaction: the
+    lookup blocks, and never inside a transaction that holds locks."""
+    desk = context.desk
+    if desk is None or isinstance(parsed, BaseException) or parsed.from_ is None:
+        return parsed
+    if not desk.is_agent(parsed.from_.email):
+        return parsed
+    parsed.authenticity = verify_sender(raw, addresses.domain_of(parsed.from_.email), desk.auth)
+    return parsed
 
 
 # The pool worker's side. Each worker process opens the database once (its own

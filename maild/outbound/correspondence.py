@@ -47,7 +47,7 @@ import email.utils
 import hashlib
 import secrets
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
@@ -60,6 +60,7 @@ from maild.config import Settings
 from maild.enums import MessageKind, ParticipantRole, RecipientState
 from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address, sender_matches
+from maild.mail.authenticity import AuthPolicy
 from maild.mail.message_ids import message_id_hash
 from maild.mail.text import one_line
 from maild.outbound.acks import (
@@ -144,6 +145,7 @@ class DeskPolicy:
     copy_attachments_max: int = 10 * 1024 * 1024
     max_per_hour: int = 20  # copies, notifications and solved notices per address
     max_attachment_size: int = 25 * 1024 * 1024  # what an agent may attach, in total
+    auth: AuthPolicy = field(default_factory=AuthPolicy)  # how an agent's mail is verified
 
     @classmethod
     def from_settings(cls, settings: Settings, acks: AckPolicy | None = None) -> DeskPolicy:
@@ -159,6 +161,12 @@ class DeskPolicy:
             copy_attachments_max=desk.copy_attachments_max,
             max_per_hour=desk.max_copies_per_address_per_hour,
             max_attachment_size=settings.smtp.max_message_size,
+            auth=AuthPolicy(
+                trusted_authserv_id=desk.trusted_authserv_id,
+                verify_dkim=desk.verify_dkim,
+                dns_resolver=desk.dns_resolver,
+                dns_timeout=desk.dns_timeout,
+            ),
         )
 
     @property
@@ -546,12 +554,14 @@ def plan_reply(
     leave_out: Collection[str] = (),
     attachment_limit: int | None = None,
     ours: Callable[[str], bool] = _never,
+    always: bool = True,
     now: datetime,
-) -> Planned:
+) -> Planned | None:
     """An agent's answer (kind agent, template `reply`) to the requester and every other
-    participant but the agent and `leave_out` (those the agent's own mail reached). Always
-    written: with nobody to send to, the outbox row is withheld and says so. With an
-    `attachment_limit`, attachments over it in total are listed instead of sent."""
+    participant but the agent and `leave_out` (those the agent's own mail reached). With
+    `always` (the CLI's reply, which is the agent's stored message) it is written even
+    with nobody to send to, its outbox row withheld and saying so; else None then. With
+    an `attachment_limit`, attachments over it in total are listed instead of sent."""
     assert ticket.id is not None
     sent, note = list(attachments), ""
     if attachment_limit is not None:
@@ -559,6 +569,8 @@ def plan_reply(
     candidates = _people(
         session, ticket, leave_out={agent.email, *leave_out}, ours=ours, policy=policy
     )
+    if not candidates and not always:
+        return None
     return _queue(
         session,
         policy,
