@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from maild import metrics
 from maild.config import Settings, parse_hostport
+from maild.desk.actions import DeskContext
 from maild.errors import ConfigError, RulesError
 from maild.filing.processing import Processor
 from maild.outbound.acks import AckPolicy
@@ -75,7 +76,7 @@ class Service:
         check_paging(settings, self.rules)
         self.policy = EscalationPolicy.from_settings(settings)
         self.acks = AckPolicy.from_settings(settings.outbound)
-        self.desk = DeskPolicy.from_settings(settings, self.acks)
+        self.correspondence = DeskPolicy.from_settings(settings, self.acks)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
         claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
         self.pager: Pager | None = None
@@ -108,7 +109,7 @@ class Service:
             on_filed=self._outbox_queued,
             acks=lambda: self.acks,
             log=(settings.log.format, settings.log.level),
-            desk=lambda: self.desk,
+            desk=lambda: self.correspondence,
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self._probe_lock = asyncio.Lock()
@@ -121,6 +122,10 @@ class Service:
         self.rules_problems: list[str] = []  # of the last reload that failed, until one works
         self._watch_stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+
+    def desk(self) -> DeskContext:
+        """What the desk's actions need (desk/actions.py), with the rules current now."""
+        return DeskContext(self.rules, self.policy, tuple(self.settings.desk.agents))
 
     def reload_rules(self, trigger: str = "sighup") -> bool:
         """Swap in the rules table from disk; on any problem keep the current one.
@@ -140,7 +145,7 @@ class Service:
         except ConfigError as exc:
             log.error("templates reload failed; keeping the previous templates", problem=str(exc))
             return False
-        self.acks, self.desk = acks, DeskPolicy.from_settings(self.settings, acks)
+        self.acks, self.correspondence = acks, DeskPolicy.from_settings(self.settings, acks)
         return True
 
     def _load_rules(self) -> bool:

@@ -30,11 +30,15 @@ from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 from maild.config import Settings, load_settings
+from maild.desk.actions import ChangeResult, Changes, DeskContext, change_ticket
 from maild.logs import configure_logging
+from maild.routing.rules import load_rules
 from maild.service import Service
+from maild.store.database import Database
 from maild.store.tickets import list_tickets, show_ticket
 
 REPO = Path(__file__).resolve().parent.parent
+AGENT = "jo@altis-dxp.com"  # an agent of the desk, as tests name one
 PG_URL = os.environ.get("MAILD_TEST_DATABASE_URL", "")
 # A route the default table lacks, for tests that change the rules under a running maild.
 BILLING = """
@@ -220,6 +224,26 @@ class RunningMaild:
 
     def ticket(self, ticket_id: int) -> dict[str, Any]:
         return self.service.database.run_read(lambda s: show_ticket(s, ticket_id))
+
+    def change(self, ticket_id: int, *, by: str = AGENT, **changes: Any) -> ChangeResult:
+        """The desk changes a ticket, with this daemon's rules and paging policy."""
+        return change(self.service.database, ticket_id, self.service.desk(), by=by, **changes)
+
+
+def change(
+    database: Database,
+    ticket_id: int,
+    context: DeskContext | None = None,
+    *,
+    by: str = AGENT,
+    **changes: Any,
+) -> ChangeResult:
+    """desk/actions.change_ticket in one transaction, as `maild tickets set` runs it; without
+    a context, the shipped rules and no paging policy (resolves are still queued)."""
+    context = context or DeskContext(load_rules(REPO / "rules"), None)
+    return database.run_write(
+        lambda s: change_ticket(s, ticket_id, Changes(**changes), by=by, context=context)
+    )
 
 
 @pytest.fixture

@@ -497,9 +497,8 @@ def test_a_repeated_alert_for_a_closed_ticket_pages_nobody(
         events.wait_for(1)
         maild.settle()
         from maild.enums import TicketStatus
-        from maild.store.tickets import set_status
 
-        maild.service.database.run_write(lambda s: set_status(s, 1, TicketStatus.CLOSED))
+        maild.change(1, status=TicketStatus.CLOSED)
         maild.service.pager.notify()  # type: ignore[union-attr]
         events.wait_for(2)  # the resolve
         send_raw(maild, alert.as_bytes(), [SYSOPS], sender="monitor@monitor.example")

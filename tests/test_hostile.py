@@ -309,6 +309,7 @@ def test_gzip_bomb_attachment_is_stored_once_and_never_inflated(
         assert message["text"] == "see attached"
         expected = [
             {
+                "number": 1,
                 "filename": "logs.tar.gz",
                 "content_type": "application/gzip",
                 "size": len(bomb),

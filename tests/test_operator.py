@@ -232,6 +232,8 @@ READ_ONLY = [
     ("tickets", "list"),
     ("tickets", "show", "1"),
     ("tickets", "close", "1"),
+    ("tickets", "set", "1", "--priority", "low", "--by", "jo@altis-dxp.com"),
+    ("tickets", "attachment", "1", "1"),
     ("inbound", "list"),
     ("inbound", "show", "1"),
     ("pages", "list"),

@@ -19,6 +19,7 @@ from maild.logs import configure_logging
 from maild.mail.display import for_display, json_safe
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
+    from maild.desk.actions import DeskContext
     from maild.outbound.acks import AckPolicy
     from maild.outbound.correspondence import DeskPolicy
     from maild.routing.rules import RuleTable
@@ -210,6 +211,15 @@ def main() -> None:
 
 def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def desk_context(settings: Settings) -> DeskContext:
+    """The routing table, paging policy and agents, as the daemon builds them: a change the
+    CLI makes pages (or resolves) as the same change in the daemon would. The CLI only
+    writes the page rows; the running daemon's pager picks them up within a second."""
+    from maild.desk.actions import DeskContext
+
+    return DeskContext.from_settings(settings, rule_table(settings))
 
 
 def ack_policy(settings: Settings) -> AckPolicy:

@@ -79,6 +79,15 @@ def is_sender_pattern(text: str) -> bool:
     return local == "*" or "*" not in local
 
 
+def is_address(text: str) -> bool:
+    """One plain address (`jo@altis-dxp.com`): no pattern, no display name, no spaces or
+    control characters, at most 320 characters (what an address column holds)."""
+    text = text.strip()
+    if len(text) > 320 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+        return False
+    return is_sender_pattern(text) and not text.startswith("*@") and "<" not in text
+
+
 def sender_matches(pattern: str, sender: str) -> bool:
     """Whether `sender` is the address, or in the domain, a sender pattern names."""
     pattern, sender = pattern.strip().lower(), normalize(sender)

@@ -26,9 +26,20 @@ ticket, when paging is disabled, when the sender is not in
 `[escalation] allowed_senders`, or when the sender already paged
 `[escalation] max_pages_per_sender_per_hour` times in the last hour.
 
-Closing or solving a ticket whose incident is open (its latest page that is
-pending or sent is a trigger: a withheld or failed follow-up does not close it)
-queues a resolve under the same dedup key (tickets.set_status).
+When the desk changes a ticket (desk/actions.change_ticket), the ticket pages as
+if its mail had come through the paging route for its new type and priority
+(`RuleTable.paging_route`; incident + urgent in the shipped table), with the
+agent who changed it as the sender for the allow-list and the hourly limit:
+
+- raised to a paging type and priority, or reopened there, with no open
+  incident → a trigger (plan_change_trigger), under the same dedup key;
+- solved or closed, lowered below every paging route's priority, or moved to
+  a type no paging route makes, with an open incident → a resolve
+  (queue_resolve).
+
+An open incident (open_incident) is one whose latest page that is pending or
+sent is a trigger: a withheld or failed follow-up or change neither opens nor
+closes it, so closing the ticket still resolves it.
 
 One ticket has one dedup key for life, so PagerDuty holds at most one open
 incident per ticket whatever is resent.
@@ -45,9 +56,9 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from maild.config import Settings
-from maild.enums import PageAction, PageStatus, Priority
+from maild.enums import Direction, PageAction, PageStatus, Priority
 from maild.mail.addresses import Address, sender_matches
-from maild.store.models import Envelope, Page, Ticket, as_utc
+from maild.store.models import Envelope, Message, Page, Ticket, as_utc
 from maild.store.ratelimit import limit_key
 
 if TYPE_CHECKING:
@@ -187,14 +198,63 @@ def trigger_event(
         "reason": why,
         "body": _first_lines(parsed.text),
     }
+    summary = _summary(ticket, parsed.subject, sender, note)
+    return _trigger(policy, ticket, key, route, summary, inbound.received_at, details)
+
+
+def change_trigger_event(
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    key: str,
+    route: str,
+    *,
+    by: str,
+    why: str,
+    changes: list[str],
+    text: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The trigger for a change the desk made (why: raised | reopened): the summary names the
+    requester as filing's does, and who raised or reopened it; `text` is the latest
+    message of the customer's, for on-call to read."""
+    assert ticket.id is not None
+    requester = Address(ticket.requester_name, ticket.requester_email)
+    details: dict[str, Any] = {
+        "ticket": ticket.id,
+        "type": ticket.type,
+        "priority": ticket.priority,
+        "route": route,
+        "sender": by,
+        "requester": _display(requester) if ticket.requester_email else "",
+        "subject": ticket.subject,
+        "reason": why,
+        "changes": changes,
+        "body": _first_lines(text),
+    }
+    summary = _summary(
+        ticket, ticket.subject, requester if ticket.requester_email else None, f", {why} by {by}"
+    )
+    return _trigger(policy, ticket, key, route, summary, now, details)
+
+
+def _trigger(
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    key: str,
+    route: str,
+    summary: str,
+    when: datetime,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    assert ticket.id is not None
     event: dict[str, Any] = {
         "event_action": PageAction.TRIGGER.value,
         "dedup_key": key,
         "payload": {
-            "summary": _summary(ticket, parsed.subject, sender, note),
+            "summary": summary,
             "source": policy.source,
             "severity": "critical",
-            "timestamp": as_utc(inbound.received_at).isoformat(),
+            "timestamp": as_utc(when).isoformat(),
             "component": route,
             "group": "maild",
             "class": ticket.type,
@@ -266,18 +326,34 @@ def plan_trigger(
     route = paging[0].name if paging else ticket.rule
     key = last.dedup_key if last is not None else dedup_key(ticket)
     email = sender.email if sender else ""
-    reason = _withheld_reason(session, policy, email, now)
+    event = trigger_event(policy, ticket, key, route, sender, inbound, parsed, why)
+    return _queue_trigger(session, policy, ticket, route, email, event, now, inbound.id)
+
+
+def _queue_trigger(
+    session: Session,
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    route: str,
+    sender: str,
+    event: dict[str, Any],
+    now: datetime,
+    inbound_id: int | None = None,
+) -> Page:
+    """The trigger row, pending or withheld with the reason, added to the session."""
+    assert ticket.id is not None
+    reason = _withheld_reason(session, policy, sender, now)
     page = Page(
         ticket_id=ticket.id,
-        inbound_id=inbound.id,
+        inbound_id=inbound_id,
         action=PageAction.TRIGGER.value,
-        dedup_key=key,
+        dedup_key=event["dedup_key"],
         status=PageStatus.WITHHELD.value if reason else PageStatus.PENDING.value,
         reason=reason,
-        sender=email,
-        sender_key=limit_key(email),
+        sender=sender,
+        sender_key=limit_key(sender),
         route=route,
-        event=trigger_event(policy, ticket, key, route, sender, inbound, parsed, why),
+        event=event,
         next_attempt_at=now,
         queued_at=now,
         created_at=now,
@@ -292,6 +368,37 @@ def _still_open(session: Session, ticket_id: int, last: Page) -> bool:
     if last.action == PageAction.TRIGGER and last.status in _LIVE:
         return True
     return open_incident(session, ticket_id) is not None
+
+
+def plan_change_trigger(
+    session: Session,
+    policy: EscalationPolicy,
+    ticket: Ticket,
+    *,
+    route: str,
+    by: str,
+    why: str,
+    changes: list[str],
+    now: datetime,
+) -> Page | None:
+    """The trigger a desk's change calls for (pending, or withheld under the same allow-list
+    and hourly limit as mail, `by` being the sender), added to the session; None when the
+    ticket's incident is already open. The caller holds `by`'s ratelimit lock."""
+    assert ticket.id is not None
+    last = latest_page(session, ticket.id)
+    if last is not None and _still_open(session, ticket.id, last):
+        return None
+    key = last.dedup_key if last is not None else dedup_key(ticket)
+    text = session.exec(
+        select(Message.text)
+        .where(Message.ticket_id == ticket.id, Message.direction == Direction.INBOUND.value)
+        .order_by(col(Message.id).desc())
+        .limit(1)
+    ).first()
+    event = change_trigger_event(
+        policy, ticket, key, route, by=by, why=why, changes=changes, text=text or "", now=now
+    )
+    return _queue_trigger(session, policy, ticket, route, by, event, now)
 
 
 def queue_resolve(session: Session, ticket: Ticket, now: datetime) -> Page | None:

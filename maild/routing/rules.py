@@ -291,6 +291,25 @@ class RuleTable:
     def route_named(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)
 
+    def paging_route(self, kind: TicketType, priority: Priority) -> Route | None:
+        """The route whose mail pages for a ticket of this type at this priority: the first,
+        in table order, with recipients and `page = true` that makes this type at this
+        priority or a lower one (the desk raising a ticket there pages as that mail would)."""
+        return next(
+            (
+                r
+                for r in self.routes
+                if r.page
+                and r.patterns
+                and not r.drop
+                and r.reject is None
+                and r.type == kind
+                and r.priority is not None
+                and r.priority.rank <= priority.rank
+            ),
+            None,
+        )
+
 
 def _decision(winner: Route, base: Route, recipient: str) -> Decision:
     def pick(value: Any, fallback: Any) -> Any:

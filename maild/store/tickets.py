@@ -1,4 +1,11 @@
-"""Reading and changing tickets for the CLI; the JSON shapes of the contract live here."""
+"""Reading tickets for the CLI; the JSON shapes of the contract live here.
+
+Changing them is the desk's (desk/actions.py), which writes each change as an event.
+
+Attachments are numbered 1..N per ticket, as `tickets show` lists them: by message (in
+the order stored), then by attachment within the message (in the order stored).
+`tickets attachment ID N` takes the same numbers (attachment_bytes).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,16 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from maild.enums import TicketStatus
-from maild.outbound.paging import queue_resolve
-from maild.store.models import Attachment, Inbound, Message, Page, Participant, Ticket, utcnow
+from maild.mail import addresses
+from maild.store.models import (
+    Attachment,
+    Blob,
+    Inbound,
+    Message,
+    Participant,
+    Ticket,
+    TicketEvent,
+)
 from maild.store.outboxes import list_outmail, list_pages, ticket_pages
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
@@ -19,6 +34,15 @@ OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 
 class TicketNotFound(LookupError):
     pass
+
+
+class AttachmentNotFound(LookupError):
+    """No attachment of that number; `count` is how many the ticket has."""
+
+    def __init__(self, ticket_id: int, number: int, count: int) -> None:
+        have = {0: "no attachments", 1: "1 attachment"}.get(count, f"{count} attachments")
+        super().__init__(f"ticket {ticket_id} has {have}; there is no attachment {number}")
+        self.count = count
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -71,6 +95,7 @@ def ticket_view(
         "rules_version": ticket.rules_version,
         "application": ticket.application,
         "tags": ticket.tags,
+        "assignee": ticket.assignee,  # the agent working it, or null
         "created_at": _iso(ticket.created_at),
         "updated_at": _iso(ticket.updated_at),
         "message_count": count,
@@ -86,9 +111,12 @@ def list_tickets(
     priority: str | None = None,
     search: str | None = None,
     limit: int | None = None,
+    assignee: str | None = None,
+    unassigned: bool = False,
 ) -> list[dict[str, Any]]:
     """Tickets, most recently updated first. status: open (open+pending), closed
-    (solved+closed), all, or one exact status."""
+    (solved+closed), all, or one exact status; assignee: only this agent's (compared
+    lower-case); unassigned: only those nobody is assigned."""
     query = select(Ticket)
     if status == "open":
         query = query.where(col(Ticket.status).in_(OPEN_STATUSES))
@@ -102,6 +130,10 @@ def list_tickets(
         query = query.where(Ticket.type == type_)
     if priority:
         query = query.where(Ticket.priority == priority)
+    if assignee:
+        query = query.where(Ticket.assignee == addresses.normalize(assignee))
+    if unassigned:
+        query = query.where(col(Ticket.assignee).is_(None))
     if search:
         escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{escaped}%"
@@ -145,22 +177,17 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
     messages = session.exec(
         select(Message).where(Message.ticket_id == ticket_id).order_by(col(Message.id))
     ).all()
-    message_ids = [m.id for m in messages if m.id is not None]
     attachments: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    if message_ids:
-        for att in session.exec(
-            select(Attachment)
-            .where(col(Attachment.message_pk).in_(message_ids))
-            .order_by(col(Attachment.id))
-        ).all():
-            attachments[att.message_pk].append(
-                {
-                    "filename": att.filename,
-                    "content_type": att.content_type,
-                    "size": att.size,
-                    "sha256": att.sha256,
-                }
-            )
+    for number, att in enumerate(_attachments(session, ticket_id), start=1):
+        attachments[att.message_pk].append(
+            {
+                "number": number,  # what `tickets attachment ID N` takes
+                "filename": att.filename,
+                "content_type": att.content_type,
+                "size": att.size,
+                "sha256": att.sha256,
+            }
+        )
     received = dict(
         session.exec(
             select(Inbound.id, Inbound.received_at).where(
@@ -174,6 +201,7 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
         len(messages),
         ticket_pages(session, [ticket_id]).get(ticket_id),
     )
+    view["events"] = ticket_events(session, ticket_id)
     view["pages"] = list(reversed(list_pages(session, ticket_id=ticket_id)))
     view["acknowledgements"] = list_outmail(session, ticket_id=ticket_id, oldest_first=True)
     view["messages"] = [
@@ -200,18 +228,41 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
     return view
 
 
-def set_status(session: Session, ticket_id: int, status: TicketStatus) -> Page | None:
-    """Change a ticket's status; solving or closing a paged ticket queues the resolve.
+def ticket_events(session: Session, ticket_id: int) -> list[dict[str, Any]]:
+    """The ticket's history, oldest first: what changed, from what, to what, by whom, when."""
+    rows = session.exec(
+        select(TicketEvent)
+        .where(TicketEvent.ticket_id == ticket_id)
+        .order_by(col(TicketEvent.created_at), col(TicketEvent.id))
+    ).all()
+    return [
+        {"field": e.field, "old": e.old, "new": e.new, "by": e.by, "at": _iso(e.created_at)}
+        for e in rows
+    ]
 
-    Returns the resolve page queued, if any.
-    """
-    ticket = session.get(Ticket, ticket_id, with_for_update=True)
-    if ticket is None:
+
+def _attachments(session: Session, ticket_id: int) -> list[Attachment]:
+    """The ticket's attachments in their numbered order: by message, then attachment id."""
+    return list(
+        session.exec(
+            select(Attachment)
+            .join(Message, col(Message.id) == col(Attachment.message_pk))
+            .where(Message.ticket_id == ticket_id)
+            .order_by(col(Message.id), col(Attachment.id))
+        ).all()
+    )
+
+
+def attachment_bytes(session: Session, ticket_id: int, number: int) -> tuple[Attachment, bytes]:
+    """The ticket's attachment number `number` (1-based, as `tickets show` numbers them) and
+    its exact bytes. TicketNotFound, or AttachmentNotFound saying how many there are."""
+    if session.get(Ticket, ticket_id) is None:
         raise TicketNotFound(ticket_id)
-    now = utcnow()
-    ticket.status = status.value
-    ticket.updated_at = now
-    session.add(ticket)
-    if status in (TicketStatus.SOLVED, TicketStatus.CLOSED):
-        return queue_resolve(session, ticket, now)
-    return None
+    found = _attachments(session, ticket_id)
+    if not 1 <= number <= len(found):
+        raise AttachmentNotFound(ticket_id, number, len(found))
+    attachment = found[number - 1]
+    blob = session.get(Blob, attachment.sha256)
+    if blob is None:  # a foreign key makes this impossible; say so rather than write nothing
+        raise LookupError(f"the bytes of attachment {number} (sha256 {attachment.sha256}) are gone")
+    return attachment, blob.data

@@ -37,6 +37,7 @@ TICKET_KEYS = {
     "rules_version",
     "application",
     "tags",
+    "assignee",
     "created_at",
     "updated_at",
     "message_count",
@@ -200,6 +201,8 @@ def test_config_option_wins_over_the_environment_variable(
         ["tickets", "close", "1"],
         ["tickets", "solve", "1"],
         ["tickets", "reopen", "1"],
+        ["tickets", "set", "1", "--status", "closed", "--by", "jo@altis-dxp.com"],
+        ["tickets", "attachment", "1", "1"],
         ["rules", "check"],
         ["rules", "test", "support@altis-dxp.com"],
         ["inbound", "list"],
@@ -273,6 +276,7 @@ def test_tickets_list_json_has_the_contract_shape(maild: RunningMaild) -> None:
     version = maild.service.rules.version
     assert [view.pop("rules_version") for view in views] == [version] * 3
     assert [(view.pop("application"), view.pop("tags")) for view in views] == [("", [])] * 3
+    assert [view.pop("assignee") for view in views] == [None] * 3
     assert views == [
         {
             "id": 3,
@@ -465,7 +469,8 @@ def test_tickets_show_json_adds_the_messages(maild: RunningMaild) -> None:
     maild.send(message, ["support@altis-dxp.com"])
     maild.settle()
     view = cli_json(maild.settings.source, "tickets", "show", "1")
-    assert set(view) == TICKET_KEYS | {"messages", "pages", "acknowledgements"}
+    assert set(view) == TICKET_KEYS | {"messages", "pages", "acknowledgements", "events"}
+    assert view["events"] == []
     assert {key: view[key] for key in ("id", "type", "priority", "status", "message_count")} == {
         "id": 1,
         "type": "question",
@@ -484,6 +489,7 @@ def test_tickets_show_json_adds_the_messages(maild: RunningMaild) -> None:
             "text": "Where are last night's backups?",
             "attachments": [
                 {
+                    "number": 1,
                     "filename": "error.log",
                     "content_type": "text/plain",
                     "size": 9,

@@ -18,8 +18,8 @@ from maild.receive.spool import Delivery, insert_deliveries
 from maild.routing.rules import load_rules
 from maild.store.database import Database
 from maild.store.models import Inbound, Message
-from maild.store.tickets import set_status, show_ticket
-from tests.conftest import RunningMaild, mail
+from maild.store.tickets import show_ticket
+from tests.conftest import RunningMaild, change, mail
 
 
 def statuses(maild: RunningMaild) -> list[str]:
@@ -30,7 +30,7 @@ def statuses(maild: RunningMaild) -> list[str]:
 
 
 def close(maild: RunningMaild, ticket_id: int, status: TicketStatus = TicketStatus.CLOSED) -> None:
-    maild.service.database.run_write(partial(set_status, ticket_id=ticket_id, status=status))
+    maild.change(ticket_id, status=status)
 
 
 Items = list[tuple[int, ParsedMessage | BaseException]]
@@ -364,7 +364,7 @@ def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path)
         (earlier,) = file(first)
         ticket = earlier.ticket_id
         assert ticket is not None
-        database.run_write(partial(set_status, ticket_id=ticket, status=TicketStatus.SOLVED))
+        change(database, ticket, status=TicketStatus.SOLVED)
 
         carol = "Carol Example <carol@customer.example>"
         reopening = mail("Re: Disk full", frm=carol, In_Reply_To=first["Message-ID"])
@@ -432,7 +432,7 @@ def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules
         )
         ticket = created.ticket_id
         assert ticket is not None
-        first_db.run_write(partial(set_status, ticket_id=ticket, status=TicketStatus.SOLVED))
+        change(first_db, ticket, status=TicketStatus.SOLVED)
         human = deliver(first_db, mail("Re: Site down", In_Reply_To=first["Message-ID"]))
         away = deliver(
             second_db,

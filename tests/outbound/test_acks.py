@@ -24,7 +24,6 @@ from maild.config import load_settings
 from maild.errors import ConfigError
 from maild.outbound.acks import load_templates, make_token, read_token
 from maild.store.models import Inbound, OutmailRecipient
-from maild.store.tickets import set_status
 from tests.conftest import REPO, RunningMaild, mail, wait_until
 from tests.fake_events import FakeEvents
 from tests.sink import Received, SmtpSink
@@ -274,7 +273,7 @@ def test_an_out_of_office_reply_lands_in_its_closed_ticket_without_reopening_it(
     """An auto-reply to the acknowledgement threads (flagged) and leaves the ticket closed."""
     desk.send(mail("Backups missing", Cc="bob@customer.example"), ["support@altis-dxp.com"])
     (ack,) = sink.wait_for(1)
-    desk.service.database.run_write(lambda s: set_status(s, 1, _closed()))
+    desk.change(1, status=_closed())
     away = mail(
         "Out of office: [#1] Backups missing",
         frm="Bob <bob@customer.example>",

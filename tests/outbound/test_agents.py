@@ -20,7 +20,6 @@ import pytest
 from maild.config import load_settings
 from maild.enums import TicketStatus
 from maild.outbound.acks import make_token
-from maild.store.tickets import set_status
 from tests.conftest import RunningMaild, mail
 from tests.mail.test_authenticity import SIGNED, Key, TinyDns, make_key
 from tests.outbound.test_acks import SECRET, send_raw
@@ -97,7 +96,7 @@ def test_a_verified_agents_mail_is_sent_on_to_those_it_did_not_reach(
     agent reply, sent on to Bob and Carol from the desk in Jo's name; still solved; Jo is
     no participant; no copy, no notification."""
     opened(desk, sink)
-    desk.service.database.run_write(lambda s: set_status(s, 2, TicketStatus.SOLVED))
+    desk.change(2, status=TicketStatus.SOLVED)
     send_raw(desk, agent_mail(keys), [TOKEN_ADDRESS], sender=JO)
     (sent,) = drain(desk, sink, 1)
     assert sent.rcpt_tos == [BOB, CAROL]

@@ -34,8 +34,8 @@ from maild.outbound.pager import CLOSED_BEFORE_SENT, EventsClient
 from maild.store.database import Database
 from maild.store.models import Page, Ticket, as_utc
 from maild.store.outboxes import list_pages
-from maild.store.tickets import list_tickets, set_status
-from tests.conftest import RunningMaild, mail, wait_until
+from maild.store.tickets import list_tickets
+from tests.conftest import RunningMaild, change, mail, wait_until
 from tests.daemon import Daemon
 from tests.fake_events import FakeEvents, free_port
 
@@ -487,28 +487,79 @@ def test_closing_resolves_and_a_reply_triggers_again_under_the_same_key(
     assert len(events.events) == 3
 
 
-def test_a_resolved_ticket_reopened_by_the_desk_pages_on_the_next_sysops_mail(
+def paged_and_closed(
+    maild: RunningMaild, events: FakeEvents, cli: Callable[..., Result], first: EmailMessage
+) -> tuple[str, dict[str, Any]]:
+    """`first` mailed to sysops@ has paged, and `tickets close` resolved it: the dedup key
+    and the ticket."""
+    maild.send(first, [SYSOPS], sender=ALICE)
+    key = events.wait_for(1)[0]["dedup_key"]
+    (ticket,) = maild.tickets()
+    assert cli(maild.settings.source, "tickets", "close", str(ticket["id"])).exit_code == 0
+    events.wait_for(2)
+    return key, ticket
+
+
+def test_reopening_a_resolved_urgent_incident_pages_again_under_the_same_key(
     paging_config: Callable[..., Path], events: FakeEvents, cli: Callable[..., Result]
 ) -> None:
-    """After close (resolve sent) and a manual reopen, the next sysops@ message triggers again."""
+    """close resolves; reopen (an urgent incident again) triggers under the same key, and the
+    next sysops@ mail joins that incident (a follow-up under the same key) rather than
+    opening another."""
     config = paging_config()
     first = sysops_mail("Disk full")
     with start(config) as maild:
         database = maild.service.database
-        maild.send(first, [SYSOPS], sender=ALICE)
-        key = events.wait_for(1)[0]["dedup_key"]
-        (ticket,) = maild.tickets()
-        assert cli(config, "tickets", "close", str(ticket["id"])).exit_code == 0
-        events.wait_for(2)
-        reopened = cli(config, "tickets", "reopen", str(ticket["id"]))
+        key, ticket = paged_and_closed(maild, events, cli, first)
+        reopened = cli(config, "tickets", "reopen", str(ticket["id"]), "--by", "jo@altis-dxp.com")
+        assert reopened.exit_code == 0, reopened.stderr
+        assert f"PagerDuty trigger queued as page 3 (dedup key {key})" in reopened.stdout
+        third = events.wait_for(3)[2]
+        follow_up = sysops_mail("Re: Disk full", body="Full again.", References=first["Message-ID"])
+        maild.send(follow_up, [SYSOPS], sender=ALICE)
+        fourth = events.wait_for(4)[3]
+        rows = wait_pages(database, lambda r: r[-1]["status"] == "sent", "trigger sent")
+    assert (third["event_action"], third["dedup_key"]) == ("trigger", key)
+    assert "reopened by jo@altis-dxp.com" in third["payload"]["summary"]
+    assert (fourth["dedup_key"], fourth["payload"]["custom_details"]["reason"]) == (
+        key,
+        "follow-up",
+    )
+    assert statuses(rows) == [("trigger", "sent"), ("resolve", "sent")] + [("trigger", "sent")] * 2
+    assert len(events.events) == 4
+
+
+def test_a_resolved_ticket_reopened_lower_by_the_desk_pages_on_the_next_sysops_mail(
+    paging_config: Callable[..., Path], events: FakeEvents, cli: Callable[..., Result]
+) -> None:
+    """Reopened below urgent (no page), the next sysops@ message raises it and triggers again."""
+    config = paging_config()
+    first = sysops_mail("Disk full")
+    with start(config) as maild:
+        database = maild.service.database
+        key, ticket = paged_and_closed(maild, events, cli, first)
+        reopened = cli(
+            config,
+            "tickets",
+            "set",
+            str(ticket["id"]),
+            "--status",
+            "open",
+            "--priority",
+            "high",
+            "--by",
+            "jo@altis-dxp.com",
+        )
         assert (reopened.exit_code, "PagerDuty" in reopened.stdout) == (0, False)
         follow_up = sysops_mail("Re: Disk full", body="Full again.", References=first["Message-ID"])
         maild.send(follow_up, [SYSOPS], sender=ALICE)
         third = events.wait_for(3)[2]
         rows = wait_pages(database, lambda r: r[-1]["status"] == "sent", "trigger sent")
+        view = maild.ticket(ticket["id"])
     assert (third["event_action"], third["dedup_key"]) == ("trigger", key)
     assert "escalated" in third["payload"]["summary"]
     assert statuses(rows) == [("trigger", "sent"), ("resolve", "sent"), ("trigger", "sent")]
+    assert (view["status"], view["priority"]) == ("open", "urgent")
 
 
 def test_closing_a_ticket_that_never_paged_queues_nothing(
@@ -520,9 +571,7 @@ def test_closing_a_ticket_that_never_paged_queues_nothing(
         maild.send(mail("A question", to=SUPPORT), [SUPPORT], sender=ALICE)
         maild.settle()
         (ticket,) = maild.tickets()
-        direct = maild.service.database.run_write(
-            lambda s: set_status(s, ticket["id"], TicketStatus.SOLVED)
-        )
+        direct = maild.change(ticket["id"], status=TicketStatus.SOLVED).page
         closed = cli(config, "tickets", "close", str(ticket["id"]))
         rows = pages_of(maild.service.database)
     assert direct is None
@@ -541,7 +590,7 @@ def test_a_resolve_never_overtakes_its_trigger(
         maild.send(sysops_mail(), [SYSOPS], sender=ALICE)
         events.wait_for_requests(1)
         (ticket,) = maild.tickets()
-        resolve = database.run_write(lambda s: set_status(s, ticket["id"], TicketStatus.CLOSED))
+        resolve = maild.change(ticket["id"], status=TicketStatus.CLOSED).page
         assert resolve is not None
         events.wait_for_requests(4)  # the trigger keeps failing; the resolve must wait
         assert {body["event_action"] for body in events.bodies} == {"trigger"}
@@ -757,7 +806,7 @@ def test_a_trigger_delivered_just_before_kill_9_is_resolved_when_the_ticket_clos
             first.__exit__()
         (row,) = pages_of(database)
         assert row["status"] == "pending"
-        database.run_write(lambda s: set_status(s, row["ticket_id"], TicketStatus.CLOSED))
+        change(database, row["ticket_id"], status=TicketStatus.CLOSED)
         events.release()
         with Daemon(config, tmp_path / "second.log"):
             rows = wait_pages(

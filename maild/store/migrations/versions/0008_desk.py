@@ -34,7 +34,7 @@ def upgrade() -> None:
         sa.Column("old", sa.Text(), nullable=True),
         sa.Column("new", sa.Text(), nullable=True),
         sa.Column("by", sqlmodel.sql.sqltypes.AutoString(length=320), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["ticket_id"], ["ticket.id"], name=op.f("fk_ticket_event_ticket_id_ticket")
         ),
