@@ -125,7 +125,9 @@ class Service:
 
     def desk(self) -> DeskContext:
         """What the desk's actions need (desk/actions.py), with the rules current now."""
-        return DeskContext(self.rules, self.policy, tuple(self.settings.desk.agents))
+        return DeskContext(
+            self.rules, self.policy, tuple(self.settings.desk.agents), self.correspondence
+        )
 
     def reload_rules(self, trigger: str = "sighup") -> bool:
         """Swap in the rules table from disk; on any problem keep the current one.

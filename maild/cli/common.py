@@ -219,7 +219,10 @@ def desk_context(settings: Settings) -> DeskContext:
     writes the page rows; the running daemon's pager picks them up within a second."""
     from maild.desk.actions import DeskContext
 
-    return DeskContext.from_settings(settings, rule_table(settings))
+    try:
+        return DeskContext.from_settings(settings, rule_table(settings))
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
 
 
 def ack_policy(settings: Settings) -> AckPolicy:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from sqlmodel import Session
 
     from maild.desk.actions import ChangeResult, Changes
+    from maild.outbound.correspondence import Planned
     from maild.store.models import Page
 
 
@@ -249,6 +250,14 @@ def _page_line(page: Page) -> str:
     return f"PagerDuty {page.action} queued as page {page.id} (dedup key {page.dedup_key})"
 
 
+def _notice_line(notice: Planned) -> str:
+    """The solved notice: queued to the requester, or withheld and why."""
+    mail = notice.outmail
+    if mail.status == "withheld":
+        return f"solved notice withheld (mail {mail.id}): {mail.reason}"
+    return f"solved notice to the requester queued as mail {mail.id}"
+
+
 CHANGE_OPTIONS = "--priority, --type, --application, --status, --assignee or --unassign"
 
 
@@ -310,6 +319,8 @@ def tickets_set(
         show(change_line(event.field, event.old, event.new))
     if result.page is not None:
         show(_page_line(result.page))
+    if result.notice is not None:
+        show(_notice_line(result.notice))
 
 
 def _status_command(name: str, status: TicketStatus, help_text: str) -> None:
@@ -325,6 +336,8 @@ def _status_command(name: str, status: TicketStatus, help_text: str) -> None:
         click.echo(f"ticket {ticket_id} is {status.value}")
         if result.page is not None:
             show(_page_line(result.page))
+        if result.notice is not None:
+            show(_notice_line(result.notice))
 
 
 _status_command(

@@ -666,9 +666,15 @@ def plan_solved_notice(
     session: Session, policy: DeskPolicy, ticket: Ticket, now: datetime
 ) -> Planned | None:
     """The requester told that the ticket is solved and that a reply reopens it; None when
-    desk mail is off or the ticket has no requester address."""
+    desk mail is off, the ticket has no requester address, or a program opened it (a
+    monitoring alert's sender is told nothing)."""
     assert ticket.id is not None
     if not policy.sending:
+        return None
+    opened_by = session.exec(
+        select(Message.kind).where(Message.ticket_id == ticket.id).order_by(col(Message.id))
+    ).first()
+    if opened_by != MessageKind.HUMAN.value:
         return None
     requester = next(
         (

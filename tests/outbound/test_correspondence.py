@@ -18,7 +18,7 @@ import pytest
 from sqlmodel import Session, col, select
 
 from maild.config import load_settings
-from maild.enums import ParticipantRole
+from maild.enums import ParticipantRole, TicketStatus
 from maild.errors import ConfigError
 from maild.outbound.acks import make_token
 from maild.outbound.correspondence import attachments_within, shortened, template_fields
@@ -460,3 +460,82 @@ def test_a_copy_to_many_is_capped_by_max_recipients(
     assert copy.rcpt_tos == [BOB, CAROL, dave]
     assert row["reason"] is None
     assert Counter(r["status"] for r in row["recipients"]) == {"sent": 3}
+
+
+# The solved notice.
+
+
+def test_solving_tells_the_requester_and_a_reply_to_the_notice_reopens(
+    desk: RunningMaild, sink: SmtpSink
+) -> None:
+    """set --status solved: Alice alone gets the notice (from the desk, automatic); her
+    reply to it reopens the ticket and is copied to Bob and Carol."""
+    opened(desk, sink)
+    result = desk.change(2, status=TicketStatus.SOLVED)
+    assert result.notice is not None
+    assert result.notice.outmail.status == "pending"
+    (notice,) = drain(desk, sink, 1)
+    assert notice.rcpt_tos == [ALICE]
+    assert notice.header("From") == f"Altis Support <{SUPPORT}>"
+    assert notice.header("Subject") == "[#2] Staging is slow"
+    assert notice.header("Auto-Submitted") == "auto-generated"
+    assert "We have marked ticket #2 as solved:" in notice.body
+    assert "reply to this email: your reply reopens the\nticket." in notice.body.replace(
+        "\r\n", "\n"
+    )
+    again = desk.change(2, status=TicketStatus.SOLVED)  # nothing changes: no second notice
+    assert (again.events, again.notice) == ([], None)
+    answer = mail(
+        "Re: [#2] Staging is slow", body="Still slow.", In_Reply_To=notice.header("Message-ID")
+    )
+    desk.send(answer, [SUPPORT], sender=ALICE)
+    (copy,) = drain(desk, sink, 1)
+    assert copy.rcpt_tos == [BOB, CAROL]
+    view = desk.ticket(2)
+    assert view["status"] == "open"
+    assert [m["kind"] for m in view["messages"]][-3:] == ["solved", "human", "copy"]
+
+
+def test_a_ticket_a_program_opened_gets_no_solved_notice(
+    desk: RunningMaild, sink: SmtpSink
+) -> None:
+    """A monitoring alert's ticket solved: its sender is told nothing."""
+    desk.send(mail("CRITICAL: disk", Auto_Submitted="auto-generated"), [SUPPORT], sender=ALICE)
+    desk.settle()
+    result = desk.change(1, status=TicketStatus.SOLVED)
+    assert [e.field for e in result.events] == ["status"]
+    assert result.notice is None
+    time.sleep(1.2)
+    assert sink.received == []
+
+
+@pytest.mark.usefixtures("quiet_logging")
+def test_tickets_set_solved_says_the_notice_was_queued(desk: RunningMaild, sink: SmtpSink) -> None:
+    """The CLI names the notice's outbox row; `tickets solve` (its shortcut) does too."""
+    from click.testing import CliRunner
+
+    from maild.cli import main
+
+    opened(desk, sink, cc=BOB)
+    config = str(desk.settings.source)
+    done = CliRunner().invoke(
+        main,
+        [
+            "tickets",
+            "set",
+            "2",
+            "--status",
+            "solved",
+            "--by",
+            "jo@altis-dxp.com",
+            "--config",
+            config,
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines() == [
+        "status: open → solved",
+        "solved notice to the requester queued as mail 3",
+    ]
+    (notice,) = drain(desk, sink, 1)
+    assert notice.rcpt_tos == [ALICE]
