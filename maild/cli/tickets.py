@@ -119,6 +119,7 @@ def _page_cell(page: dict[str, Any] | None) -> str:
 def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> None:
     """One ticket with its participants and messages."""
     from maild.desk.actions import change_line
+    from maild.outbound.outgoing import NOUNS
     from maild.store.tickets import TicketNotFound, show_ticket
 
     try:
@@ -139,7 +140,8 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         why = (
             f": {ack['reason'] or ack['last_error']}" if ack["reason"] or ack["last_error"] else ""
         )
-        show(f"  acknowledgement {ack['id']}: {ack['status']}{why}")
+        noun = NOUNS.get(ack["kind"], ack["kind"])
+        show(f"  {noun} {ack['id']}: {ack['status']}{why}")
     for person in view["participants"]:
         name = f"{person['name']} " if person["name"] else ""
         bad = f" (undeliverable: {person['undeliverable']})" if "undeliverable" in person else ""
@@ -154,7 +156,11 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         sender = message["from"]
         flags = ""
         if message["direction"] == "outbound":
-            flags = " (sent by maild)"
+            flags = f" ({NOUNS.get(message['kind'], message['kind'])}, sent by maild)"
+        elif message["direction"] == "internal":
+            flags = " (internal note, never sent)"
+        elif message["kind"] == "agent":
+            flags = " (agent's reply, verified)"
         elif message["kind"] != "human":
             flags = f" ({message['kind']}: {', '.join(message['auto_reasons'])})"
         show(f"\n--- message {number}: {message['message_id']}{flags}")

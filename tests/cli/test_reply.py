@@ -119,6 +119,12 @@ def test_an_internal_note_is_stored_and_never_sent(
     )
     rows = desk.service.database.run_read(lambda s: s.exec(select(Outmail)).all())
     assert [r.kind for r in rows] == ["ack", "ack"]
+    reply(config, "2", "--from", JO, body="Public answer.\n")
+    shown = CliRunner().invoke(main, ["tickets", "show", "2", "--config", str(config)])
+    assert "(internal note, never sent)" in shown.stdout
+    assert "(reply, sent by maild)" in shown.stdout
+    assert "  acknowledgement 2: " in shown.stdout
+    assert "  reply 3: " in shown.stdout
 
 
 def test_cc_adds_participants_who_get_the_reply(

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import dkim
 import pytest
+from click.testing import CliRunner
 
+from maild.cli import main
 from maild.config import load_settings
 from maild.enums import TicketStatus
 from maild.outbound.acks import make_token
@@ -130,6 +132,7 @@ def test_a_verified_agents_subject_tag_threads_without_being_a_participant(
     assert [t["id"] for t in desk.tickets()] == [2, 1]
 
 
+@pytest.mark.usefixtures("quiet_logging")
 @pytest.mark.parametrize(
     ("case", "signer", "why"),
     [
@@ -169,6 +172,10 @@ def test_an_unverified_agents_mail_is_a_customers_message_sent_on_to_nobody(
     )
     assert why in defect
     assert defect.endswith("filed as a customer's message, sent on to nobody")
+    shown = CliRunner().invoke(
+        main, ["tickets", "show", "2", "--config", str(desk.settings.source)]
+    )
+    assert f"Defects: {defect}" in shown.stdout
 
 
 def test_an_agents_mail_that_threads_nowhere_opens_a_ticket_as_anyones(
