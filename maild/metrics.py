@@ -77,6 +77,13 @@ ACKS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+MAIL = Counter(
+    "maild_mail",
+    "Mail maild sends, by kind (ack, agent, copy, notify, solved) and result (queued, "
+    "withheld, sent, failed, retried).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
 HYGIENE = Counter(
     "maild_messages_flagged",
     "Accepted messages that are not a person's mail, by kind (auto, bounce, loop).",

@@ -30,6 +30,7 @@ from maild.desk.actions import DeskContext
 from maild.errors import ConfigError, RulesError
 from maild.filing.processing import Processor
 from maild.outbound.acks import AckPolicy
+from maild.outbound.correspondence import DeskPolicy
 from maild.outbound.mailer import Mailer, SmtpClient
 from maild.outbound.pager import EventsClient, Pager
 from maild.outbound.paging import EscalationPolicy
@@ -75,6 +76,7 @@ class Service:
         check_paging(settings, self.rules)
         self.policy = EscalationPolicy.from_settings(settings)
         self.acks = AckPolicy.from_settings(settings.outbound)
+        self.correspondence = DeskPolicy.from_settings(settings, self.acks)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
         claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
         self.pager: Pager | None = None
@@ -107,6 +109,7 @@ class Service:
             on_filed=self._outbox_queued,
             acks=lambda: self.acks,
             log=(settings.log.format, settings.log.level),
+            desk=lambda: self.correspondence,
         )
         self.spool = Spool(self.database, on_stored=self.processor.notify)
         self._probe_lock = asyncio.Lock()
@@ -122,7 +125,9 @@ class Service:
 
     def desk(self) -> DeskContext:
         """What the desk's actions need (desk/actions.py), with the rules current now."""
-        return DeskContext(self.rules, self.policy, tuple(self.settings.desk.agents))
+        return DeskContext(
+            self.rules, self.policy, tuple(self.settings.desk.agents), self.correspondence
+        )
 
     def reload_rules(self, trigger: str = "sighup") -> bool:
         """Swap in the rules table from disk; on any problem keep the current one.
@@ -142,7 +147,7 @@ class Service:
         except ConfigError as exc:
             log.error("templates reload failed; keeping the previous templates", problem=str(exc))
             return False
-        self.acks = acks
+        self.acks, self.correspondence = acks, DeskPolicy.from_settings(self.settings, acks)
         return True
 
     def _load_rules(self) -> bool:

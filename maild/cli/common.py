@@ -21,6 +21,7 @@ from maild.mail.display import for_display, json_safe
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.desk.actions import DeskContext
     from maild.outbound.acks import AckPolicy
+    from maild.outbound.correspondence import DeskPolicy
     from maild.routing.rules import RuleTable
     from maild.store.database import Database
 
@@ -218,7 +219,10 @@ def desk_context(settings: Settings) -> DeskContext:
     writes the page rows; the running daemon's pager picks them up within a second."""
     from maild.desk.actions import DeskContext
 
-    return DeskContext.from_settings(settings, rule_table(settings))
+    try:
+        return DeskContext.from_settings(settings, rule_table(settings))
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
 
 
 def ack_policy(settings: Settings) -> AckPolicy:
@@ -226,5 +230,14 @@ def ack_policy(settings: Settings) -> AckPolicy:
 
     try:
         return AckPolicy.from_settings(settings.outbound)
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+
+
+def desk_policy(settings: Settings, acks: AckPolicy | None = None) -> DeskPolicy:
+    from maild.outbound.correspondence import DeskPolicy
+
+    try:
+        return DeskPolicy.from_settings(settings, acks)
     except ConfigError as exc:
         fail(str(exc), EX_CONFIG)

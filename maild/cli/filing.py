@@ -14,6 +14,7 @@ from maild.cli.common import (
     EX_TEMPFAIL,
     ack_policy,
     config_option,
+    desk_policy,
     json_option,
     load_config,
     main,
@@ -91,12 +92,15 @@ def _ingest(config_path: Path | None, recipients: tuple[str, ...], sender: str, 
         try:
             from maild.filing.intake import FilingContext
             from maild.outbound.acks import AckPolicy
+            from maild.outbound.correspondence import DeskPolicy
             from maild.outbound.paging import EscalationPolicy
 
+            acks = AckPolicy.from_settings(settings.outbound)
             context = FilingContext(
                 table,
                 EscalationPolicy.from_settings(settings),
-                AckPolicy.from_settings(settings.outbound),
+                acks,
+                DeskPolicy.from_settings(settings, acks),
             )
             (filed,) = process_now(database, context, [inbound_id]) or (None,)
         except Exception as exc:  # stored is what counts; the daemon or reprocess finishes it
@@ -129,8 +133,9 @@ def reprocess(config_path: Path | None, as_json: bool, ids: tuple[int, ...]) -> 
     database = open_database(settings)
     try:
         wanted = list(ids) or database.run_read(unfiled_ids)
+        acks = ack_policy(settings)
         context = FilingContext(
-            table, EscalationPolicy.from_settings(settings), ack_policy(settings)
+            table, EscalationPolicy.from_settings(settings), acks, desk_policy(settings, acks)
         )
         results = process_now(database, context, wanted)
     finally:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from sqlmodel import Session
 
     from maild.desk.actions import ChangeResult, Changes
+    from maild.outbound.correspondence import Planned
     from maild.store.models import Page
 
 
@@ -145,6 +146,7 @@ def _page_cell(page: dict[str, Any] | None) -> str:
 def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> None:
     """One ticket with its participants and messages."""
     from maild.desk.actions import change_line
+    from maild.outbound.outgoing import NOUNS
     from maild.store.tickets import TicketNotFound, show_ticket
 
     try:
@@ -165,7 +167,8 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         why = (
             f": {ack['reason'] or ack['last_error']}" if ack["reason"] or ack["last_error"] else ""
         )
-        show(f"  acknowledgement {ack['id']}: {ack['status']}{why}")
+        noun = NOUNS.get(ack["kind"], ack["kind"])
+        show(f"  {noun} {ack['id']}: {ack['status']}{why}")
     for person in view["participants"]:
         name = f"{person['name']} " if person["name"] else ""
         bad = f" (undeliverable: {person['undeliverable']})" if "undeliverable" in person else ""
@@ -180,7 +183,11 @@ def tickets_show(config_path: Path | None, as_json: bool, ticket_id: int) -> Non
         sender = message["from"]
         flags = ""
         if message["direction"] == "outbound":
-            flags = " (sent by maild)"
+            flags = f" ({NOUNS.get(message['kind'], message['kind'])}, sent by maild)"
+        elif message["direction"] == "internal":
+            flags = " (internal note, never sent)"
+        elif message["kind"] == "agent":
+            flags = " (agent's reply, verified)"
         elif message["kind"] != "human":
             flags = f" ({message['kind']}: {', '.join(message['auto_reasons'])})"
         show(f"\n--- message {number}: {message['message_id']}{flags}")
@@ -276,6 +283,14 @@ def _page_line(page: Page) -> str:
     return f"PagerDuty {page.action} queued as page {page.id} (dedup key {page.dedup_key})"
 
 
+def _notice_line(notice: Planned) -> str:
+    """The solved notice: queued to the requester, or withheld and why."""
+    mail = notice.outmail
+    if mail.status == "withheld":
+        return f"solved notice withheld (mail {mail.id}): {mail.reason}"
+    return f"solved notice to the requester queued as mail {mail.id}"
+
+
 CHANGE_OPTIONS = "--priority, --type, --application, --status, --assignee or --unassign"
 
 
@@ -337,6 +352,8 @@ def tickets_set(
         show(change_line(event.field, event.old, event.new))
     if result.page is not None:
         show(_page_line(result.page))
+    if result.notice is not None:
+        show(_notice_line(result.notice))
 
 
 def _status_command(name: str, status: TicketStatus, help_text: str) -> None:
@@ -352,6 +369,8 @@ def _status_command(name: str, status: TicketStatus, help_text: str) -> None:
         click.echo(f"ticket {ticket_id} is {status.value}")
         if result.page is not None:
             show(_page_line(result.page))
+        if result.notice is not None:
+            show(_notice_line(result.notice))
 
 
 _status_command(

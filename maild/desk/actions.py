@@ -21,6 +21,9 @@ change_ticket:
   - solved or closed, lowered below every such route's priority, or moved to a type
     no paging route makes: its open incident is resolved, under the same dedup key;
   - raising a solved or closed ticket pages nobody: nothing is left to do for it.
+- set to solved, the requester is sent the solved notice (template `solved`: a
+  reply reopens the ticket; correspondence.plan_solved_notice), in the same
+  transaction, when the desk sends mail and a person opened the ticket.
   The daemon's pager polls the page table every second, so a change made by the CLI
   reaches PagerDuty without waking the daemon.
 
@@ -40,6 +43,7 @@ from sqlmodel import Session
 from maild.config import Settings
 from maild.enums import Priority, TicketField, TicketStatus, TicketType
 from maild.mail import addresses
+from maild.outbound.correspondence import DeskPolicy, Planned, plan_solved_notice
 from maild.outbound.paging import EscalationPolicy, plan_change_trigger, queue_resolve
 from maild.routing.rules import RuleTable
 from maild.store import ratelimit
@@ -104,10 +108,17 @@ class DeskContext:
     table: RuleTable
     policy: EscalationPolicy | None
     agents: tuple[str, ...] = ()
+    mail: DeskPolicy | None = None  # the desk's mail (the solved notice); None: none sent
 
     @classmethod
     def from_settings(cls, settings: Settings, table: RuleTable) -> DeskContext:
-        return cls(table, EscalationPolicy.from_settings(settings), tuple(settings.desk.agents))
+        """Raises ConfigError naming a template file and line at fault."""
+        return cls(
+            table,
+            EscalationPolicy.from_settings(settings),
+            tuple(settings.desk.agents),
+            DeskPolicy.from_settings(settings),
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ class ChangeResult:
     ticket: Ticket
     events: list[TicketEvent]
     page: Page | None = None
+    notice: Planned | None = None  # the solved notice to the requester, queued or withheld
 
     def event(self, field: TicketField) -> TicketEvent | None:
         return next((e for e in self.events if e.field == field.value), None)
@@ -189,9 +201,12 @@ def change_ticket(
     session.add(ticket)
     session.add_all(events)
     page = _page(session, context, ticket, before, events, by, now)
-    # the solved notice is queued here (correspondence), when result.solved
+    result = ChangeResult(ticket, events, page)
+    if result.solved and context.mail is not None:
+        notice = plan_solved_notice(session, context.mail, ticket, now)
+        result = ChangeResult(ticket, events, page, notice)
     session.flush()
-    return ChangeResult(ticket, events, page)
+    return result
 
 
 def _check(changes: Changes, context: DeskContext, by: str) -> list[tuple[TicketField, str | None]]:

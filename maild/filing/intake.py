@@ -17,6 +17,18 @@ The order of decisions, for one accepted delivery:
    row commits with the ticket or not at all.
 6. Acknowledge: a new ticket from a person gets an acknowledgement
    (acks.plan_ack), also committed with the ticket.
+7. Correspond (outbound/correspondence.py): a person's follow-up is copied to
+   the other participants who were not among its To and Cc; the route's
+   `notify` addresses hear of a person's new ticket or follow-up; a verified
+   agent's mail is sent on to the participants it did not reach. Also
+   committed with the ticket.
+
+Agents (`[desk] agents`): mail whose From is an agent's and that threads into
+a ticket is an agent reply only when verified (the worker checked it before
+this transaction, processing._authenticated): stored as kind `agent`, it
+never reopens the ticket and never makes the agent (or an agent in its To/Cc)
+a participant. Unverified, it is filed as a customer's message with the reason
+in its defects, and causes no mail and no page.
 
 Before all of this, hygiene decides what kind of mail it is:
 
@@ -34,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -64,6 +76,13 @@ from maild.mail.dsn import DeliveryReport
 from maild.mail.message_ids import message_id_hash
 from maild.mail.parsing import SYNTHETIC_DOMAIN, ParsedMessage, sender_of
 from maild.outbound.acks import AckPolicy, plan_ack
+from maild.outbound.correspondence import (
+    DeskPolicy,
+    Planned,
+    plan_copy,
+    plan_notify,
+    plan_reply,
+)
 from maild.outbound.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
 from maild.outbound.paging import EscalationPolicy, plan_trigger
 from maild.routing.rules import Decision, MessageContext, RuleTable, best_decision
@@ -115,16 +134,29 @@ class Filed:
     ack_id: int | None = None
     ack_status: str | None = None  # pending | withheld
     ack_reason: str | None = None
+    mail: tuple[Queued, ...] = ()  # the desk's mail it caused (copies, notifications)
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One outgoing mail filing queued besides the acknowledgement."""
+
+    kind: str  # copy | notify | agent
+    outmail_id: int | None
+    status: str  # pending | withheld
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
 class FilingContext:
     """What filing needs besides the mail, fixed for a batch: the routing table, the
-    paging policy (None: no pages) and the acknowledgement policy (None: none sent)."""
+    paging policy (None: no pages), the acknowledgement policy (None: none sent) and the
+    desk's correspondence policy (None: no copies, notifications or agent replies)."""
 
     table: RuleTable
     policy: EscalationPolicy | None = None
     acks: AckPolicy | None = None
+    desk: DeskPolicy | None = None
 
 
 def _with_page(filed: Filed, page: Page | None) -> Filed:
@@ -355,11 +387,13 @@ def find_thread(
     sender: str,
     recipients: Sequence[str] = (),
     acks: AckPolicy | None = None,
+    agent: bool = False,
 ) -> tuple[Ticket | None, str | None]:
     """The ticket this message answers and how we know, or (None, None).
 
     A valid `+token` reply address comes first (it names the ticket, whoever
-    writes); an invalid one is plain mail to the base address.
+    writes); an invalid one is plain mail to the base address. A `[#id]` tag
+    counts when the sender takes part in the ticket, or is a verified `agent`.
     """
     if acks is not None:
         by_token = acks.ticket_for(list(recipients))
@@ -376,8 +410,10 @@ def find_thread(
     if sender:
         for match in SUBJECT_TAG.finditer(parsed.subject):
             candidate = int(match.group(1))
-            if sender.lower() in filing.people(candidate):
-                return filing.ticket(candidate), "subject-tag"
+            if agent or sender.lower() in filing.people(candidate):
+                ticket = filing.ticket(candidate)
+                if ticket is not None:
+                    return ticket, "subject-tag"
     return None, None
 
 
@@ -633,13 +669,33 @@ def file_message(
         dropped = _drop(inbound, DROPPED_BY_ROUTE + route.name, now, kind)
         inbound.dropped_by_route = route.name
         return dropped
-    ticket, outcome, reopened, how = _ticket_for(filing, context, delivery, route, kind)
-    _store(filing, context, delivery, ticket, route, kind, reasons, outcome)
+    claim = _agent_claim(context, delivery, kind)
+    ticket, outcome, reopened, how = _ticket_for(
+        filing, context, delivery, route, kind, agent=claim.verified
+    )
+    created = outcome is Outcome.CREATED
+    assert ticket.id is not None
+    notes = []
+    if not created and claim.verified:
+        kind = MessageKind.AGENT
+    # a person's mail that claims an agent's From it cannot prove: filed, sent on to nobody
+    unverified = not created and claim.claimed and kind == MessageKind.HUMAN
+    if unverified:
+        notes.append(claim.note())
+    # a follow-up's writer already on the ticket (its copies go to the others)
+    was_participant = not created and _sender_on(filing, ticket.id, delivery.sender)
+    _store(filing, context, delivery, ticket, route, kind, reasons, outcome, notes)
     _mark(inbound, InboundStatus.PROCESSED, now, ticket.id)
-    page = _page(filing, context, delivery, ticket, outcome is Outcome.CREATED, reopened)
+    follow_up = not created and kind == MessageKind.HUMAN and not unverified
+    page = _page(filing, context, delivery, ticket, created, reopened, follow_up)
     outmail = None
-    if outcome is Outcome.CREATED and kind == MessageKind.HUMAN:
+    if created and kind == MessageKind.HUMAN:
         outmail = _acknowledge(filing, context, delivery, ticket, route, page)
+    mail: list[Queued] = []
+    if kind == MessageKind.HUMAN and not unverified:
+        mail += _correspond(filing, context, delivery, ticket, route, created, was_participant)
+    elif kind == MessageKind.AGENT:
+        mail += _relay(filing, context, delivery, ticket)
     filed = Filed(
         inbound.id,
         outcome,
@@ -651,6 +707,7 @@ def file_message(
         latency=(now - as_utc(inbound.received_at)).total_seconds(),
         kind=kind.value,
         auto_reasons=tuple(reasons),
+        mail=tuple(mail),
     )
     return _with_ack(_with_page(filed, page), outmail)
 
@@ -725,13 +782,19 @@ def _ticket_for(
     delivery: _Delivery,
     route: Decision,
     kind: MessageKind,
+    agent: bool = False,
 ) -> tuple[Ticket, Outcome, bool, str | None]:
     """The ticket the message threads into (reopened when a person writes to a pending,
-    solved or closed one; automatic mail never reopens), else a new one: (ticket,
-    outcome, reopened, how it threaded)."""
+    solved or closed one; automatic mail and a verified `agent`'s never reopen), else a
+    new one: (ticket, outcome, reopened, how it threaded)."""
     parsed, sender, now = delivery.parsed, delivery.sender, delivery.now
     ticket, how = find_thread(
-        filing, parsed, sender.email if sender else "", delivery.inbound.rcpt_tos, context.acks
+        filing,
+        parsed,
+        sender.email if sender else "",
+        delivery.inbound.rcpt_tos,
+        context.acks,
+        agent=agent,
     )
     if ticket is None:
         ticket = filing.new_ticket(
@@ -752,7 +815,7 @@ def _ticket_for(
             )
         )
         return ticket, Outcome.CREATED, False, how
-    reopened = kind == MessageKind.HUMAN and TicketStatus(ticket.status) in REOPENS
+    reopened = kind == MessageKind.HUMAN and not agent and TicketStatus(ticket.status) in REOPENS
     if reopened:
         ticket.status = TicketStatus.OPEN.value
     _raise_priority(filing, ticket, route)
@@ -770,17 +833,22 @@ def _store(
     kind: MessageKind,
     reasons: list[str],
     outcome: Outcome,
+    notes: list[str] | None = None,
 ) -> None:
     """The sender and the addresses in To and Cc as participants (the sender is the
-    requester of a new ticket; at most max_recipients are added), and the message."""
+    requester of a new ticket; at most max_recipients are added), and the message. An
+    agent's reply adds neither the agent nor any agent in its To and Cc."""
     parsed, sender = delivery.parsed, delivery.sender
     role = ParticipantRole.REQUESTER if outcome is Outcome.CREATED else ParticipantRole.CC
     others = [(a, ParticipantRole.CC) for a in [*parsed.to, *parsed.cc]]
     people = ([(sender, role)] if sender else []) + others
+    desk = context.desk
+    if kind == MessageKind.AGENT and desk is not None:
+        people = [(a, r) for a, r in others if not desk.is_agent(a.email)]
     acks = context.acks
     limit = acks.limits.max_recipients if acks is not None else DEFAULT_MAX_RECIPIENTS
     left_out = _add_participants(filing, ticket, people, context.table, delivery.now, limit)
-    notes = []
+    notes = list(notes or [])
     if left_out:
         notes.append(
             f"TooManyAddresses: {left_out} more addresses in From, To and Cc were not added "
@@ -808,8 +876,10 @@ def _page(
     ticket: Ticket,
     created: bool,
     reopened: bool,
+    follow_up: bool = False,
 ) -> Page | None:
-    """The page this delivery calls for, if paging is on (paging.plan_trigger)."""
+    """The page this delivery calls for, if paging is on (paging.plan_trigger); a
+    customer's `follow_up` to a ticket whose incident is open pages under its key."""
     if context.policy is None:
         return None
     return plan_trigger(
@@ -823,6 +893,7 @@ def _page(
         inbound=delivery.inbound,
         parsed=delivery.parsed,
         now=delivery.now,
+        follow_up=follow_up,
     )
 
 
@@ -856,6 +927,164 @@ def _acknowledge(
     except Exception:
         log.exception("acknowledgement not written; the ticket is filed", ticket=ticket.id)
         return None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """Whether a message's From is one of `[desk] agents`, and whether that is proven."""
+
+    claimed: bool = False
+    verified: bool = False
+    email: str = ""
+    why: str = ""  # how it was verified, or why not
+
+    def note(self) -> str:
+        """What filing records on an unverified agent's message (its defects)."""
+        return (
+            f"UnverifiedAgent: From {self.email} is one of [desk] agents, but the mail is "
+            f"not verified ({self.why}); filed as a customer's message, sent on to nobody"
+        )
+
+
+def _agent_claim(context: FilingContext, delivery: _Delivery, kind: MessageKind) -> _Claim:
+    """An agent's From and its verdict (computed by the worker before this transaction);
+    automatic mail from an agent's address (an out-of-office reply) is never a reply."""
+    desk, parsed = context.desk, delivery.parsed
+    if desk is None or parsed.from_ is None or not desk.is_agent(parsed.from_.email):
+        return _Claim()
+    email = parsed.from_.email.lower()
+    verdict = parsed.authenticity
+    if kind != MessageKind.HUMAN:
+        return _Claim(True, False, email, "automatic mail")
+    if verdict is None:
+        return _Claim(True, False, email, "not checked")
+    return _Claim(
+        True, verdict.verified, email, verdict.how if verdict.verified else verdict.reason
+    )
+
+
+def _relay(
+    filing: _Filing, context: FilingContext, delivery: _Delivery, ticket: Ticket
+) -> list[Queued]:
+    """A verified agent's mail sent on (template `reply`) to the requester and the
+    participants it did not reach itself, with its attachments up to
+    `[desk] copy_attachments_max`; in a savepoint, a problem logged, never fatal."""
+    desk, sender = context.desk, delivery.sender
+    if desk is None or not desk.sending or sender is None:
+        return []
+    assert ticket.id is not None
+    parsed = delivery.parsed
+    reached = {a.email.lower() for a in [*parsed.to, *parsed.cc]}
+    if not filing.people(ticket.id) - reached - {sender.email.lower()}:
+        return []
+    filing.flush()  # the plan reads the ticket's participants and messages
+    try:
+        with filing.session.begin_nested():
+            planned = plan_reply(
+                filing.session,
+                desk,
+                ticket,
+                agent=sender,
+                text=parsed.text,
+                attachments=parsed.attachments,
+                leave_out=reached,
+                attachment_limit=desk.copy_attachments_max,
+                ours=context.table.is_ours,
+                always=False,
+                now=delivery.now,
+            )
+    except Exception:
+        log.exception("agent reply not sent on; the message is filed", ticket=ticket.id)
+        return []
+    if planned is None:
+        return []
+    row = planned.outmail
+    return [Queued(MessageKind.AGENT.value, row.id, row.status, row.reason)]
+
+
+def _sender_on(filing: _Filing, ticket_id: int, sender: Address | None) -> bool:
+    return sender is not None and sender.email.lower() in filing.people(ticket_id)
+
+
+def _correspond(
+    filing: _Filing,
+    context: FilingContext,
+    delivery: _Delivery,
+    ticket: Ticket,
+    route: Decision,
+    created: bool,
+    was_participant: bool,
+) -> list[Queued]:
+    """The desk's mail about a person's message: copies of a participant's follow-up to
+    the participants it did not reach, and the route's notification. Each is written in a
+    savepoint of its own; a problem is logged and never costs the ticket."""
+    desk = context.desk
+    sender = delivery.sender
+    if desk is None or not desk.sending or sender is None:
+        return []
+    assert ticket.id is not None
+    parsed, now = delivery.parsed, delivery.now
+    reached = {a.email.lower() for a in [*parsed.to, *parsed.cc]}
+    plans: list[tuple[str, Callable[[], Planned | None]]] = []
+    copies_wanted = (
+        not created
+        and was_participant
+        and desk.copies_on(route.copy_participants)
+        and bool(filing.people(ticket.id) - reached - {sender.email.lower()})
+    )
+    if copies_wanted:
+        plans.append(
+            (
+                MessageKind.COPY.value,
+                lambda: plan_copy(
+                    filing.session,
+                    desk,
+                    ticket,
+                    writer=sender,
+                    subject=parsed.subject,
+                    text=parsed.text,
+                    attachments=parsed.attachments,
+                    leave_out=reached,
+                    ours=context.table.is_ours,
+                    now=now,
+                ),
+            )
+        )
+    if route.notify:
+        plans.append(
+            (
+                MessageKind.NOTIFY.value,
+                lambda: plan_notify(
+                    filing.session,
+                    desk,
+                    ticket,
+                    notify=route.notify,
+                    writer=sender,
+                    text=parsed.text,
+                    attachments=parsed.attachments,
+                    created=created,
+                    ours=context.table.is_ours,
+                    now=now,
+                ),
+            )
+        )
+    if not plans:
+        return []
+    filing.flush()  # the plans read the ticket's participants and messages
+    queued = []
+    for kind, plan in plans:
+        try:
+            with filing.session.begin_nested():
+                planned = plan()
+        except Exception:
+            log.exception(
+                "desk mail not written; the message is filed", ticket=ticket.id, kind=kind
+            )
+            continue
+        if planned is not None:
+            row = planned.outmail
+            queued.append(Queued(kind, row.id, row.status, row.reason))
+    return queued
 
 
 def _mark_failed(inbound: Envelope, error: str) -> Filed:

@@ -41,10 +41,14 @@ from sqlmodel import Session, col, select
 
 from maild import metrics
 from maild.enums import InboundStatus, OutboxStatus, Outcome
-from maild.filing.intake import Filed, FilingContext, file_batch
+from maild.filing.intake import Filed, FilingContext, Queued, file_batch
 from maild.logs import configure_logging
+from maild.mail import addresses
+from maild.mail.authenticity import verify_sender
 from maild.mail.parsing import ParsedMessage, parse_message
 from maild.outbound.acks import AckPolicy
+from maild.outbound.correspondence import DeskPolicy
+from maild.outbound.outgoing import NOUNS
 from maild.outbound.paging import EscalationPolicy
 from maild.routing.rules import RuleTable
 from maild.store.database import Database
@@ -130,13 +134,14 @@ def _log_results(results: Sequence[Filed]) -> None:
             metrics.PROCESSING_SECONDS.observe(max(0.0, filed.latency))
         if filed.page_status == "withheld":
             metrics.PAGES.labels("trigger", "withheld").inc()
-        if filed.ack_status is not None:
-            metrics.ACKS.labels(
-                "queued" if filed.ack_status == OutboxStatus.PENDING else "withheld"
-            ).inc()
+        for mail in _mail_of(filed):
+            queued = "queued" if mail.status == OutboxStatus.PENDING else "withheld"
+            if mail.kind == "ack":
+                metrics.ACKS.labels(queued).inc()
+            metrics.MAIL.labels(mail.kind, queued).inc()
         if filed.outcome is Outcome.DROPPED:
             metrics.HYGIENE.labels("loop" if filed.kind == "auto" else filed.kind).inc()
-        elif filed.kind != "human":
+        elif filed.kind not in ("human", "agent"):  # an agent is a person too
             metrics.HYGIENE.labels(filed.kind).inc()
         if filed.outcome is Outcome.DROPPED:
             log.warning(
@@ -160,6 +165,7 @@ def _log_results(results: Sequence[Filed]) -> None:
                 kind=filed.kind,
                 auto_reasons=list(filed.auto_reasons) or None,
                 ack=filed.ack_id,
+                mail={m.kind: m.outmail_id for m in filed.mail} or None,
             )
         if filed.page_status == "withheld":
             log.warning(
@@ -168,13 +174,22 @@ def _log_results(results: Sequence[Filed]) -> None:
                 ticket=filed.ticket_id,
                 reason=filed.page_reason,
             )
-        if filed.ack_status == "withheld":
-            log.info(
-                "acknowledgement withheld",
-                outmail=filed.ack_id,
-                ticket=filed.ticket_id,
-                reason=filed.ack_reason,
-            )
+        for mail in _mail_of(filed):
+            if mail.status == "withheld":
+                log.info(
+                    f"{NOUNS.get(mail.kind, mail.kind)} withheld",
+                    outmail=mail.outmail_id,
+                    ticket=filed.ticket_id,
+                    reason=mail.reason,
+                )
+
+
+def _mail_of(filed: Filed) -> list[Queued]:
+    """The mail filing queued for a delivery: its acknowledgement, then the desk's mail."""
+    ack = []
+    if filed.ack_status is not None:
+        ack = [Queued("ack", filed.ack_id, filed.ack_status, filed.ack_reason)]
+    return ack + list(filed.mail)
 
 
 def process_now(database: Database, context: FilingContext, ids: Sequence[int]) -> list[Filed]:
@@ -199,10 +214,28 @@ def _file_ids(
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
-        items = [(inbound_id, parse(raw)) for inbound_id, raw in claimed]
+        items = [
+            (inbound_id, _authenticated(parse(raw), raw, context)) for inbound_id, raw in claimed
+        ]
         del claimed
         results.extend(database.run_write(partial(file_batch, context=context, items=items)))
     return results
+
+
+def _authenticated(
+    parsed: ParsedMessage | BaseException, raw: bytes, context: FilingContext
+) -> ParsedMessage | BaseException:
+    """The parsed message with its sender's verdict, when its From is one of `[desk]
+    agents` (mail.authenticity: a DKIM check with a DNS lookup, or the trusted MTA's
+    Authentication-Results). Here, between the parse and the filing transaction: the
+    lookup blocks, and never inside a transaction that holds locks."""
+    desk = context.desk
+    if desk is None or isinstance(parsed, BaseException) or parsed.from_ is None:
+        return parsed
+    if not desk.is_agent(parsed.from_.email):
+        return parsed
+    parsed.authenticity = verify_sender(raw, addresses.domain_of(parsed.from_.email), desk.auth)
+    return parsed
 
 
 # The pool worker's side. Each worker process opens the database once (its own
@@ -352,10 +385,12 @@ class Processor:
         on_filed: Callable[[Sequence[Filed]], None] | None = None,
         acks: Callable[[], AckPolicy | None] | None = None,
         log: tuple[str, str] = ("json", "info"),
+        desk: Callable[[], DeskPolicy | None] | None = None,
     ) -> None:
         self._database = database
         self._policy = policy
         self._acks = acks or (lambda: None)
+        self._desk = desk or (lambda: None)
         self._on_filed = on_filed
         self._rules = rules
         self._workers = workers
@@ -459,7 +494,7 @@ class Processor:
         stuck where the timer cannot reach it) takes the pool down: it is restarted
         and the batch fails, to be retried one message at a time."""
         loop = asyncio.get_running_loop()
-        context = FilingContext(self._rules(), self._policy, self._acks())
+        context = FilingContext(self._rules(), self._policy, self._acks(), self._desk())
         parts = [ids[i :: self._workers] for i in range(min(self._workers, len(ids)))]
         # A parse that overruns is interrupted in the worker; this is the outer bound.
         limit = self._parse_timeout * max(len(part) for part in parts) + 60
@@ -528,6 +563,7 @@ class Processor:
             self._batch_limit = MAX_BATCH_MESSAGES
             _log_results(results)
             if self._on_filed is not None and any(
-                OutboxStatus.PENDING in (f.page_status, f.ack_status) for f in results
+                OutboxStatus.PENDING in (f.page_status, f.ack_status, *(m.status for m in f.mail))
+                for f in results
             ):
                 self._on_filed(results)

@@ -34,6 +34,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import mailparser
 
@@ -42,6 +43,9 @@ from maild.mail.addresses import Address
 from maild.mail.htmltext import html_to_text
 from maild.mail.message_ids import extract_ids, normalize_message_id
 from maild.mail.text import one_line
+
+if TYPE_CHECKING:  # authenticity reads headers with this module's HeaderBlock
+    from maild.mail.authenticity import Verdict
 
 MAX_TEXT_CHARS = 1_000_000  # the full message stays in the raw copy
 MAX_HTML_CHARS = 4 * MAX_TEXT_CHARS  # of an HTML body read for its text (about 2 s at worst)
@@ -150,6 +154,9 @@ class ParsedMessage:
     defects: list[str] = field(default_factory=list)
     report: dsn.DeliveryReport | None = None  # set when the message is a DSN (a bounce)
     body_sha256: str = ""  # of the body as received (CRLF read as LF): see body_digest
+    # for mail whose From is one of [desk] agents: whether that is proven (DKIM, or the
+    # trusted MTA's Authentication-Results); set by processing, outside any transaction
+    authenticity: Verdict | None = None
 
 
 def body_digest(raw: bytes) -> str:

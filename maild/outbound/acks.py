@@ -32,21 +32,17 @@ import hashlib
 import hmac
 import re
 import secrets
-import string
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime
-from importlib import resources
-from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from maild.config import OutboundSettings
 from maild.enums import MessageKind, ParticipantRole
-from maild.errors import ConfigError
 from maild.mail import addresses, hygiene
 from maild.mail.addresses import Address
 from maild.mail.message_ids import message_id_hash
@@ -60,25 +56,11 @@ from maild.outbound.outgoing import (
     is_known,
     queue_mail,
 )
+from maild.outbound.templates import Templates, load_templates
 from maild.store.models import Message, Outmail, Participant, Ticket
 
 TOKEN_MAC_HEX = 16  # 64 bits of HMAC-SHA256: guessing one is hopeless at SMTP speed
 _TOKEN = re.compile(rf"^(\d{{1,18}})-([0-9a-f]{{{TOKEN_MAC_HEX}}})$")
-PLACEHOLDERS = frozenset(
-    {
-        "ticket_id",
-        "subject",
-        "ticket_type",
-        "priority",
-        "greeting_name",
-        "requester_name",
-        "requester_email",
-        "reply_address",
-        "desk_address",
-        "paging_note",
-    }
-)
-DEFAULT_TEMPLATE = "ack.txt"
 PAGED_NOTE = "Our on-call engineers have been paged."
 SUBJECT_CHARS = 900
 
@@ -105,70 +87,6 @@ def read_token(secret: bytes, token: str) -> int | None:
 def reply_address(desk_address: str, token: str) -> str:
     local, domain = addresses.split(addresses.route_key(desk_address))
     return f"{local}+{token}@{domain}"
-
-
-# Templates.
-
-
-@dataclass(frozen=True)
-class Templates:
-    """Acknowledgement bodies: one per route, a default; checked when loaded."""
-
-    default: string.Template
-    by_route: dict[str, string.Template] = field(default_factory=dict)
-    folder: str = ""
-
-    def for_route(self, route: str) -> string.Template:
-        return self.by_route.get(route, self.default)
-
-
-def _check_template(text: str, source: str) -> string.Template:
-    template = string.Template(text)
-    if not template.is_valid():
-        # Find the first stray `$` for the error's line.
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not string.Template(line).is_valid():
-                raise ConfigError(
-                    f"{source}:{number}: a stray $ (write $$ for a dollar sign, "
-                    "${name} for a placeholder)"
-                )
-        raise ConfigError(f"{source}: a stray $ (write $$ for a dollar sign)")
-    for name in template.get_identifiers():
-        if name not in PLACEHOLDERS:
-            number = next(
-                (
-                    n
-                    for n, line in enumerate(text.splitlines(), start=1)
-                    if f"${name}" in line or f"${{{name}}}" in line
-                ),
-                1,
-            )
-            raise ConfigError(
-                f"{source}:{number}: unknown placeholder ${{{name}}} "
-                f"(known: {', '.join(sorted(PLACEHOLDERS))})"
-            )
-    return template
-
-
-def load_templates(folder: Path) -> Templates:
-    """`ack.txt` and `ack-<route>.txt` from the folder; the built-in text where it has none."""
-    by_route: dict[str, string.Template] = {}
-    default: string.Template | None = None
-    if folder.is_dir():
-        for path in sorted(folder.glob("ack*.txt")):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{path}: cannot read: {exc}") from None
-            template = _check_template(text, str(path))
-            if path.name == DEFAULT_TEMPLATE:
-                default = template
-            elif path.name.startswith("ack-"):
-                by_route[path.name[len("ack-") : -len(".txt")]] = template
-    if default is None:
-        builtin = resources.files("maild").joinpath("templates", DEFAULT_TEMPLATE)
-        default = _check_template(builtin.read_text(encoding="utf-8"), str(builtin))
-    return Templates(default=default, by_route=by_route, folder=str(folder))
 
 
 # What the filing transaction needs.
@@ -204,6 +122,7 @@ class AckPolicy:
             limits=OutboundLimits(
                 max_recipients=settings.max_recipients,
                 max_per_hour=settings.max_acks_per_sender_per_hour,
+                counted_kinds=(MessageKind.ACK.value,),
             ),
         )
 
@@ -228,7 +147,8 @@ def ack_subject(ticket_id: int, subject: str) -> str:
     return f"{tag} {subject or '(no subject)'}"
 
 
-def _header_address(person: Address) -> HeaderAddress | str:
+def header_address(person: Address) -> HeaderAddress | str:
+    """A header's address: the display name on one line (nothing injected through it)."""
     try:
         return HeaderAddress(
             display_name=one_line(person.name, controls=True), addr_spec=person.email
@@ -286,9 +206,9 @@ def render_ack(
     unique = f"ack.{ticket.id}.{secrets.token_hex(8)}"
     message_id = f"{hygiene.OUR_MESSAGE_ID_PREFIX}{unique}@{policy.message_id_domain}"
     message["From"] = policy.from_header
-    message["To"] = _header_address(to)
+    message["To"] = header_address(to)
     if cc:
-        message["Cc"] = [_header_address(p) for p in cc]
+        message["Cc"] = [header_address(p) for p in cc]
     message["Reply-To"] = reply_to
     message["Subject"] = subject
     message["Date"] = format_datetime(now)

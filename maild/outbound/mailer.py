@@ -1,4 +1,5 @@
-"""The mailer: sends the mail outbox (acknowledgements) through the smarthost.
+"""The mailer: sends the mail outbox (acknowledgements, agents' replies, copies,
+notifications, solved notices) through the smarthost.
 
 It claims due `pending` outmail rows and sends each with aiosmtplib to
 `[outbound] smarthost` (STARTTLS or implicit TLS and login when configured),
@@ -20,6 +21,10 @@ row at once. Every failed attempt is written to the row before the wait.
 
 A crash between the smarthost's 250 and our record sends the mail again after
 restart: a customer may see a second copy of an acknowledgement, never none.
+
+Logs and `maild_mail_total{kind,result}` name the kind of each mail (the
+outmail row's `kind`); acknowledgements also count in
+`maild_acknowledgements_total`, as before.
 """
 
 from __future__ import annotations
@@ -41,11 +46,21 @@ from maild.config import OutboundSettings, parse_hostport
 from maild.enums import MailStatus, OutboxStatus, RecipientState
 from maild.errors import SendDeferred, SendRefused
 from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
-from maild.outbound.outgoing import mark_undeliverable
+from maild.outbound.outgoing import NOUNS, mark_undeliverable
 from maild.store.database import Database
 from maild.store.models import Outmail, OutmailRecipient, as_utc, utcnow
 
 log = structlog.get_logger("maild.mailer")
+
+
+def _noun(job: MailJob) -> str:
+    return NOUNS.get(job.kind, f"{job.kind} mail")
+
+
+def _count(job: MailJob, result: str) -> None:
+    if job.kind == "ack":
+        metrics.ACKS.labels(result).inc()
+    metrics.MAIL.labels(job.kind, result).inc()
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class MailJob:
     queued_at: datetime
     created_at: datetime
     none_reached_before: bool = True  # no recipient was sent to by an earlier claim
+    kind: str = "ack"  # Outmail.kind: ack, agent, copy, notify, solved
 
     @property
     def smtputf8(self) -> bool:
@@ -140,6 +156,7 @@ def claim_due(
                 queued_at=as_utc(outmail.queued_at),
                 created_at=as_utc(outmail.created_at),
                 none_reached_before=reached_before is None,
+                kind=outmail.kind,
             )
         )
     return jobs
@@ -344,7 +361,7 @@ class Mailer(OutboxWorker[MailJob]):
         return f"maild-mail-{job.id}"
 
     def fields(self, job: MailJob) -> dict[str, Any]:
-        return {"outmail": job.id, "ticket": job.ticket_id}
+        return {"outmail": job.id, "ticket": job.ticket_id, "kind": job.kind}
 
     def begin(self, job: MailJob) -> MailDelivery:
         return MailDelivery(job, job.attempts, self._clock(), list(job.recipients))
@@ -361,7 +378,7 @@ class Mailer(OutboxWorker[MailJob]):
                 )
             except Exception as exc:  # the row stays pending: it is sent again (a second copy)
                 log.error(
-                    "could not record acknowledgement recipients",
+                    f"could not record {_noun(job)} recipients",
                     outmail=job.id,
                     error=str(exc)[:500],
                 )
@@ -374,11 +391,12 @@ class Mailer(OutboxWorker[MailJob]):
     def retried(
         self, delivery: Delivery[MailJob], error: BaseException | None, wait: float
     ) -> None:
-        metrics.ACKS.labels("retried").inc()
+        _count(delivery.job, "retried")
+        noun = _noun(delivery.job)
         log.warning(
-            "acknowledgement possibly delivered; sending it again"
+            f"{noun} possibly delivered; sending it again"
             if getattr(error, "possibly_delivered", False)
-            else "acknowledgement attempt failed; will retry",
+            else f"{noun} attempt failed; will retry",
             **self.fields(delivery.job),
             attempts=delivery.attempts,
             error=str(error),
@@ -388,9 +406,9 @@ class Mailer(OutboxWorker[MailJob]):
     def failed(
         self, delivery: Delivery[MailJob], error: SendDeferred | SendRefused, reason: str
     ) -> None:
-        metrics.ACKS.labels("failed").inc()
+        _count(delivery.job, "failed")
         log.error(
-            "acknowledgement failed",
+            f"{_noun(delivery.job)} failed",
             **self.fields(delivery.job),
             attempts=delivery.attempts,
             error=reason,
@@ -409,9 +427,10 @@ class Mailer(OutboxWorker[MailJob]):
     def done(self, delivery: Delivery[MailJob], status: OutboxStatus) -> None:
         assert isinstance(delivery, MailDelivery)
         job = delivery.job
-        metrics.ACKS.labels("sent" if status == OutboxStatus.SENT else "failed").inc()
+        _count(job, "sent" if status == OutboxStatus.SENT else "failed")
+        noun = _noun(job)
         log.info(
-            "acknowledgement sent" if status == OutboxStatus.SENT else "acknowledgement refused",
+            f"{noun} sent" if status == OutboxStatus.SENT else f"{noun} refused",
             **self.fields(job),
             recipients=len(job.recipients) - len(delivery.refused),
             refused=delivery.refused,

@@ -1,7 +1,8 @@
 """The one door every mail maild sends goes through: who it may reach, and its rows.
 
-Any kind of outgoing mail (acknowledgements now; replies, copies and
-notifications later) is planned in the transaction that makes it necessary:
+Every kind of outgoing mail (acknowledgements; agents' replies, copies,
+notifications and solved notices, outbound/correspondence.py) is planned in the
+transaction that makes it necessary:
 
 1. `choose_recipients` decides each candidate's fate. Candidates are taken in
    order (the requester first) and deduplicated; only the first
@@ -9,8 +10,9 @@ notifications later) is planned in the transaction that makes it necessary:
    4,000 addresses in Cc can never turn maild into a spammer. Of those, an
    address a bounce marked undeliverable, a robot address (`noreply@`,
    `mailer-daemon@`, any `+tag`) and an address that already received
-   `max_per_hour` mails from maild in the last hour are withheld, with the
-   reason recorded.
+   `max_per_hour` mails of the limit's kinds (`counted_kinds`: acknowledgements
+   for theirs; copies, notifications and solved notices for the desk's) from
+   maild in the last hour are withheld, with the reason recorded.
 2. The caller renders the mail with the addressed recipients in its headers.
 3. `queue_mail` writes its `message` (direction outbound), its `outmail` and
    one `outmail_rcpt` per addressed recipient, and refuses a plan with more
@@ -19,7 +21,10 @@ notifications later) is planned in the transaction that makes it necessary:
 
 The hourly count and the insert that it allows are serialised per address:
 filing takes `ratelimit.lock` on every address it may count, before it counts
-(maild/intake.py), so two workers (or hosts) cannot both see 4 of 5 sent.
+(maild/intake.py), so two workers (or hosts) cannot both see 4 of 5 sent. The
+recipients of a copy or a notification (the ticket's other participants, a
+route's notify list) are not known before filing and are counted without that
+lock: on PostgreSQL two filers at the same moment may each send one past it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ from maild.store import ratelimit
 from maild.store.models import Message, Outmail, OutmailRecipient, Participant
 
 DEFAULT_MAX_RECIPIENTS = 20
+# What log lines call each kind of mail (Outmail.kind).
+NOUNS = {
+    "ack": "acknowledgement",
+    "agent": "reply",
+    "copy": "copy",
+    "notify": "notification",
+    "solved": "solved notice",
+}
 STRANGER_NAME_CHARS = 40
 STRANGER_SUBJECT_CHARS = 100
 _WRAPPING = "\"'()<>[]{},;:!?"
@@ -67,6 +80,8 @@ class OutboundLimits:
 
     max_recipients: int = DEFAULT_MAX_RECIPIENTS  # addresses one mail reaches, at most
     max_per_hour: int = 0  # mails one address receives from maild per hour; 0: no limit
+    # the kinds of mail (Outmail.kind) that hourly count counts; empty: every kind
+    counted_kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,17 +137,20 @@ def undeliverable(session: Session, emails: list[str]) -> set[str]:
     return set(rows)
 
 
-def recent_mail(session: Session, address: str, now: datetime) -> int:
+def recent_mail(session: Session, address: str, now: datetime, kinds: Sequence[str] = ()) -> int:
     """Mails queued to this address (any `+tag`, any case) in the last hour that count:
-    pending, sent or bounced, not withheld."""
+    pending, sent or bounced, not withheld; only mail of these `kinds`, when given."""
     counted = (RecipientState.PENDING, RecipientState.SENT, RecipientState.BOUNCED)
-    return session.exec(
-        select(func.count(col(OutmailRecipient.id))).where(
-            OutmailRecipient.address_key == ratelimit.limit_key(address),
-            col(OutmailRecipient.status).in_([s.value for s in counted]),
-            OutmailRecipient.created_at >= now - timedelta(hours=1),
+    query = select(func.count(col(OutmailRecipient.id))).where(
+        OutmailRecipient.address_key == ratelimit.limit_key(address),
+        col(OutmailRecipient.status).in_([s.value for s in counted]),
+        OutmailRecipient.created_at >= now - timedelta(hours=1),
+    )
+    if kinds:
+        query = query.join(Outmail, col(Outmail.id) == col(OutmailRecipient.outmail_id)).where(
+            col(Outmail.kind).in_(list(kinds))
         )
-    ).one()
+    return session.exec(query).one()
 
 
 def choose_recipients(
@@ -163,7 +181,10 @@ def choose_recipients(
             reason = "undeliverable (a bounce said so)"
         elif hygiene.robot_address(email):
             reason = "an automatic address"
-        elif limits.max_per_hour and recent_mail(session, email, now) >= limits.max_per_hour:
+        elif (
+            limits.max_per_hour
+            and recent_mail(session, email, now, limits.counted_kinds) >= limits.max_per_hour
+        ):
             reason = (
                 f"already sent {limits.max_per_hour} mails in the last hour "
                 f"({per_hour_setting} = {limits.max_per_hour})"

@@ -15,6 +15,10 @@ When a message is filed (intake.file_message):
 - a reply that reopens a ticket whose incident was resolved, or a message
   through a paging route for a ticket whose incident was resolved → a
   trigger again, under the same dedup key;
+- a customer's follow-up (a person's mail, not an agent's) to a ticket whose
+  incident is still open (its latest trigger pending or sent, not resolved) →
+  a trigger under the same dedup key, which PagerDuty adds to the open alert,
+  so that the new detail reaches on-call;
 - anything else for a paged ticket → nothing: PagerDuty already has it open.
 
 A trigger is withheld, with the reason kept on the row and shown on the
@@ -33,7 +37,9 @@ agent who changed it as the sender for the allow-list and the hourly limit:
   a type no paging route makes, with an open incident → a resolve
   (queue_resolve).
 
-An open incident is a latest trigger that is pending or sent (open_incident).
+An open incident (open_incident) is one whose latest page that is pending or
+sent is a trigger: a withheld or failed follow-up or change neither opens nor
+closes it, so closing the ticket still resolves it.
 
 One ticket has one dedup key for life, so PagerDuty holds at most one open
 incident per ticket whatever is resent.
@@ -107,6 +113,22 @@ def latest_page(session: Session, ticket_id: int) -> Page | None:
     ).first()
 
 
+_LIVE = (PageStatus.PENDING.value, PageStatus.SENT.value)
+
+
+def open_incident(session: Session, ticket_id: int) -> Page | None:
+    """The trigger that keeps the ticket's incident open, or None: the latest page that is
+    pending or sent, when it is a trigger. Withheld and failed pages change nothing at
+    PagerDuty, so a withheld follow-up after an open trigger leaves it open."""
+    page = session.exec(
+        select(Page)
+        .where(Page.ticket_id == ticket_id, col(Page.status).in_(_LIVE))
+        .order_by(col(Page.id).desc())
+        .limit(1)
+    ).first()
+    return page if page is not None and page.action == PageAction.TRIGGER else None
+
+
 def _recent_pages(session: Session, sender: str, now: datetime) -> int:
     """Triggers from this sender (any case, any `+tag`) in the last hour that count:
     pending, sent or failed, not withheld. Filing holds the sender's ratelimit lock."""
@@ -157,7 +179,12 @@ def trigger_event(
 ) -> dict[str, Any]:
     """The Events API v2 body for a trigger, without the routing key (added at send time)."""
     assert ticket.id is not None
-    note = {"created": "", "escalated": ", escalated", "reopened": ", reopened"}[why]
+    note = {
+        "created": "",
+        "escalated": ", escalated",
+        "reopened": ", reopened",
+        "follow-up": ", follow-up",
+    }[why]
     details: dict[str, Any] = {
         "ticket": ticket.id,
         "type": ticket.type,
@@ -272,12 +299,17 @@ def plan_trigger(
     inbound: Envelope,
     parsed: ParsedMessage,
     now: datetime,
+    follow_up: bool = False,
 ) -> Page | None:
-    """The trigger this filing calls for (pending or withheld), added to the session, or None."""
+    """The trigger this filing calls for (pending or withheld), added to the session, or None.
+
+    `follow_up`: the message is a customer's follow-up to this ticket (a person's mail
+    threaded into it, not an agent's); it pages when the ticket's incident is open."""
     assert ticket.id is not None
     paging = [r for r in routes if r.page]
-    if not paging and not reopened:
-        return None  # whatever its last page: only a paging route or a reopening pages
+    follow_up = follow_up and not created and policy.enabled
+    if not paging and not reopened and not follow_up:
+        return None  # whatever its last page: only a paging route, a reopening or a follow-up
     last = None if created else latest_page(session, ticket.id)
     if created or last is None:
         if not paging:
@@ -287,6 +319,8 @@ def plan_trigger(
         why = "reopened"
     elif last.action == PageAction.RESOLVE and paging:
         why = "escalated"  # resolved, reopened by the desk, and now mailed to sysops@ again
+    elif follow_up and _still_open(session, ticket.id, last):
+        why = "follow-up"  # the same dedup key: PagerDuty adds it to the open alert
     else:
         return None  # its incident is open (or its page was withheld or failed)
     route = paging[0].name if paging else ticket.rule
@@ -329,19 +363,11 @@ def _queue_trigger(
     return page
 
 
-def open_incident(session: Session, ticket_id: int) -> Page | None:
-    """The trigger of the ticket's open incident: its latest page, when that is a trigger
-    pending or sent (a withheld or failed one opened nothing; a resolve closed it)."""
-    last = latest_page(session, ticket_id)
-    return last if _is_open(last) else None
-
-
-def _is_open(page: Page | None) -> bool:
-    return (
-        page is not None
-        and page.action == PageAction.TRIGGER
-        and page.status in (PageStatus.PENDING, PageStatus.SENT)
-    )
+def _still_open(session: Session, ticket_id: int, last: Page) -> bool:
+    """Whether the ticket's incident is open; `last` is its latest page (read already)."""
+    if last.action == PageAction.TRIGGER and last.status in _LIVE:
+        return True
+    return open_incident(session, ticket_id) is not None
 
 
 def plan_change_trigger(
@@ -360,7 +386,7 @@ def plan_change_trigger(
     ticket's incident is already open. The caller holds `by`'s ratelimit lock."""
     assert ticket.id is not None
     last = latest_page(session, ticket.id)
-    if _is_open(last):
+    if last is not None and _still_open(session, ticket.id, last):
         return None
     key = last.dedup_key if last is not None else dedup_key(ticket)
     text = session.exec(
@@ -376,7 +402,7 @@ def plan_change_trigger(
 
 
 def queue_resolve(session: Session, ticket: Ticket, now: datetime) -> Page | None:
-    """A resolve for the ticket's open incident (latest trigger pending or sent), or None."""
+    """A resolve for the ticket's open incident (open_incident), or None."""
     assert ticket.id is not None
     last = open_incident(session, ticket.id)
     if last is None:

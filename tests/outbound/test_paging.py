@@ -265,25 +265,94 @@ def test_a_2000_character_sender_name_still_fits_the_summary(
 # 2. One incident per ticket.
 
 
-def test_a_reply_to_a_paged_ticket_does_not_page_again(
+def test_a_follow_up_to_a_paged_ticket_is_added_to_its_open_alert(
     paging_config: Callable[..., Path], events: FakeEvents
 ) -> None:
-    """A reply to sysops@ threads into the paged ticket and queues no second trigger."""
+    """A customer's reply to an open incident is a second trigger under the same dedup key
+    (PagerDuty adds it to the open alert), carrying the new text; no new incident."""
     first = sysops_mail("Site down")
     with start(paging_config()) as maild:
         maild.send(first, [SYSOPS], sender=ALICE)
         events.wait_for(1)
         database = maild.service.database
         wait_pages(database, lambda r: statuses(r) == [("trigger", "sent")], "first page sent")
-        reply = sysops_mail("Re: Site down", body="Still down!", In_Reply_To=first["Message-ID"])
-        maild.send(reply, [SYSOPS], sender=ALICE)
-        maild.settle()
+        reply = mail(
+            "Re: Site down", to=SUPPORT, body="Still down!", In_Reply_To=first["Message-ID"]
+        )
+        maild.send(reply, [SUPPORT], sender=ALICE)
+        second = events.wait_for(2)[1]
+        rows = wait_pages(database, lambda r: r[-1]["status"] == "sent", "follow-up sent")
         (ticket,) = maild.tickets()
-        rows = pages_of(database)
     assert ticket["message_count"] == 2
+    assert statuses(rows) == [("trigger", "sent"), ("trigger", "sent")]
+    assert {row["dedup_key"] for row in rows} == {events.events[0]["dedup_key"]}
+    assert second["dedup_key"] == events.events[0]["dedup_key"]
+    assert "follow-up" in second["payload"]["summary"]
+    assert second["payload"]["custom_details"]["body"] == "Still down!"
+    assert second["payload"]["custom_details"]["reason"] == "follow-up"
+    assert [row["ticket_id"] for row in rows] == [ticket["id"]] * 2
+
+
+def test_a_follow_up_pages_nothing_when_no_incident_is_open_or_a_program_wrote_it(
+    paging_config: Callable[..., Path], events: FakeEvents
+) -> None:
+    """A support@ ticket never paged: its follow-up pages nobody. An automatic reply to an
+    open incident pages nobody either."""
+    config = paging_config()
+    question = mail("A question", to=SUPPORT)
+    outage = sysops_mail("Site down")
+    with start(config) as maild:
+        maild.send(question, [SUPPORT], sender=ALICE)
+        maild.send(outage, [SYSOPS], sender=ALICE)
+        events.wait_for(1)
+        maild.send(
+            mail("Re: A question", to=SUPPORT, In_Reply_To=question["Message-ID"]),
+            [SUPPORT],
+            sender=ALICE,
+        )
+        maild.send(
+            mail(
+                "Auto: Site down",
+                to=SUPPORT,
+                In_Reply_To=outage["Message-ID"],
+                Auto_Submitted="auto-replied",
+            ),
+            [SUPPORT],
+            sender=ALICE,
+        )
+        maild.settle()
+        rows = pages_of(maild.service.database)
     assert statuses(rows) == [("trigger", "sent")]
-    assert [row["ticket_id"] for row in rows] == [ticket["id"]]
     assert len(events.events) == 1
+
+
+def test_a_withheld_follow_up_leaves_the_incident_open_and_closing_resolves_it(
+    paging_config: Callable[..., Path], events: FakeEvents, cli: Callable[..., Result]
+) -> None:
+    """Bob (not in allowed_senders) follows up on Alice's incident: withheld, with the
+    reason; the incident is still open, so closing the ticket resolves it."""
+    config = paging_config(extra=f'[escalation]\nallowed_senders = ["{ALICE}"]\n')
+    first = sysops_mail("Site down", Cc="bob@customer.example")
+    with start(config) as maild:
+        database = maild.service.database
+        maild.send(first, [SYSOPS], sender=ALICE)
+        key = events.wait_for(1)[0]["dedup_key"]
+        wait_pages(database, lambda r: statuses(r) == [("trigger", "sent")], "trigger sent")
+        bobs = mail(
+            "Re: Site down",
+            to=SUPPORT,
+            frm="Bob <bob@customer.example>",
+            In_Reply_To=first["Message-ID"],
+        )
+        maild.send(bobs, [SUPPORT], sender="bob@customer.example")
+        maild.settle()
+        rows = pages_of(database)
+        assert statuses(rows) == [("trigger", "sent"), ("trigger", "withheld")]
+        assert "allowed_senders" in rows[1]["reason"]
+        closed = cli(config, "tickets", "close", str(rows[0]["ticket_id"]))
+        assert closed.exit_code == 0, closed.stderr
+        resolve = events.wait_for(2)[1]
+    assert (resolve["event_action"], resolve["dedup_key"]) == ("resolve", key)
 
 
 def test_one_message_to_sysops_and_support_is_one_ticket_and_one_trigger(
@@ -322,7 +391,8 @@ def test_mail_to_support_and_hosting_pages_nobody(
 def test_a_support_ticket_escalated_to_sysops_pages_once(
     paging_config: Callable[..., Path], events: FakeEvents
 ) -> None:
-    """A reply to a support@ ticket sent to sysops@ pages for that ticket, once, as escalated."""
+    """A reply to a support@ ticket sent to sysops@ pages for that ticket, once, as escalated;
+    the next one is a follow-up to that open incident."""
     first = mail("Checkout errors", to=SUPPORT)
     with start(paging_config()) as maild:
         database = maild.service.database
@@ -335,14 +405,17 @@ def test_a_support_ticket_escalated_to_sysops_pages_once(
         wait_pages(database, lambda r: statuses(r) == [("trigger", "sent")], "escalation sent")
         again = sysops_mail("Re: Checkout errors", In_Reply_To=escalate["Message-ID"])
         maild.send(again, [SYSOPS], sender=ALICE)
-        maild.settle()
+        follow_up = events.wait_for(2)[1]
+        rows = wait_pages(database, lambda r: r[-1]["status"] == "sent", "follow-up sent")
         (ticket,) = maild.tickets()
-        rows = pages_of(database)
     assert ticket["message_count"] == 3
     assert event["payload"]["custom_details"]["ticket"] == ticket["id"]
     assert "escalated" in event["payload"]["summary"]
-    assert statuses(rows) == [("trigger", "sent")]
-    assert len(events.events) == 1
+    # escalated once; the next mail is a follow-up added to the same alert (same key)
+    assert "follow-up" in follow_up["payload"]["summary"]
+    assert follow_up["dedup_key"] == event["dedup_key"]
+    assert statuses(rows) == [("trigger", "sent"), ("trigger", "sent")]
+    assert len(events.events) == 2
 
 
 def test_the_same_message_reaching_sysops_in_a_second_delivery_pages(
@@ -431,7 +504,8 @@ def test_reopening_a_resolved_urgent_incident_pages_again_under_the_same_key(
     paging_config: Callable[..., Path], events: FakeEvents, cli: Callable[..., Result]
 ) -> None:
     """close resolves; reopen (an urgent incident again) triggers under the same key, and the
-    next sysops@ mail joins that incident rather than paging once more."""
+    next sysops@ mail joins that incident (a follow-up under the same key) rather than
+    opening another."""
     config = paging_config()
     first = sysops_mail("Disk full")
     with start(config) as maild:
@@ -443,12 +517,16 @@ def test_reopening_a_resolved_urgent_incident_pages_again_under_the_same_key(
         third = events.wait_for(3)[2]
         follow_up = sysops_mail("Re: Disk full", body="Full again.", References=first["Message-ID"])
         maild.send(follow_up, [SYSOPS], sender=ALICE)
-        maild.settle()
+        fourth = events.wait_for(4)[3]
         rows = wait_pages(database, lambda r: r[-1]["status"] == "sent", "trigger sent")
     assert (third["event_action"], third["dedup_key"]) == ("trigger", key)
     assert "reopened by jo@altis-dxp.com" in third["payload"]["summary"]
-    assert statuses(rows) == [("trigger", "sent"), ("resolve", "sent"), ("trigger", "sent")]
-    assert len(events.events) == 3
+    assert (fourth["dedup_key"], fourth["payload"]["custom_details"]["reason"]) == (
+        key,
+        "follow-up",
+    )
+    assert statuses(rows) == [("trigger", "sent"), ("resolve", "sent")] + [("trigger", "sent")] * 2
+    assert len(events.events) == 4
 
 
 def test_a_resolved_ticket_reopened_lower_by_the_desk_pages_on_the_next_sysops_mail(
