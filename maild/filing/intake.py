@@ -68,6 +68,7 @@ from maild.enums import (
     ParticipantRole,
     Priority,
     RecipientState,
+    TicketField,
     TicketStatus,
 )
 from maild.mail import addresses, hygiene
@@ -98,6 +99,7 @@ from maild.store.models import (
     Page,
     Participant,
     Ticket,
+    TicketEvent,
     as_utc,
     table_of,
     utcnow,
@@ -189,6 +191,7 @@ _INSERT_TICKET = insert(_TICKET).returning(_TICKET.c.id)
 _INSERT_PARTICIPANT = insert(_PARTICIPANT)
 _INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
 _INSERT_ATTACHMENT = insert(table_of(Attachment))
+_INSERT_EVENT = insert(table_of(TicketEvent))
 # A ticket is read locked (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already serialises writers) and written from that copy at the end of the batch: a
 # second filer, or `maild tickets close` (solve, reopen), waits and then sees what this one wrote,
@@ -257,6 +260,7 @@ class _Filing:
         self._changed: dict[int, Ticket] = {}
         self._participants: list[dict[str, Any]] = []
         self._messages: list[tuple[dict[str, Any], Sequence[Any]]] = []
+        self._events: list[dict[str, Any]] = []
 
     def learn(self, digests: Iterable[str]) -> None:
         """Look up the tickets of these Message-ID hashes, those not known yet."""
@@ -313,6 +317,15 @@ class _Filing:
             self._people[ticket_id] = set(rows)
         return self._people[ticket_id]
 
+    def event(
+        self, ticket: Ticket, field: TicketField, old: str, new: str, by: str, now: datetime
+    ) -> None:
+        """A change filing made to the ticket (a customer's mail reopened it, a route
+        raised it), in its history beside the desk's own changes."""
+        self._events.append(
+            dict(ticket_id=ticket.id, field=field.value, old=old, new=new, by=by, created_at=now)
+        )
+
     def add_participant(self, row: dict[str, Any]) -> None:
         self.people(row["ticket_id"]).add(row["email"])
         self._participants.append(row)
@@ -340,6 +353,9 @@ class _Filing:
                 ],
             )
             self._changed.clear()
+        if self._events:
+            session.execute(_INSERT_EVENT, self._events)
+            self._events = []
         if self._participants:
             session.execute(_INSERT_PARTICIPANT, self._participants)
             self._participants = []
@@ -524,8 +540,11 @@ def _store_message(
     )
 
 
-def _raise_priority(filing: _Filing, ticket: Ticket, route: Decision) -> None:
+def _raise_priority(
+    filing: _Filing, ticket: Ticket, route: Decision, by: str, now: datetime
+) -> None:
     if route.priority.rank > Priority(ticket.priority).rank:
+        filing.event(ticket, TicketField.PRIORITY, ticket.priority, route.priority.value, by, now)
         ticket.priority = route.priority.value
         filing.changed(ticket)
 
@@ -756,7 +775,8 @@ def _file_duplicate(
     ticket = filing.ticket(stored[0])
     assert ticket is not None
     if delivery.routes:
-        _raise_priority(filing, ticket, best_decision(delivery.routes))
+        by = delivery.sender.email if delivery.sender else ""
+        _raise_priority(filing, ticket, best_decision(delivery.routes), by, delivery.now)
     _mark(delivery.inbound, InboundStatus.DUPLICATE, delivery.now, ticket.id)
     page = None
     if TicketStatus(ticket.status) not in CLOSED_STATUSES:
@@ -816,9 +836,11 @@ def _ticket_for(
         )
         return ticket, Outcome.CREATED, False, how
     reopened = kind == MessageKind.HUMAN and not agent and TicketStatus(ticket.status) in REOPENS
+    by = sender.email if sender else ""
     if reopened:
+        filing.event(ticket, TicketField.STATUS, ticket.status, TicketStatus.OPEN.value, by, now)
         ticket.status = TicketStatus.OPEN.value
-    _raise_priority(filing, ticket, route)
+    _raise_priority(filing, ticket, route, by, now)
     ticket.updated_at = now
     filing.changed(ticket)
     return ticket, Outcome.THREADED, reopened, how

@@ -247,6 +247,33 @@ def test_reply_to_a_closed_ticket_reopens_it(maild: RunningMaild) -> None:
         assert maild.ticket(ticket["id"])["status"] == "open"
 
 
+def test_what_filing_changes_is_in_the_tickets_history(maild: RunningMaild) -> None:
+    """A customer's reply reopening a solved ticket, and a reply to sysops@ raising it, are
+    events beside the desk's own changes: who (the sender), what, old and new."""
+    first = mail("Cache stale")
+    maild.send(first, ["support@altis-dxp.com"])
+    maild.settle()
+    (ticket,) = maild.tickets()
+    close(maild, ticket["id"], TicketStatus.SOLVED)
+    maild.send(mail("Re: Cache stale", In_Reply_To=first["Message-ID"]), ["support@altis-dxp.com"])
+    maild.settle()
+    maild.send(
+        mail(
+            "Re: Cache stale, now down", to="sysops@altis-dxp.com", In_Reply_To=first["Message-ID"]
+        ),
+        ["sysops@altis-dxp.com"],
+    )
+    maild.settle()
+    events = [
+        (e["field"], e["old"], e["new"], e["by"]) for e in maild.ticket(ticket["id"])["events"]
+    ]
+    assert events[1:] == [
+        ("status", "solved", "open", "alice@customer.example"),
+        ("priority", "normal", "urgent", "alice@customer.example"),
+    ]
+    assert events[0][:3] == ("status", "open", "solved")
+
+
 def test_html_only_and_attachment_only_mail_make_useful_tickets(maild: RunningMaild) -> None:
     """No blank tickets: HTML becomes text, an attachment-only message keeps its file."""
     html = mail("HTML only")
