@@ -50,15 +50,16 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from maild.config import Settings
 from maild.enums import Direction, PageAction, PageStatus, Priority
 from maild.mail.addresses import Address, sender_matches
-from maild.store.models import Envelope, Message, Page, Ticket, as_utc
+from maild.store.models import Envelope, Message, Page, Ticket, as_utc, table_of
 from maild.store.ratelimit import limit_key
 
 if TYPE_CHECKING:
@@ -107,10 +108,29 @@ def dedup_key(ticket: Ticket) -> str:
     return f"maild-ticket-{ticket.id}-{created}"[:DEDUP_LIMIT]
 
 
-def latest_page(session: Session, ticket_id: int) -> Page | None:
-    return session.exec(
-        select(Page).where(Page.ticket_id == ticket_id).order_by(col(Page.id).desc()).limit(1)
-    ).first()
+class LastPage(NamedTuple):
+    """What filing and the desk read of a ticket's latest page."""
+
+    id: int
+    action: str
+    status: str
+    dedup_key: str
+
+
+_PAGE = table_of(Page)
+# Core, not the ORM: every follow-up asks this (is the ticket's incident open?), and a
+# Page object and the session's autoflush cost it 1 ms where this costs a tenth.
+_LATEST_PAGE = (
+    sa_select(_PAGE.c.id, _PAGE.c.action, _PAGE.c.status, _PAGE.c.dedup_key)
+    .where(_PAGE.c.ticket_id == bindparam("ticket_id"))
+    .order_by(_PAGE.c.id.desc())
+    .limit(1)
+)
+
+
+def latest_page(session: Session, ticket_id: int) -> LastPage | None:
+    row = session.connection().execute(_LATEST_PAGE, {"ticket_id": ticket_id}).first()
+    return None if row is None else LastPage(*row)
 
 
 _LIVE = (PageStatus.PENDING.value, PageStatus.SENT.value)
@@ -363,7 +383,7 @@ def _queue_trigger(
     return page
 
 
-def _still_open(session: Session, ticket_id: int, last: Page) -> bool:
+def _still_open(session: Session, ticket_id: int, last: LastPage) -> bool:
     """Whether the ticket's incident is open; `last` is its latest page (read already)."""
     if last.action == PageAction.TRIGGER and last.status in _LIVE:
         return True

@@ -31,9 +31,13 @@ depends_on: str | Sequence[str] | None = None
 # Left out: the message kinds maild writes from a template, and the desk's copies.
 # Indexed: a message's subject and the first 100,000 characters of its text.
 SQLITE_UPGRADE = (
-    # content='': FTS5 keeps the index only; a row is deleted by giving its old values
+    # content='': FTS5 keeps the index only; a row is deleted by giving its old values.
+    # detail=none, columnsize=0: which messages hold a word, not where in them (searches
+    # are words, never phrases or columns); it halves what indexing adds to filing
+    # (docs/benchmarks.md, "Searches").
     "CREATE VIRTUAL TABLE message_search USING fts5("
-    "subject, text, content='', tokenize='unicode61 remove_diacritics 0')",
+    "subject, text, content='', detail=none, columnsize=0, "
+    "tokenize='unicode61 remove_diacritics 0')",
     """INSERT INTO message_search (rowid, subject, text)
     SELECT id, subject, substr(text, 1, 100000) FROM message
     WHERE kind NOT IN ('ack', 'copy', 'notify', 'solved')""",
