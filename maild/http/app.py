@@ -26,7 +26,7 @@
 
 Middleware, outermost first: trusted proxies' X-Forwarded-For/-Proto (only when
 `[http] trusted_proxies` is set, and only from those peers), the API's request
-log, the body limit. Errors are problem+json (problems.py).
+log, the head and body limits. Errors are problem+json (problems.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from maild import __version__, metrics
 from maild.config import HttpSettings, Settings
 from maild.http import problems
 from maild.http.auth import Authenticator, Reader
-from maild.http.limits import BodyLimit
+from maild.http.limits import MAX_HEAD, RequestLimits
 from maild.routing.rules import RuleTable
 from maild.store.database import Database
 
@@ -180,7 +180,7 @@ def build_app(
         app.include_router(router, prefix=API_V1)
     _ops_routes(app, ops)
     # add_middleware puts each outside the ones added before it.
-    app.add_middleware(BodyLimit, max_size=settings.max_body_size)
+    app.add_middleware(RequestLimits, max_size=settings.max_body_size, max_head=MAX_HEAD)
     app.add_middleware(ApiLog)
     if settings.trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))

@@ -1,7 +1,9 @@
 """Request limits of the HTTP stack that live above the protocol (maild/http/server.py
 holds the per-connection ones: connection cap, header and body timeouts).
 
-- `BodyLimit`: a request body over `[http] max_body_size` is answered 413 without
+- `RequestLimits`: a request line and headers over 16 KiB are answered 431 (h11
+  refuses a head that arrives in pieces past that size; one that arrives whole is
+  measured here). A request body over `[http] max_body_size` is answered 413 without
   being buffered. A declared Content-Length over the cap is refused before a byte
   of the body is read; a body without one (chunked) is counted as the route reads
   it, and the read that crosses the cap raises the 413. Any answer given while the
@@ -28,22 +30,41 @@ from maild import metrics
 from maild.http.problems import ProblemError, problem_response
 
 CLOSE = (b"connection", b"close")
+MAX_HEAD = 16 * 1024  # the request line and headers
 
 
 def _too_large(limit: int) -> str:
     return f"the request body is over {limit} bytes ([http] max_body_size)"
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `max_size` bytes with 413."""
+def head_size(scope: Scope) -> int:
+    """The request line and headers' size, near enough: what a client made us hold."""
+    line = len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"]) + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
 
-    def __init__(self, app: ASGIApp, max_size: int) -> None:
+
+class RequestLimits:
+    """ASGI middleware: refuse heads over `max_head` bytes (431) and bodies over
+    `max_size` bytes (413)."""
+
+    def __init__(self, app: ASGIApp, max_size: int, max_head: int) -> None:
         self.app = app
         self.max_size = max_size
+        self.max_head = max_head
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if head_size(scope) > self.max_head:
+            metrics.HTTP_REFUSED.labels("head_too_large").inc()
+            response = problem_response(
+                431,
+                f"the request line and headers are over {self.max_head} bytes",
+                kind="head-too-large",
+                headers={"connection": "close"},
+            )
+            await response(scope, receive, send)
             return
         headers = Headers(scope=scope)
         declared = headers.get("content-length")

@@ -28,9 +28,16 @@ descriptors, which SMTP needs too. `GuardedH11Protocol` adds:
   not reset by trickled bytes;
 - an idle limit while a body arrives (`body_timeout`), which does not run while
   the application itself has paused reading;
-- a 400 for a half-sent request head followed by EOF (uvicorn just closes).
+- a lingering close: an answer given while the request body still arrives (a 413,
+  a 401 to an upload) ends with `Connection: close`; closing the socket at once
+  with unread bytes would make the kernel send a reset that can destroy the
+  answer before the client reads it. So the connection half-closes (FIN) and
+  reads and discards for up to LINGER_SECONDS or LINGER_BYTES, then closes;
+- a 400 for a half-sent request head followed by EOF (uvicorn just closes), and
+  431 rather than uvicorn's 400 for a head past 16 KiB (h11's incomplete-event
+  limit; a head that arrives whole is measured by limits.RequestLimits).
 
-Heads are capped at 16 KiB (h11's incomplete-event limit; over it: 400). The
+The
 class uses uvicorn's H11Protocol internals (`conn`, `flow`, `transport`): the
 version is pinned in constraints.txt, and tests/http/test_limits.py exercises
 each limit.
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import socket
 import ssl
@@ -56,11 +64,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from maild import metrics
 from maild.config import HttpSettings, parse_hostport
 from maild.errors import ConfigError
+from maild.http.limits import MAX_HEAD
 
 log = structlog.get_logger("maild.http")
 
-MAX_HEAD = 16 * 1024  # request line and headers
 SHUTDOWN_GRACE = 5  # seconds requests in flight get at shutdown
+LINGER_SECONDS = 2.0  # after an early answer, how long the rest of a body is read and dropped
+LINGER_BYTES = 4 * 1024 * 1024  # ...and how much of it
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
     b"content-length: 26\r\nconnection: close\r\n\r\ntoo many HTTP connections\n"
@@ -84,14 +94,58 @@ class Limits:
         )
 
 
+class _Transport(asyncio.Transport):
+    """The socket's transport as uvicorn sees it: `close()` lingers while the client is
+    still sending a request body (GuardedH11Protocol._close)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        super().__init__()
+        self.real = transport
+        self.protocol = protocol
+
+    def close(self) -> None:
+        self.protocol._close()
+
+    def is_closing(self) -> bool:
+        return self.protocol._lingering or self.real.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.real.write(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.real.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.real.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.real.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.real.get_protocol()
+
+    def abort(self) -> None:
+        self.real.abort()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a connection cap, a head deadline and a body idle limit."""
 
     def __init__(self, *, limits: Limits, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.access_log = False  # app.ApiLog logs /api/ requests through structlog
         self.limits = limits
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._lingering = False
+        self._discarded = 0
+        self._real: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -102,11 +156,17 @@ class GuardedH11Protocol(H11Protocol):
             transport.write(_BUSY)
             transport.close()
             return
-        super().connection_made(transport)
+        self._real = transport
+        super().connection_made(_Transport(transport, self))
         self._arm(self.limits.header_timeout, self._head_late)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            return
+        if self._lingering:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self._close_now()
             return
         super().data_received(data)
         if self.transport.is_closing():
@@ -118,9 +178,25 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
 
     def eof_received(self) -> None:
+        if self._lingering:
+            self._close_now()
+            return
         if not self._refused and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
             self.conn.receive_data(b"")  # h11 then reports the truncated head: uvicorn's 400
             self.handle_events()
+
+    def send_400_response(self, msg: str) -> None:
+        if len(self.conn.trailing_data[0]) <= MAX_HEAD:
+            super().send_400_response(msg)
+            return
+        metrics.HTTP_REFUSED.labels("head_too_large").inc()
+        body = b"the request line and headers are over 16384 bytes\n"
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -135,6 +211,26 @@ class GuardedH11Protocol(H11Protocol):
             self.connections.discard(self)
             return
         super().connection_lost(exc)
+
+    def _close(self) -> None:
+        """uvicorn closes the connection: at once, unless the client is still sending a
+        body; then half-close and drop what still comes, for a while."""
+        real = self._real
+        if real is None or self._lingering or real.is_closing():
+            return
+        if self.conn.their_state is not h11.SEND_BODY:
+            real.close()
+            return
+        self._lingering = True
+        if real.can_write_eof():
+            real.write_eof()  # FIN after the answer: the client can read it in full
+        real.resume_reading()
+        self._arm(LINGER_SECONDS, self._close_now)
+
+    def _close_now(self) -> None:
+        self._disarm()
+        if self._real is not None:
+            self._real.close()
 
     def _arm(self, delay: float, callback: Any) -> None:
         self._disarm()
@@ -247,6 +343,9 @@ class HttpServer:
             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         )
+        # uvicorn's own lines ("Started server process", one per malformed request) are not
+        # worth a log line each; its errors are.
+        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
         try:
             config.load()  # builds the TLS context: a bad certificate or key fails here
         except (OSError, ssl.SSLError) as exc:
