@@ -158,12 +158,12 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette raises the exception again after this answer: uvicorn logs its traceback.
     log.error(
         "HTTP request failed",
         method=request.method,
         path=request.url.path,
         error=f"{type(exc).__name__}: {exc}"[:500],
-        exc_info=exc,
     )
     if not request.url.path.startswith(API_PREFIX):  # a probe must get an answer
         body = f"internal error: {type(exc).__name__}\n".encode()

@@ -378,6 +378,8 @@ class HttpServer:
         self._server.should_exit = True
         with contextlib.suppress(Exception):  # logged by _log_end
             await self._task
+        for connection in list(self._server.server_state.connections):
+            connection.transport.abort()  # still open after the grace: a slow client's
 
 
 def _log_end(task: asyncio.Task[None]) -> None:

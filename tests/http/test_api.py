@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import select
 
 from maild.http.auth import Reader, Writer
+from maild.http.limits import FailureLimiter, client_key
 from maild.http.problems import PROBLEM_RESPONSES
 from maild.store.models import ApiToken
 from tests.conftest import RunningMaild, wait_until
@@ -276,3 +277,45 @@ async def _settle() -> None:
 
     for _ in range(20):
         await asyncio.sleep(0.01)
+
+
+@router.get("/broken")
+async def broken(who: Reader) -> None:
+    raise RuntimeError("a bug")
+
+
+def test_an_unexpected_error_is_a_500_problem_and_logged(
+    app_server: Callable[..., AppServer],
+) -> None:
+    """A bug in a route answers 500 problem+json naming no internals beyond the error's
+    type, and logs the traceback."""
+    from structlog.testing import capture_logs
+
+    server = app_server([router])
+    token = bearer(make_token(server.database, "reader", "read"))
+    with capture_logs() as logs, httpx2.Client(base_url=server.url, timeout=30) as http:
+        response = http.get("/api/v1/broken", headers=token)
+    assert response.status_code == 500
+    assert problem(response)["detail"] == "internal error (RuntimeError); see maild's log"
+    assert [e["path"] for e in logs if e["event"] == "HTTP request failed"] == ["/api/v1/broken"]
+
+
+def test_the_failure_limit_forgets_after_its_window_and_groups_ipv6_by_64() -> None:
+    """Ten failures within a minute limit an address until the oldest is a minute old;
+    addresses in one IPv6 /64 count together; an IPv4-mapped address counts as IPv4; the
+    table forgets the least recent addresses past its size."""
+    now = [0.0]
+    limiter = FailureLimiter(limit=10, window=60, max_clients=3, clock=lambda: now[0])
+    for second in range(10):
+        now[0] = float(second)
+        limiter.failed("2001:db8::1" if second % 2 else "2001:db8::ffff")
+    assert limiter.retry_after("2001:db8::42") == pytest.approx(60 - 9)
+    assert limiter.retry_after("2001:db8:0:1::1") is None
+    now[0] = 60.5
+    assert limiter.retry_after("2001:db8::1") is None  # the failure at 0 s left the window
+    limiter.failed("::ffff:192.0.2.1")
+    assert limiter.retry_after("192.0.2.1") is None
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    for address in ("192.0.2.2", "192.0.2.3", "192.0.2.4"):
+        limiter.failed(address)
+    assert len(limiter._failures) == 3

@@ -4,6 +4,7 @@ connections or SMTP's time."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from maild.config import load_settings
 from maild.errors import ConfigError
 from maild.http.auth import Writer
+from maild.service import Service
 from tests.conftest import PG_URL, RunningMaild, mail, postgres_schema, wait_until
 from tests.daemon import Daemon
 from tests.http.conftest import (
@@ -200,6 +202,31 @@ def test_https_with_tls_cert_and_key(
             unverified.get(http_url(maild, "https") + "/readyz")  # the system's CAs only
 
 
+def test_a_tls_handshake_that_never_comes_is_cut_at_header_timeout(
+    http_config: Callable[..., Path], ca: tuple[trustme.CA, Path, Path]
+) -> None:
+    """A TCP connection to the HTTPS listener that never starts TLS is closed after
+    header_timeout, like a slow request head."""
+    _, chain, key = ca
+    config = http_config(f'tls_cert = "{chain}"\ntls_key = "{key}"\nheader_timeout = "0.5s"')
+    with (
+        RunningMaild(load_settings(config)) as maild,
+        raw_connection(maild.service.addresses["http"][1]) as sock,
+    ):
+        assert closed(sock) == b""
+
+
+def test_a_port_in_use_is_a_config_error(http_config: Callable[..., Path]) -> None:
+    """maild does not start when [http] listen cannot be bound, and names the key."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = http_config()
+        http = '[http]\nlisten = "127.0.0.1:0"'
+        config.write_text(config.read_text().replace(http, http.replace(":0", f":{port}")))
+        with pytest.raises(ConfigError, match=r"\[http\] listen: cannot listen on"):
+            asyncio.run(Service(load_settings(config)).start())
+
+
 def test_an_unusable_certificate_refuses_to_start_naming_the_keys(
     http_config: Callable[..., Path], ca: tuple[trustme.CA, Path, Path]
 ) -> None:
@@ -208,7 +235,7 @@ def test_an_unusable_certificate_refuses_to_start_naming_the_keys(
     key.write_text("not a key\n")
     config = http_config(f'tls_cert = "{chain}"\ntls_key = "{key}"')
     with pytest.raises(ConfigError, match=r"\[http\] tls_cert, tls_key: cannot use"):
-        RunningMaild(load_settings(config)).__enter__()
+        asyncio.run(Service(load_settings(config)).start())
 
 
 @pytest.mark.parametrize(
