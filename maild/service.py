@@ -291,6 +291,8 @@ class Service:
 
     def _http_server(self) -> HttpServer:
         """The HTTP listener: /metrics, /healthz, /readyz, and the API (maild/http)."""
+        from maild.http import rules as rules_api
+        from maild.http import tickets as tickets_api
         from maild.http.app import ApiContext, Ops, build_app
         from maild.http.server import HttpServer
 
@@ -301,8 +303,10 @@ class Service:
                 settings=self.settings,
                 rules=lambda: self.rules,
                 queued=self._outbox_queued,
+                desk=self.desk,
             ),
             self.settings.http,
+            routers=[tickets_api.router, rules_api.router],
         )
         return HttpServer(app, self.settings.http)
 

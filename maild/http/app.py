@@ -46,6 +46,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from maild import __version__, metrics
 from maild.config import HttpSettings, Settings
+from maild.desk.actions import DeskContext
 from maild.http import problems
 from maild.http.auth import Authenticator, Reader
 from maild.http.limits import MAX_HEAD, RequestLimits
@@ -76,6 +77,15 @@ class ApiContext:
     settings: Settings
     rules: Callable[[], RuleTable]  # the table in force now (reloads swap it)
     queued: Callable[[], None]  # wake the pager and mailer after writing outbox rows
+    # the desk's actions' context with the rules and templates in force now (Service.desk);
+    # None: built from the settings at each call
+    desk: Callable[[], DeskContext] | None = None
+
+    def desk_context(self) -> DeskContext:
+        """The rules, paging policy, agents and desk mail policy in force now."""
+        if self.desk is not None:
+            return self.desk()
+        return DeskContext.from_settings(self.settings, self.rules())
 
 
 def api_context(request: Request) -> ApiContext:
