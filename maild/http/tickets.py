@@ -39,6 +39,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.headerregistry import Address as HeaderAddress
 from email.utils import formataddr
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -120,6 +122,12 @@ def _no_controls(value: str) -> str:
 def _email(value: str) -> str:
     if not addresses.is_address(value):
         raise ValueError("not an email address (one plain address, like ann@example.com)")
+    try:  # what the mail maild writes can carry, as it is (no comment, no second `@`)
+        written = HeaderAddress(addr_spec=value.strip()).addr_spec
+    except (ValueError, IndexError, TypeError, HeaderParseError):
+        written = ""
+    if written != value.strip():
+        raise ValueError("not an address a mail header can carry as it is")
     return addresses.normalize(value)
 
 
