@@ -165,7 +165,7 @@ def route_for(
     """The decision of the first desk address (in table order) whose route, for the
     message `context(address)` describes, makes a ticket of this type and priority.
     SubmitRefused naming `type` (no route makes that type) or `priority`."""
-    made: dict[TicketType, list[str]] = {}
+    made: dict[TicketType, dict[Priority, list[str]]] = {}
     for address in _concrete(table):
         try:
             decision = table.decide(address, context(address))
@@ -175,16 +175,19 @@ def route_for(
             continue
         if (decision.type, decision.priority) == (kind, priority):
             return decision
-        made.setdefault(decision.type, []).append(f"{decision.priority.value} ({address})")
+        made.setdefault(decision.type, {}).setdefault(decision.priority, []).append(address)
     if kind not in made:
         known = ", ".join(sorted(t.value for t in made)) or "none"
         raise SubmitRefused(
-            "type", f"no route of the desk makes a {kind.value} ticket (the routes make: {known})"
+            "type", f"no route of the desk makes {kind.value} tickets (the routes make: {known})"
         )
+    at = "; ".join(
+        f"{p.value} ({', '.join(made[kind][p])})" for p in sorted(made[kind], key=lambda p: p.rank)
+    )
     raise SubmitRefused(
         "priority",
-        f"no route of the desk makes a {kind.value} ticket at priority {priority.value}; "
-        f"{kind.value} tickets are made at {', '.join(dict.fromkeys(made[kind]))}",
+        f"no route of the desk makes {kind.value} tickets at priority {priority.value}; "
+        f"it makes them at {at}",
     )
 
 

@@ -21,7 +21,12 @@ from maild.http.auth import Authenticator
 from maild.http.server import HttpServer
 from maild.store.database import Database
 from maild.store.tokens import Scope, create_token
-from tests.conftest import RunningMaild
+from tests.conftest import RunningMaild, mail
+from tests.fake_events import FakeEvents
+from tests.outbound.test_acks import outbound_section
+from tests.outbound.test_correspondence import DESK_SECTION
+from tests.outbound.test_paging import pagerduty_section
+from tests.sink import SmtpSink
 from tests.test_operator import Proxy as _CuttableProxy
 
 
@@ -176,3 +181,92 @@ class Proxy(_CuttableProxy):
         self.server = socket.create_server(("127.0.0.1", self.port))
         self.sockets = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+
+# The desk's API: maild with [http], acknowledgements and desk mail through a sink, agents,
+# and paging to the Events API stand-in (tests/http/test_tickets*.py).
+
+ALICE = "alice@customer.example"
+BOB = "bob@customer.example"
+CAROL = "carol@customer.example"
+DANA = "dana@other.example"
+SUPPORT = "support@altis-dxp.com"
+SYSOPS = "sysops@altis-dxp.com"
+JO = "jo@altis-dxp.com"  # an agent
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as running:
+        yield running
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Iterator[FakeEvents]:
+    with FakeEvents(tmp_path / "events") as fake:
+        yield fake
+
+
+@pytest.fixture
+def desk_config(
+    http_config: Callable[..., Path], sink: SmtpSink, events: FakeEvents
+) -> Callable[..., Path]:
+    """A config for the desk's API: [http] on port 0, mail through the sink, agents, paging
+    to the stand-in; `extra` more TOML."""
+
+    def make(extra: str = "") -> Path:
+        return http_config(
+            extra=outbound_section(sink)
+            + DESK_SECTION
+            + pagerduty_section(events.url, events.ca_file)
+            + extra
+        )
+
+    return make
+
+
+@pytest.fixture
+def desk(desk_config: Callable[..., Path], quiet_logging: None) -> Iterator[RunningMaild]:
+    """The running daemon of the desk's API."""
+    with RunningMaild(load_settings(desk_config())) as running:
+        yield running
+
+
+class Api:
+    """An HTTP client of the running daemon with tokens made on its database."""
+
+    def __init__(self, maild: RunningMaild) -> None:
+        self.maild = maild
+        self.http = httpx2.Client(base_url=http_url(maild), timeout=30)
+        self._count = 0
+
+    def token(self, scope: str = "write", customer: str | None = None) -> dict[str, str]:
+        """Authorization headers for a new token."""
+        self._count += 1
+        name = f"t{self._count}-{scope}" + ("-customer" if customer else "")
+        return bearer(make_token(self.maild.service.database, name, scope, customer))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def api(desk: RunningMaild) -> Iterator[Api]:
+    client = Api(desk)
+    yield client
+    client.close()
+
+
+def new_ticket(maild: RunningMaild, subject: str, frm: str = ALICE, **headers: str) -> int:
+    """A ticket opened by mail to support@ (filed before this returns); its id."""
+    message = mail(subject, frm=frm, **headers)
+    maild.send(message, [SUPPORT], sender=frm)
+    maild.settle()
+    (found,) = [t for t in maild.tickets() if t["subject"] == subject]
+    return int(found["id"])
