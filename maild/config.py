@@ -15,7 +15,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from maild.errors import ConfigError
 from maild.mail.addresses import is_sender_pattern
@@ -157,12 +165,44 @@ class LmtpSettings(_Section):
     _listen = field_validator("listen")(_optional_hostport)
 
 
+def _proxy_networks(values: list[str]) -> list[str]:
+    """Trusted proxies: IP addresses or networks ("10.0.0.0/8"), normalised."""
+    result = []
+    for value in values:
+        try:
+            result.append(str(ipaddress.ip_network(value.strip(), strict=True)))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address or network: {exc}") from None
+    return result
+
+
 class HttpSettings(_Section):
-    """The optional HTTP listener for /metrics, /healthz and /readyz."""
+    """The HTTP listener: /metrics, /healthz, /readyz and the API (maild/http)."""
 
     listen: str | None = None
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, HTTPS only
+    tls_key: Path | None = Field(default=None, validate_default=True)
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed; nobody else's are.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    max_body_size: int = 35 * MIB  # a request body, attachments (base64) included
+    max_connections: int = Field(default=100, ge=1, le=10_000, strict=True)
+    header_timeout: float = 10.0  # a request's line and headers must arrive within this
+    body_timeout: float = 30.0  # the longest pause while a request body arrives
+    keep_alive_timeout: float = 5.0  # an idle connection between requests is closed after it
 
     _listen = field_validator("listen")(_optional_hostport)
+    _proxies = field_validator("trusted_proxies")(_proxy_networks)
+    _size = field_validator("max_body_size", mode="before")(parse_size)
+    _duration = field_validator(
+        "header_timeout", "body_timeout", "keep_alive_timeout", mode="before"
+    )(parse_duration)
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (info.data.get("tls_cert") is None) != (value is None):
+            raise ValueError("tls_cert and tls_key go together: set both, or neither")
+        return value
 
 
 class DatabaseSettings(_Section):
@@ -643,5 +683,12 @@ def load_settings(path: Path) -> Settings:
             ),
             "pagerduty": pagerduty,
             "outbound": _resolve_outbound(path, text, base, settings.outbound),
+            "http": settings.http.model_copy(
+                update={
+                    key: _resolve(base, value)
+                    for key in ("tls_cert", "tls_key")
+                    if (value := getattr(settings.http, key)) is not None
+                }
+            ),
         }
     )

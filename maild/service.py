@@ -19,7 +19,7 @@ import signal
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy.engine import make_url
@@ -29,6 +29,7 @@ from maild.config import Settings, parse_hostport
 from maild.desk.actions import DeskContext
 from maild.errors import ConfigError, RulesError
 from maild.filing.processing import Processor
+from maild.http.health import CachedCheck
 from maild.outbound.acks import AckPolicy
 from maild.outbound.correspondence import DeskPolicy
 from maild.outbound.mailer import Mailer, SmtpClient
@@ -40,6 +41,9 @@ from maild.receive.spool import Spool
 from maild.routing.rules import RuleTable, load_rules
 from maild.store.database import Database
 
+if TYPE_CHECKING:  # imported when [http] listen is set: fastapi and uvicorn load only then
+    from maild.http.server import HttpServer
+
 log = structlog.get_logger("maild.service")
 WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes
 # The health checks' view of storage: a write younger than STORAGE_FRESH seconds that
@@ -47,6 +51,7 @@ WATCH_DEBOUNCE_MS = 200  # an editor's save is often several writes
 # fail, at most every PROBE_INTERVAL seconds).
 STORAGE_FRESH = 30.0
 PROBE_INTERVAL = 2.0
+READY_TIMEOUT = 2.0  # the probes' database check gives up after this (or busy_timeout)
 
 
 def check_paging(settings: Settings, table: RuleTable) -> None:
@@ -118,7 +123,13 @@ class Service:
         self._stop = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._ready = False
-        self.http: metrics.HttpListener | None = None
+        self.http: HttpServer | None = None
+        # The probes' "does the database answer": cached 1 s, one at a time, off the loop.
+        self.database_check = CachedCheck(
+            self.database.check,
+            timeout=min(READY_TIMEOUT, settings.database.busy_timeout),
+            name="db-check",
+        )
         self.rules_problems: list[str] = []  # of the last reload that failed, until one works
         self._watch_stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -239,10 +250,9 @@ class Service:
             self.addresses[protocol] = await listener.start(host, port, passed.get(protocol))
             self.listeners.append(listener)
             metrics.UP.labels(protocol).set(1)
-        if self.settings.http.listen:
-            self.http = metrics.HttpListener(self._health, self._readiness, self._backlog)
-            host, port = parse_hostport(self.settings.http.listen)
-            self.addresses["http"] = await self.http.start(host, port)
+        if self.settings.http.listen or "http" in passed:
+            self.http = self._http_server()
+            self.addresses["http"] = await self.http.start(passed.get("http"))
         self._ready = True
         log.info(
             "maild started",
@@ -279,6 +289,27 @@ class Service:
         if interval is not None:
             self._watchdog = asyncio.create_task(self._heartbeat(interval), name="maild-watchdog")
 
+    def _http_server(self) -> HttpServer:
+        """The HTTP listener: /metrics, /healthz, /readyz, and the API (maild/http)."""
+        from maild.http import rules as rules_api
+        from maild.http import tickets as tickets_api
+        from maild.http.app import ApiContext, Ops, build_app
+        from maild.http.server import HttpServer
+
+        app = build_app(
+            Ops(health=self._health, ready=self._readiness, backlog=self._backlog),
+            ApiContext(
+                database=self.database,
+                settings=self.settings,
+                rules=lambda: self.rules,
+                queued=self._outbox_queued,
+                desk=self.desk,
+            ),
+            self.settings.http,
+            routers=[tickets_api.router, rules_api.router],
+        )
+        return HttpServer(app, self.settings.http)
+
     def _status(self) -> str:
         listening = ", ".join(f"{k} on {h}:{p}" for k, (h, p) in self.addresses.items())
         return f"accepting mail: {listening}; rules {self.rules.version[:12]}"
@@ -299,13 +330,13 @@ class Service:
         checks: dict[str, str] = {}
         for listener in self.listeners:
             checks[f"listener_{listener.protocol}"] = "ok" if listener.serving else "closed"
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self.database.check), 5)
-            checks["database"] = "ok"
-            backlog: dict[str, int] | None = await asyncio.wait_for(self._backlog(), 5)
-        except Exception as exc:
-            checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
-            backlog = None
+        checks["database"] = await self.database_check()
+        backlog: dict[str, int] | None = None
+        if checks["database"] == "ok":
+            try:
+                backlog = await asyncio.wait_for(self._backlog(), 5)
+            except Exception as exc:
+                checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
         checks["storage"] = await self._storage()
         status = "ok" if all(v == "ok" for v in checks.values()) and self._ready else "failing"
         rules = {
@@ -321,6 +352,10 @@ class Service:
         """What /readyz reports: ready while maild accepts mail and can store it."""
         if not self._ready:
             return {"status": "not ready", "reason": "starting or stopping"}
+        database = await self.database_check()
+        if database != "ok":
+            reason = f"mail cannot be stored: the database does not answer: {database}"
+            return {"status": "not ready", "reason": reason}
         storage = await self._storage()
         if storage != "ok":
             return {"status": "not ready", "reason": f"mail cannot be stored: {storage}"}
@@ -391,6 +426,7 @@ class Service:
             metrics.UP.labels(listener.protocol).set(0)
         if self.http is not None:
             await self.http.stop()
+        self.database_check.close()
         await asyncio.to_thread(self.database.close)
         log.info("maild stopped")
 

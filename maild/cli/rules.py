@@ -22,7 +22,7 @@ from maild.cli.common import (
     rule_table,
     show,
 )
-from maild.errors import RecipientRefused, RulesError
+from maild.errors import RulesError
 
 if TYPE_CHECKING:  # imported where used: `maild --help` stays quick
     from maild.routing.rules import MessageContext, RuleTable
@@ -66,38 +66,9 @@ def _header_option(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 def _routing_view(
     table: RuleTable, recipients: Sequence[str], context: MessageContext
 ) -> dict[str, Any]:
-    """How the table routes a message: per recipient every route tried, and the decision."""
-    from maild.routing.rules import best_decision
+    from maild.routing.views import routing_view
 
-    per_recipient = []
-    decisions = []
-    for recipient in recipients:
-        entry: dict[str, Any] = {"recipient": recipient}
-        try:
-            decision = table.decide(recipient, context)
-        except RecipientRefused as refused:
-            entry.update(accepted=False, reason=refused.reason, smtp_reply=refused.smtp_reply)
-        else:
-            decisions.append(decision)
-            route = table.route_named(decision.name)
-            assert route is not None  # a decision names a route of the table that made it
-            entry.update(
-                accepted=True,
-                decision={**decision.as_dict(), "file": route.file, "line": route.line},
-                steps=[
-                    {"route": st.route, "file": st.file, "line": st.line, "outcome": st.outcome}
-                    for st in table.explain(recipient, context)
-                ],
-            )
-        per_recipient.append(entry)
-    chosen = best_decision(decisions).as_dict() if decisions else None
-    return {
-        "rules_version": table.version,
-        "sender": context.sender,
-        "subject": context.subject,
-        "recipients": per_recipient,
-        "decision": chosen,
-    }
+    return routing_view(table, recipients, context)
 
 
 def _echo_routing(view: dict[str, Any], steps: bool) -> None:
@@ -144,6 +115,7 @@ def rules_test(
 ) -> None:
     """Where mail to ADDRESS goes: route, type, priority, page (exit 1 if refused)."""
     from maild.routing.rules import MessageContext
+    from maild.routing.views import address_view
 
     settings = load_config(config_path)
     table = rule_table(settings)
@@ -151,13 +123,7 @@ def rules_test(
     view = _routing_view(table, [address], context)
     (entry,) = view["recipients"]
     if as_json:
-        result = {"address": address, "accepted": entry["accepted"]}
-        if entry["accepted"]:
-            result.update(entry["decision"])
-            result["steps"] = entry["steps"]
-        else:
-            result.update(reason=entry["reason"], smtp_reply=entry["smtp_reply"])
-        print_json(result)
+        print_json(address_view(table, address, context))
     else:
         _echo_routing(view, steps=True)
     if not entry["accepted"]:

@@ -166,9 +166,12 @@ def change_ticket(
     by: str,
     context: DeskContext,
     now: datetime | None = None,
+    via: str | None = None,
 ) -> ChangeResult:
     """Apply `changes` to the ticket as `by` (an address, recorded on each event and used as
     the page's sender), writing an event per field that changes and the page it calls for.
+    `via` names how the change came (an API token: "token NAME"), recorded on the events
+    after `by`: "jo@example.com (token NAME)".
 
     The caller checks `by` (check_agent) and commits. NotAllowed: nothing to change, an
     assignee and unassign together, an assignee that is not an address (or not an agent
@@ -184,6 +187,7 @@ def change_ticket(
     if ticket is None:
         raise TicketNotFound(ticket_id)
     before = (TicketStatus(ticket.status), ticket.type, Priority(ticket.priority))
+    recorded = f"{by} ({via})"[:320] if via else by
     events: list[TicketEvent] = []
     for field, new in wanted:
         old: str | None = getattr(ticket, field.value)
@@ -192,7 +196,12 @@ def change_ticket(
         setattr(ticket, field.value, new)
         events.append(
             TicketEvent(
-                ticket_id=ticket_id, field=field.value, old=old, new=new, by=by, created_at=now
+                ticket_id=ticket_id,
+                field=field.value,
+                old=old,
+                new=new,
+                by=recorded,
+                created_at=now,
             )
         )
     if not events:

@@ -125,7 +125,8 @@ def claim_received(
     return [(i, by_id[i]) for i in chosen]
 
 
-def _log_results(results: Sequence[Filed]) -> None:
+def log_results(results: Sequence[Filed]) -> None:
+    """Count and log what became of each delivery (also for the HTTP API's, filed at once)."""
     for filed in results:
         metrics.PROCESSED.labels(filed.outcome).inc()
         if filed.outcome is Outcome.CREATED and filed.ticket_type and filed.ticket_priority:
@@ -196,7 +197,7 @@ def process_now(database: Database, context: FilingContext, ids: Sequence[int]) 
     """Parse and file the given deliveries in this process, synchronously (CLI use)."""
     parse = partial(parse_message, wanted_headers=context.table.header_names)
     results = _file_ids(database, ids, MAX_BATCH_MESSAGES, parse, context)
-    _log_results(results)
+    log_results(results)
     return results
 
 
@@ -561,7 +562,7 @@ class Processor:
             self._failures.clear()
             backoff = 0.5
             self._batch_limit = MAX_BATCH_MESSAGES
-            _log_results(results)
+            log_results(results)
             if self._on_filed is not None and any(
                 OutboxStatus.PENDING in (f.page_status, f.ack_status, *(m.status for m in f.mail))
                 for f in results

@@ -17,6 +17,10 @@ outmail      the mail outbox (acknowledgements): the rendered bytes and envelope
 outmail_rcpt one recipient of an outgoing mail: sent, refused, bounced or withheld;
              the hourly per-address limit counts these
 storage_probe one row per host, rewritten by the health checks' write probe
+api_token    a bearer token of the HTTP API: its name, scope, customer and the SHA-256
+             of the token (never the token); revoked rows are kept for audit
+idempotency_key a write through the HTTP API made under an Idempotency-Key: the answer
+             it got, so that a retry gets that answer (kept a day)
 """
 
 from __future__ import annotations
@@ -272,6 +276,37 @@ class StorageProbe(SQLModel, table=True):
 
     host: str = Field(primary_key=True, max_length=255)
     checked_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token of the HTTP API (`maild tokens create`); only its hash is stored."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    token_hash: str = Field(max_length=64, unique=True)  # sha256 hex of the whole token
+    scope: str = Field(max_length=8)  # read | write
+    customer: str | None = Field(default=None, max_length=320)  # an address or *@domain
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None  # marked at most once a minute per process
+    revoked_at: datetime | None = None
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A write of the HTTP API made with an `Idempotency-Key` header (store/idempotency.py):
+    the answer it got, written in the write's own transaction."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (UniqueConstraint("token", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    token: str = Field(max_length=64)  # the API token's name (names are never reused)
+    key: str = Field(max_length=255)  # as the client sent it
+    request_hash: str = Field(max_length=64)  # sha256 of the method, path and body
+    status: int = 0  # the answer's HTTP status
+    response: dict[str, Any] | None = Field(default=None, sa_type=JSON)  # the answer's body
+    created_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -43,6 +43,7 @@ from sqlalchemy import ColumnElement, false, func, literal_column, select, table
 from sqlalchemy import column as sql_column
 from sqlmodel import Session
 
+from maild.enums import Direction
 from maild.mail import addresses
 from maild.store.models import Message, Participant, Ticket, table_of
 
@@ -61,7 +62,10 @@ _TICKET = table_of(Ticket)
 _MESSAGE = table_of(Message)
 _PARTICIPANT = table_of(Participant)
 _FTS = table(FTS_TABLE, sql_column("rowid"))
-_VECTORS = table("message", sql_column("ticket_id"), sql_column(VECTOR_COLUMN))
+_VECTORS = table(
+    "message", sql_column("ticket_id"), sql_column("direction"), sql_column(VECTOR_COLUMN)
+)
+_INTERNAL = Direction.INTERNAL.value
 
 
 class TooManyWords(ValueError):
@@ -79,9 +83,10 @@ def words(text: str) -> list[str]:
     return found
 
 
-def has_words(session: Session, text: str) -> ColumnElement[bool]:
-    """A condition on ticket: one of its messages has every word of `text`. A text
-    without words finds no ticket.
+def has_words(session: Session, text: str, *, public_only: bool = False) -> ColumnElement[bool]:
+    """A condition on ticket: one of its messages has every word of `text` (with
+    `public_only`, one that is not an internal note). A text without words finds no
+    ticket.
 
     The tickets of the matching messages are read first, up to PROBE messages: a
     search that few messages match is then a lookup of those tickets by id. Only past
@@ -94,6 +99,8 @@ def has_words(session: Session, text: str) -> ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
         query = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(found))
         matching = select(_VECTORS.c.ticket_id).where(_VECTORS.c[VECTOR_COLUMN].op("@@")(query))
+        if public_only:
+            matching = matching.where(_VECTORS.c.direction != _INTERNAL)
     else:
         quoted = " ".join(f'"{word}"' for word in found)  # a word has no quote to escape
         matching = (
@@ -101,27 +108,46 @@ def has_words(session: Session, text: str) -> ColumnElement[bool]:
             .select_from(_FTS.join(_MESSAGE, _MESSAGE.c.id == _FTS.c.rowid))
             .where(literal_column(FTS_TABLE).op("MATCH")(quoted))
         )
+        if public_only:
+            matching = matching.where(_MESSAGE.c.direction != _INTERNAL)
     first = session.execute(matching.limit(PROBE + 1)).scalars().all()
     if len(first) <= PROBE:  # every match: their tickets by id
         return _TICKET.c.id.in_(sorted(set(first)))
     return _TICKET.c.id.in_(matching)
 
 
-def has_participant(session: Session, address: str) -> ColumnElement[bool]:
+def has_participant(
+    session: Session, address: str, *, public_only: bool = False
+) -> ColumnElement[bool]:
     """A condition on ticket: `address` (any case) is a participant of it (requester or
-    cc), or sent one of its messages (an agent, the desk)."""
+    cc), or sent one of its messages (an agent, the desk; with `public_only`, a message
+    that is not an internal note)."""
     email = addresses.normalize(address)  # participants are stored lower-case
     sender = (
         func.lower(_MESSAGE.c.from_email)
         if session.get_bind().dialect.name == "postgresql"
         else _MESSAGE.c.from_email.collate("NOCASE")
     )
+    senders = select(_MESSAGE.c.ticket_id).where(sender == email)
+    if public_only:
+        senders = senders.where(_MESSAGE.c.direction != _INTERNAL)
     return _TICKET.c.id.in_(
-        union(
-            select(_PARTICIPANT.c.ticket_id).where(_PARTICIPANT.c.email == email),
-            select(_MESSAGE.c.ticket_id).where(sender == email),
-        )
+        union(select(_PARTICIPANT.c.ticket_id).where(_PARTICIPANT.c.email == email), senders)
     )
+
+
+def has_customer(pattern: str) -> ColumnElement[bool]:
+    """A condition on ticket: a participant's address matches a customer `pattern`, an
+    address or `*@domain` (mail.addresses.sender_matches, as a token's customer is
+    matched: participants are stored lower-case)."""
+    pattern = pattern.strip().lower()
+    matches: ColumnElement[bool]
+    if pattern.startswith("*@"):
+        domain = pattern[2:].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        matches = _PARTICIPANT.c.email.like(f"%@{domain}", escape="\\")
+    else:
+        matches = _PARTICIPANT.c.email == addresses.normalize(pattern)
+    return _TICKET.c.id.in_(select(_PARTICIPANT.c.ticket_id).where(matches))
 
 
 def include_name(name: str | None, type_: str, parent_names: Mapping[Any, Any]) -> bool:

@@ -10,13 +10,15 @@ the order stored), then by attachment within the message (in the order stored).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, and_, func, or_
 from sqlmodel import Session, col, select
 
-from maild.enums import TicketStatus
+from maild.enums import Direction, TicketStatus
 from maild.mail import addresses
 from maild.store.models import (
     Attachment,
@@ -26,9 +28,10 @@ from maild.store.models import (
     Participant,
     Ticket,
     TicketEvent,
+    as_utc,
 )
 from maild.store.outboxes import list_outmail, list_pages, ticket_pages
-from maild.store.search import has_participant, has_words
+from maild.store.search import has_customer, has_participant, has_words
 
 OPEN_STATUSES = (TicketStatus.OPEN.value, TicketStatus.PENDING.value)
 
@@ -67,14 +70,17 @@ def _participants(session: Session, ticket_ids: list[int]) -> dict[int, list[dic
     return result
 
 
-def _message_counts(session: Session, ticket_ids: list[int]) -> dict[int, int]:
+def _message_counts(
+    session: Session, ticket_ids: list[int], public_only: bool = False
+) -> dict[int, int]:
     if not ticket_ids:
         return {}
-    rows = session.exec(
-        select(Message.ticket_id, func.count(col(Message.id)))
-        .where(col(Message.ticket_id).in_(ticket_ids))
-        .group_by(col(Message.ticket_id))
-    ).all()
+    query = select(Message.ticket_id, func.count(col(Message.id))).where(
+        col(Message.ticket_id).in_(ticket_ids)
+    )
+    if public_only:
+        query = query.where(col(Message.direction) != Direction.INTERNAL.value)
+    rows = session.exec(query.group_by(col(Message.ticket_id))).all()
     return {ticket_id: count for ticket_id, count in rows}
 
 
@@ -104,6 +110,75 @@ def ticket_view(
     }
 
 
+@dataclass(frozen=True)
+class Filters:
+    """Which tickets to list. status: open (open+pending), closed (solved+closed), all, or
+    one exact status; participant: an address on the ticket or that wrote to it, any
+    case; application: exactly; search: words one message has, all of them
+    (store/search.py; search.TooManyWords past search.MAX_WORDS); assignee: only this
+    agent's (compared lower-case); unassigned: only those nobody is assigned; requester:
+    exactly, any case; updated_since: updated at or after; customer: a token's pattern,
+    only the tickets where a participant matches it (then internal notes are neither
+    searched nor counted as a participant's messages)."""
+
+    status: str = "open"
+    type_: str | None = None
+    priority: str | None = None
+    participant: str | None = None
+    application: str | None = None
+    search: str | None = None
+    assignee: str | None = None
+    unassigned: bool = False
+    requester: str | None = None
+    updated_since: datetime | None = None
+    customer: str | None = None
+
+    def conditions(self, session: Session) -> list[ColumnElement[bool]]:
+        """The WHERE conditions on ticket (a search reads its index here: has_words)."""
+        public_only = self.customer is not None
+        conditions: list[ColumnElement[bool]] = []
+        if self.status == "open":
+            conditions.append(col(Ticket.status).in_(OPEN_STATUSES))
+        elif self.status == "closed":
+            conditions.append(
+                col(Ticket.status).in_((TicketStatus.SOLVED.value, TicketStatus.CLOSED.value))
+            )
+        elif self.status != "all":
+            conditions.append(col(Ticket.status) == self.status)
+        if self.type_:
+            conditions.append(col(Ticket.type) == self.type_)
+        if self.priority:
+            conditions.append(col(Ticket.priority) == self.priority)
+        if self.assignee:
+            conditions.append(col(Ticket.assignee) == addresses.normalize(self.assignee))
+        if self.unassigned:
+            conditions.append(col(Ticket.assignee).is_(None))
+        if self.requester is not None:
+            conditions.append(col(Ticket.requester_email) == addresses.normalize(self.requester))
+        if self.updated_since is not None:
+            conditions.append(col(Ticket.updated_at) >= self.updated_since)
+        if self.customer is not None:
+            conditions.append(has_customer(self.customer))
+        if self.participant is not None:
+            conditions.append(has_participant(session, self.participant, public_only=public_only))
+        if self.application is not None:
+            conditions.append(col(Ticket.application) == self.application)
+        if self.search is not None:
+            conditions.append(has_words(session, self.search, public_only=public_only))
+        return conditions
+
+
+def _views(session: Session, tickets: Sequence[Ticket], public_only: bool) -> list[dict[str, Any]]:
+    ids = [t.id for t in tickets if t.id is not None]
+    people = _participants(session, ids)
+    counts = _message_counts(session, ids, public_only)
+    pages = ticket_pages(session, ids)
+    return [
+        ticket_view(t, people.get(t.id or 0, []), counts.get(t.id or 0, 0), pages.get(t.id or 0))
+        for t in tickets
+    ]
+
+
 def list_tickets(
     session: Session,
     *,
@@ -117,62 +192,62 @@ def list_tickets(
     assignee: str | None = None,
     unassigned: bool = False,
 ) -> list[dict[str, Any]]:
-    """Tickets, most recently updated first. status: open (open+pending), closed
-    (solved+closed), all, or one exact status. participant: an address on the ticket
-    or that wrote to it, any case; application: exactly; search: words one message
-    has, all of them (store/search.py; search.TooManyWords past search.MAX_WORDS);
-    assignee: only this agent's (compared lower-case); unassigned: only those nobody
-    is assigned."""
-    query = select(Ticket)
-    if status == "open":
-        query = query.where(col(Ticket.status).in_(OPEN_STATUSES))
-    elif status == "closed":
-        query = query.where(
-            col(Ticket.status).in_((TicketStatus.SOLVED.value, TicketStatus.CLOSED.value))
-        )
-    elif status != "all":
-        query = query.where(Ticket.status == status)
-    if type_:
-        query = query.where(Ticket.type == type_)
-    if priority:
-        query = query.where(Ticket.priority == priority)
-    if assignee:
-        query = query.where(Ticket.assignee == addresses.normalize(assignee))
-    if unassigned:
-        query = query.where(col(Ticket.assignee).is_(None))
-    if participant is not None:
-        query = query.where(has_participant(session, participant))
-    if application is not None:
-        query = query.where(Ticket.application == application)
-    if search is not None:
-        query = query.where(has_words(session, search))
+    """Tickets, most recently updated first (`tickets list`); the filters are Filters'."""
+    filters = Filters(
+        status, type_, priority, participant, application, search, assignee, unassigned
+    )
+    query = select(Ticket).where(*filters.conditions(session))
     query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc())
     if limit:
         query = query.limit(limit)
-    tickets = session.exec(query).all()
-    ids = [t.id for t in tickets if t.id is not None]
-    people = _participants(session, ids)
-    counts = _message_counts(session, ids)
-    pages = ticket_pages(session, ids)
-    return [
-        ticket_view(t, people.get(t.id or 0, []), counts.get(t.id or 0, 0), pages.get(t.id or 0))
-        for t in tickets
-    ]
+    return _views(session, session.exec(query).all(), public_only=False)
+
+
+Position = tuple[datetime, int]  # a ticket's place in the newest-first order: (updated_at, id)
+
+
+def page_tickets(
+    session: Session, filters: Filters, *, limit: int, after: Position | None = None
+) -> tuple[list[dict[str, Any]], Position | None]:
+    """One page of the tickets `filters` selects, most recently updated first (ties:
+    higher id first), after the position `after`; and the position of its last ticket
+    when more follow (None: this is the last page). A customer's filter is part of the
+    query: a page is never filtered after it is read."""
+    query = select(Ticket).where(*filters.conditions(session))
+    if after is not None:
+        updated, ticket_id = after
+        query = query.where(
+            or_(
+                col(Ticket.updated_at) < updated,
+                and_(col(Ticket.updated_at) == updated, col(Ticket.id) < ticket_id),
+            )
+        )
+    query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc()).limit(limit + 1)
+    tickets = list(session.exec(query).all())
+    more = len(tickets) > limit
+    tickets = tickets[:limit]
+    last = tickets[-1] if more else None
+    position = (as_utc(last.updated_at), last.id) if last is not None and last.id else None
+    return _views(session, tickets, public_only=filters.customer is not None), position
 
 
 def _address(name: str, email: str) -> dict[str, str]:
     return {"name": name, "email": email}
 
 
-def show_ticket(session: Session, ticket_id: int) -> dict[str, Any]:
+def show_ticket(session: Session, ticket_id: int, *, public_only: bool = False) -> dict[str, Any]:
+    """The ticket with its messages, participants, events, pages and outgoing mail.
+    `public_only` (a customer's view) leaves out internal notes and their attachments;
+    the attachments keep their numbers."""
     ticket = session.get(Ticket, ticket_id)
     if ticket is None:
         raise TicketNotFound(ticket_id)
-    messages = session.exec(
-        select(Message).where(Message.ticket_id == ticket_id).order_by(col(Message.id))
-    ).all()
+    query = select(Message).where(Message.ticket_id == ticket_id)
+    if public_only:
+        query = query.where(col(Message.direction) != Direction.INTERNAL.value)
+    messages = session.exec(query.order_by(col(Message.id))).all()
     attachments: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for number, att in enumerate(_attachments(session, ticket_id), start=1):
+    for number, (att, _) in enumerate(_attachments(session, ticket_id), start=1):
         attachments[att.message_pk].append(
             {
                 "number": number,  # what `tickets attachment ID N` takes
@@ -235,27 +310,42 @@ def ticket_events(session: Session, ticket_id: int) -> list[dict[str, Any]]:
     ]
 
 
-def _attachments(session: Session, ticket_id: int) -> list[Attachment]:
-    """The ticket's attachments in their numbered order: by message, then attachment id."""
+def participant_emails(session: Session, ticket_id: int) -> list[str]:
+    """The addresses of the ticket's participants (who a customer's token must match);
+    TicketNotFound."""
+    if session.get(Ticket, ticket_id) is None:
+        raise TicketNotFound(ticket_id)
     return list(
-        session.exec(
-            select(Attachment)
-            .join(Message, col(Message.id) == col(Attachment.message_pk))
-            .where(Message.ticket_id == ticket_id)
-            .order_by(col(Message.id), col(Attachment.id))
-        ).all()
+        session.exec(select(Participant.email).where(Participant.ticket_id == ticket_id)).all()
     )
 
 
-def attachment_bytes(session: Session, ticket_id: int, number: int) -> tuple[Attachment, bytes]:
+def _attachments(session: Session, ticket_id: int) -> list[tuple[Attachment, str]]:
+    """The ticket's attachments in their numbered order (by message, then attachment id),
+    each with its message's direction."""
+    rows = session.exec(
+        select(Attachment, Message.direction)
+        .join(Message, col(Message.id) == col(Attachment.message_pk))
+        .where(Message.ticket_id == ticket_id)
+        .order_by(col(Message.id), col(Attachment.id))
+    ).all()
+    return [(attachment, direction) for attachment, direction in rows]
+
+
+def attachment_bytes(
+    session: Session, ticket_id: int, number: int, *, public_only: bool = False
+) -> tuple[Attachment, bytes]:
     """The ticket's attachment number `number` (1-based, as `tickets show` numbers them) and
-    its exact bytes. TicketNotFound, or AttachmentNotFound saying how many there are."""
+    its exact bytes. TicketNotFound, or AttachmentNotFound saying how many there are (with
+    `public_only`, an internal note's attachment is not found either)."""
     if session.get(Ticket, ticket_id) is None:
         raise TicketNotFound(ticket_id)
     found = _attachments(session, ticket_id)
     if not 1 <= number <= len(found):
         raise AttachmentNotFound(ticket_id, number, len(found))
-    attachment = found[number - 1]
+    attachment, direction = found[number - 1]
+    if public_only and direction == Direction.INTERNAL.value:
+        raise AttachmentNotFound(ticket_id, number, len(found))
     blob = session.get(Blob, attachment.sha256)
     if blob is None:  # a foreign key makes this impossible; say so rather than write nothing
         raise LookupError(f"the bytes of attachment {number} (sha256 {attachment.sha256}) are gone")
