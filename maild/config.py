@@ -502,11 +502,12 @@ class WebhookSettings(_Section):
             raise ValueError("lists an event twice")
         return values
 
-    def host(self) -> str:
-        """The URL's host (and port when given): the default name."""
+    def default_name(self) -> str:
+        """The URL's host (and port when given), as a name: "hooks.slack.com"."""
         from urllib.parse import urlsplit
 
-        return urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+        host = urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", host).strip("-.")[:64]
 
     def key(self) -> bytes:
         assert self.secret is not None, "load_settings reads the secret"
@@ -793,9 +794,9 @@ def _resolve_webhooks(
         def where(key: str | None, index: int = index) -> str:
             return _array_where(path, text, "webhook", index, key)
 
-        name = hook.name or hook.host()
+        name = hook.name or hook.default_name()
         if not _WEBHOOK_NAME.fullmatch(name):
-            raise ConfigError(f'{where("url")}: its host is no name; set name = "..."')
+            raise ConfigError(f'{where("url")}: its host makes no name; set name = "..."')
         if name in seen:
             raise ConfigError(
                 f"{where('name' if hook.name else 'url')}: the name {name!r} is taken by "
