@@ -65,7 +65,8 @@ class Webhooks:
     someone subscribes to are keys), and the ticket link the events carry. Small and
     picklable: filing's pool workers get it with the rest of the desk's policy."""
 
-    subscribers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # not hashed (a dict): the policies that carry this stay hashable
+    subscribers: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     ticket_url: str = ""  # "https://desk.example/tickets/{id}"
 
     @classmethod

@@ -860,3 +860,22 @@ def test_a_command_refuses_an_http_webhook_to_another_host_with_exit_78(
     assert done.exit_code == 78
     assert done.stderr.startswith(f"maild: {path}:3: [[webhook]] #1 url: ")
     assert "use https://" in done.stderr
+
+
+def test_the_config_examples_commented_webhooks_load_as_written(tmp_path: Path) -> None:
+    """config.example.toml's two [[webhook]] tables, uncommented, are valid settings."""
+    text = (Path(__file__).resolve().parents[2] / "config.example.toml").read_text()
+    part = text[text.index("# [[webhook]]\n") :]
+    body = "\n".join(
+        line[2:] if line.startswith("# ") else "" if line == "#" else line
+        for line in part.splitlines()
+    )
+    for name in ("webhook-dashboard", "webhook-slack"):
+        (tmp_path / name).write_text("s" * 20)
+        body = body.replace(f"/etc/maild/{name}", str(tmp_path / name))
+    hooks = load_settings(_config_file(tmp_path, body)).webhook
+    assert [(h.name, h.format) for h in hooks] == [
+        ("dashboard", "maild"),
+        ("slack-support", "slack"),
+    ]
+    assert hooks[0].events == EVERY_EVENT
