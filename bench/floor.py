@@ -53,9 +53,12 @@ POLICY = EscalationPolicy(
 )
 
 
-def measure(url: str, count: int, revision: str = "head") -> dict[str, Any]:
+def measure(
+    url: str, count: int, revision: str = "head", context: FilingContext | None = None
+) -> dict[str, Any]:
     """The steps' CPU per message in this process (and filing's wall time, which on
-    PostgreSQL includes the server's work), with the schema at `revision`."""
+    PostgreSQL includes the server's work), with the schema at `revision`, filed with
+    `context` (default: the shipped rules and the bench's paging policy)."""
     database = Database(url)
     upgrade(database.write_engine, revision)
     try:
@@ -80,7 +83,8 @@ def measure(url: str, count: int, revision: str = "head") -> dict[str, Any]:
 
         step = FILE_CHUNK.get(database.write_engine.dialect.name, 16)
         started, clock = time.process_time(), time.perf_counter()
-        filed = _file_ids(database, ids, step, parse_message, FilingContext(table, POLICY))
+        context = context or FilingContext(table, POLICY)
+        filed = _file_ids(database, ids, step, parse_message, context)
         file_and_parse = time.process_time() - started
         file_wall = time.perf_counter() - clock
     finally:

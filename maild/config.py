@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -415,6 +416,104 @@ class DeskSettings(_Section):
     _ticket_url = field_validator("ticket_url")(_url_template)
 
 
+WEBHOOK_EVENTS = (
+    "ticket.created",
+    "ticket.updated",
+    "message.created",
+    "page.sent",
+    "page.failed",
+)
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def _webhook_url(value: str) -> str:
+    """An https:// URL; http:// only to this host (127.0.0.0/8, ::1, localhost)."""
+    from urllib.parse import urlsplit
+
+    if any(c.isspace() or ord(c) < 0x20 for c in value):
+        raise ValueError(f"{value!r} is not a URL (it has spaces or control characters)")
+    parts = urlsplit(value)
+    try:
+        host, _ = parts.hostname, parts.port  # port: a bad one raises ValueError
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise ValueError(f"{value!r} must be an https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{value!r}: put no user or password in the URL; the secret signs")
+    if parts.scheme == "http" and not _loopback(host):
+        raise ValueError(
+            f"{value!r}: http:// is only for a receiver on this host (127.0.0.1, ::1, "
+            "localhost); use https://"
+        )
+    return value
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebhookSettings(_Section):
+    """One `[[webhook]]`: a URL told of the events it subscribes to (maild/outbound/webhooks.py)."""
+
+    name: str = ""  # "" means the URL's host; names the rows, logs and metrics
+    url: str
+    events: list[str]
+    secret: SecretStr | None = None  # the HMAC-SHA256 key of the Maild-Signature header
+    secret_file: Path | None = None  # read at load; for systemd credentials
+    format: Literal["maild", "slack"] = "maild"  # slack: {"text": ...}, an incoming webhook
+    ca_file: Path | None = None  # a private CA the receiver's certificate is signed by
+    timeout: float = 10.0  # one POST, from connecting to the answer's head
+    give_up_after: float = 86400.0  # since the event was queued
+    retry_initial: float = 5.0  # the first wait after a failed attempt; doubles each time
+    retry_max: float = 600.0  # the longest wait between attempts
+
+    _url = field_validator("url")(_webhook_url)
+    _duration = field_validator(
+        "timeout", "give_up_after", "retry_initial", "retry_max", mode="before"
+    )(parse_duration)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value and not _WEBHOOK_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a name: letters, digits, '.', '_' and '-', at most 64"
+            )
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError(f"lists no event; subscribe to some of {', '.join(WEBHOOK_EVENTS)}")
+        for value in values:
+            if value not in WEBHOOK_EVENTS:
+                raise ValueError(
+                    f"{value!r} is not an event; the events are {', '.join(WEBHOOK_EVENTS)}"
+                )
+        if len(set(values)) != len(values):
+            raise ValueError("lists an event twice")
+        return values
+
+    def default_name(self) -> str:
+        """The URL's host (and port when given), as a name: "hooks.slack.com"."""
+        from urllib.parse import urlsplit
+
+        host = urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", host).strip("-.")[:64]
+
+    def key(self) -> bytes:
+        assert self.secret is not None, "load_settings reads the secret"
+        return self.secret.get_secret_value().encode()
+
+
 class Settings(_Section):
     """Everything maild reads from its config file."""
 
@@ -430,6 +529,7 @@ class Settings(_Section):
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
+    webhook: list[WebhookSettings] = Field(default_factory=list)  # [[webhook]], in order
 
 
 def default_config_path() -> Path:
@@ -457,9 +557,44 @@ def _line_of(text: str, section: str | None, key: str | None) -> int | None:
     return None
 
 
+def _array_where(path: Path, text: str, array: str, index: int, key: str | None) -> str:
+    """`FILE:LINE: [[array]] #N key`: the line of the key in the array's Nth table (from 0),
+    else the table's own line."""
+    tables = TomlLines(text).array(array)
+    table = tables[index] if 0 <= index < len(tables) else None
+    line = None
+    if table is not None:
+        line = (TomlLines(text).key(key, table.line + 1, table.end) if key else None) or table.line
+    name = f"[[{array}]] #{index + 1}" + (f" {key}" if key else "")
+    return f"{path}:{line}: {name}" if line else f"{path}: {name}"
+
+
+def _describe_array_item(path: Path, text: str, item: Any) -> str | None:
+    """An error inside one `[[webhook]]` table, named by its number, line and key."""
+    loc = item["loc"]
+    if len(loc) < 2 or loc[0] != "webhook" or not isinstance(loc[1], int):
+        return None
+    key = str(loc[2]) if len(loc) > 2 else None
+    where = _array_where(path, text, "webhook", loc[1], key)
+    if item["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if item["type"] == "missing":
+        return f"{where}: required"
+    return f"{where}: {item['msg'].removeprefix('Value error, ')}"
+
+
 def _describe(path: Path, text: str, data: dict[str, Any], error: ValidationError) -> str:
     lines = []
     for item in error.errors():
+        in_array = _describe_array_item(path, text, item)
+        if in_array is not None:
+            lines.append(in_array)
+            continue
+        if tuple(item["loc"]) == ("webhook",) and isinstance(data.get("webhook"), dict):
+            where = _line_of(text, "webhook", None)
+            message = "[webhook]: write [[webhook]], one table per webhook"
+            lines.append(f"{path}:{where}: {message}" if where else f"{path}: {message}")
+            continue
         loc = [str(part) for part in item["loc"]]
         section = loc[0] if len(loc) > 1 else None
         key = loc[1] if len(loc) > 1 else loc[0] if loc else None
@@ -533,16 +668,18 @@ def _read_secret(
     inline: SecretStr | None,
     file: Path | None,
     credential: str,
+    where_is: Callable[[str], str] | None = None,
 ) -> tuple[SecretStr | None, Path | None]:
     """A secret given inline, as `<key>_file`, or as the systemd credential (read now, trimmed).
 
-    Returns the secret and the file it came from; ConfigError names the key at fault.
+    Returns the secret and the file it came from; ConfigError names the key at fault
+    (`where_is(key)` says where a key is, when not in `[section]`).
     """
     if inline is None and file is None:
         file = _credential(credential)
     if file is None:
         return inline, None
-    where = _where(path, text, section, f"{key}_file")
+    where = (where_is or (lambda k: _where(path, text, section, k)))(f"{key}_file")
     if inline is not None:
         raise ConfigError(f"{where}: set {key} or {key}_file, not both")
     resolved = _resolve(base, file)
@@ -645,6 +782,62 @@ def _resolve_outbound(
     )
 
 
+def _resolve_webhooks(
+    path: Path, text: str, base: Path, webhooks: list[WebhookSettings]
+) -> list[WebhookSettings]:
+    """Each webhook named (its URL's host by default; names unique), its secret read (inline,
+    `secret_file`, or the systemd credential `webhook-<name>`), its CA file resolved."""
+    resolved = []
+    seen: dict[str, int] = {}
+    for index, hook in enumerate(webhooks):
+
+        def where(key: str | None, index: int = index) -> str:
+            return _array_where(path, text, "webhook", index, key)
+
+        name = hook.name or hook.default_name()
+        if not _WEBHOOK_NAME.fullmatch(name):
+            raise ConfigError(f'{where("url")}: its host makes no name; set name = "..."')
+        if name in seen:
+            raise ConfigError(
+                f"{where('name' if hook.name else 'url')}: the name {name!r} is taken by "
+                f'[[webhook]] #{seen[name] + 1}; give each webhook its own name = "..."'
+            )
+        seen[name] = index
+        secret, secret_file = _read_secret(
+            path,
+            text,
+            base,
+            "webhook",
+            "secret",
+            hook.secret,
+            hook.secret_file,
+            f"webhook-{name}",
+            where_is=where,
+        )
+        if secret is None:
+            raise ConfigError(
+                f"{where(None)}: needs secret_file (or secret, or the systemd credential "
+                f"webhook-{name}): the key every event is signed with; any random string of "
+                f"{MIN_SECRET_LENGTH} characters or more"
+            )
+        if len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"{where('secret_file' if secret_file else 'secret')}: too short "
+                f"({len(secret.get_secret_value())} characters; use {MIN_SECRET_LENGTH} or more)"
+            )
+        resolved.append(
+            hook.model_copy(
+                update={
+                    "name": name,
+                    "secret": secret,
+                    "secret_file": secret_file,
+                    "ca_file": _resolve(base, hook.ca_file) if hook.ca_file else None,
+                }
+            )
+        )
+    return resolved
+
+
 def load_settings(path: Path) -> Settings:
     """Read, validate and resolve the settings in `path`; ConfigError names what is wrong."""
     try:
@@ -683,6 +876,7 @@ def load_settings(path: Path) -> Settings:
             ),
             "pagerduty": pagerduty,
             "outbound": _resolve_outbound(path, text, base, settings.outbound),
+            "webhook": _resolve_webhooks(path, text, base, settings.webhook),
             "http": settings.http.model_copy(
                 update={
                     key: _resolve(base, value)

@@ -66,6 +66,13 @@ MAIL = Counter(
     ["kind", "result"],
     registry=REGISTRY,
 )
+WEBHOOKS = Counter(
+    "maild_webhook_events",
+    "Webhook events by [[webhook]] name, event (ticket.created, ...) and result (sent, "
+    "failed, retried).",
+    ["webhook", "event", "result"],
+    registry=REGISTRY,
+)
 HYGIENE = Counter(
     "maild_messages_flagged",
     "Accepted messages that are not a person's mail, by kind (auto, bounce, loop).",
@@ -88,7 +95,8 @@ MESSAGES_REFUSED = Counter(
 BACKLOG = Gauge(
     "maild_backlog",
     "Work waiting, read at scrape time: inbound (accepted, not processed), "
-    "failed (kept for reprocess), pages (pending), acknowledgements (mail not sent yet).",
+    "failed (kept for reprocess), pages (pending), acknowledgements (mail not sent yet), "
+    "webhooks (events not sent yet).",
     ["queue"],
     registry=REGISTRY,
 )

@@ -2,12 +2,12 @@
 
 Start order: rules and acknowledgement templates (refuse to start on a broken
 table or template, or on a paging route without a PagerDuty routing key),
-database (reachable, schema present), pager and mailer (send what an earlier
-run left pending), processor (picks up what an earlier run left `received`),
+database (reachable, schema present), pager, mailer and webhooks (send what an
+earlier run left pending), processor (picks up what an earlier run left `received`),
 then the listeners. Stop order is the reverse: stop
 accepting, let open SMTP transactions finish (bounded by [smtp]
 shutdown_timeout), commit what the spool holds, let the processor finish its
-batch, let page and mail attempts in flight finish, close the database.
+batch, let page, mail and webhook attempts in flight finish, close the database.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from maild.outbound.correspondence import DeskPolicy
 from maild.outbound.mailer import Mailer, SmtpClient
 from maild.outbound.pager import EventsClient, Pager
 from maild.outbound.paging import EscalationPolicy
+from maild.outbound.webhooks import WebhookSender
 from maild.receive import systemd
 from maild.receive.smtp import DataBudget, Handler, Listener, SessionLimits
 from maild.receive.spool import Spool
@@ -84,13 +85,26 @@ class Service:
         self.correspondence = DeskPolicy.from_settings(settings, self.acks)
         self.database = Database(settings.database.url, settings.database.busy_timeout)
         claimer = f"{socket.gethostname()}:{settings.source or ''}"[:255]
+        self.webhooks: WebhookSender | None = None
+        if settings.webhook:
+            try:
+                self.webhooks = WebhookSender(self.database, settings.webhook, claimer)
+            except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
+                raise ConfigError(f"[[webhook]] ca_file: {exc}") from None
         self.pager: Pager | None = None
         if settings.pagerduty.enabled and settings.pagerduty.key():
             try:
                 client = EventsClient(settings.pagerduty)
             except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
                 raise ConfigError(f"[pagerduty] ca_file: {exc}") from None
-            self.pager = Pager(self.database, client, settings.pagerduty, claimer)
+            self.pager = Pager(
+                self.database,
+                client,
+                settings.pagerduty,
+                claimer,
+                webhooks=self.correspondence.webhooks,
+                on_event=self.webhooks.notify if self.webhooks is not None else None,
+            )
         self.mailer: Mailer | None = None
         if self.acks.enabled:
             try:
@@ -204,6 +218,8 @@ class Service:
             self.pager.notify()
         if self.mailer is not None:
             self.mailer.notify()
+        if self.webhooks is not None:
+            self.webhooks.notify()
 
     async def start(self) -> None:
         """Bring everything up; if any step fails, take down what was started and raise."""
@@ -220,6 +236,8 @@ class Service:
             await self.pager.start()
         if self.mailer is not None:
             await self.mailer.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self.processor.start()
         smtp = self.settings.smtp
         hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
@@ -282,6 +300,11 @@ class Service:
             )
         else:
             log.info("acknowledgements off: no [outbound] smarthost")
+        if self.settings.webhook:
+            log.info(
+                "webhooks on",
+                webhooks={h.name: h.events for h in self.settings.webhook},
+            )
         if self.settings.rules.watch:
             self._watcher = asyncio.create_task(self._watch_rules(), name="maild-rules-watch")
         systemd.notify("READY=1", f"STATUS={self._status()}")
@@ -422,6 +445,8 @@ class Service:
             await self.pager.stop(grace=self.settings.pagerduty.timeout)
         if self.mailer is not None:
             await self.mailer.stop(grace=self.settings.outbound.timeout)
+        if self.webhooks is not None:
+            await self.webhooks.stop(grace=max(h.timeout for h in self.settings.webhook))
         for listener in self.listeners:
             metrics.UP.labels(listener.protocol).set(0)
         if self.http is not None:

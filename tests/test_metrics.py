@@ -113,7 +113,13 @@ def test_healthz_and_readyz_are_ok_while_serving(served: RunningMaild) -> None:
     report = json.loads(body)
     assert (status, report["status"]) == (200, "ok")
     assert report["checks"] == {"listener_smtp": "ok", "database": "ok", "storage": "ok"}
-    assert report["backlog"] == {"inbound": 0, "failed": 0, "pages": 0, "acknowledgements": 0}
+    assert report["backlog"] == {
+        "inbound": 0,
+        "failed": 0,
+        "pages": 0,
+        "acknowledgements": 0,
+        "webhooks": 0,
+    }
     assert get(served, "/readyz") == (200, '{"status": "ready"}\n')
 
 

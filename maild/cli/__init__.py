@@ -7,7 +7,19 @@ Exit codes: 0 done; 1 the thing asked for failed or was not found; 2 usage;
 for MTAs: 0 stored, 65 too large, 67 unknown recipient, 75 try again later.
 """
 
-from maild.cli import acks, db, filing, inbound, pages, reply, rules, serve, tickets, tokens
+from maild.cli import (
+    acks,
+    db,
+    filing,
+    inbound,
+    pages,
+    reply,
+    rules,
+    serve,
+    tickets,
+    tokens,
+    webhooks,
+)
 from maild.cli.common import main
 
 __all__ = [
@@ -22,4 +34,5 @@ __all__ = [
     "serve",
     "tickets",
     "tokens",
+    "webhooks",
 ]

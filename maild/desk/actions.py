@@ -24,6 +24,8 @@ change_ticket:
 - set to solved, the requester is sent the solved notice (template `solved`: a
   reply reopens the ticket; correspondence.plan_solved_notice), in the same
   transaction, when the desk sends mail and a person opened the ticket.
+- tells the webhooks subscribed to `ticket.updated` (outbound/webhook_events.py), in
+  the same transaction: the changes as its events have them, and `by`.
   The daemon's pager polls the page table every second, so a change made by the CLI
   reaches PagerDuty without waking the daemon.
 
@@ -43,8 +45,10 @@ from sqlmodel import Session
 from maild.config import Settings
 from maild.enums import Priority, TicketField, TicketStatus, TicketType
 from maild.mail import addresses
+from maild.outbound import webhook_events
 from maild.outbound.correspondence import DeskPolicy, Planned, plan_solved_notice
 from maild.outbound.paging import EscalationPolicy, plan_change_trigger, queue_resolve
+from maild.outbound.webhook_events import Webhooks
 from maild.routing.rules import RuleTable
 from maild.store import ratelimit
 from maild.store.models import Page, Ticket, TicketEvent, utcnow
@@ -109,6 +113,11 @@ class DeskContext:
     policy: EscalationPolicy | None
     agents: tuple[str, ...] = ()
     mail: DeskPolicy | None = None  # the desk's mail (the solved notice); None: none sent
+
+    @property
+    def webhooks(self) -> Webhooks | None:
+        """Who hears of a change (ticket.updated): the desk's policy's webhooks."""
+        return self.mail.webhooks if self.mail is not None else None
 
     @classmethod
     def from_settings(cls, settings: Settings, table: RuleTable) -> DeskContext:
@@ -215,6 +224,15 @@ def change_ticket(
         notice = plan_solved_notice(session, context.mail, ticket, now)
         result = ChangeResult(ticket, events, page, notice)
     session.flush()
+    webhook_events.queue(
+        session,
+        context.webhooks,
+        webhook_events.TICKET_UPDATED,
+        ticket,
+        now,
+        changes=[webhook_events.change_data(e.field, e.old, e.new) for e in events],
+        by=by,
+    )
     return result
 
 

@@ -14,6 +14,8 @@ reply():
   recipient by recipient: none is sent twice, none is lost.
 - internal: stores a note (kind `note`, direction internal). It is never sent: no
   outbox row is written.
+- either way, the webhooks subscribed to `message.created` hear of it in the same
+  transaction (a note with `internal: true`).
 
 The agent is never made a participant. Replying does not change the ticket's status
 (an agent's answer to an open ticket leaves it open, and a reply to a solved one does
@@ -39,6 +41,7 @@ from maild.mail.addresses import Address
 from maild.mail.message_ids import message_id_hash
 from maild.mail.parsing import safe_filename
 from maild.mail.text import one_line
+from maild.outbound import webhook_events
 from maild.outbound.correspondence import DeskPolicy, FileData, plan_reply
 from maild.routing.rules import RuleTable
 from maild.store.models import (
@@ -203,6 +206,7 @@ def reply(
         note = _note(session, policy, ticket, author, body, now)
         store_attachments(session, _pk(note), files)
         session.flush()
+        _tell(session, policy, ticket, note, files, now)
         return ReplyResult(
             ticket_id, _pk(note), note.message_id, MessageKind.NOTE.value, added=added
         )
@@ -219,6 +223,7 @@ def reply(
     assert planned is not None  # always: the reply is stored whoever it reaches
     store_attachments(session, _pk(planned.message), files)
     session.flush()
+    _tell(session, policy, ticket, planned.message, files, now)
     outmail = planned.outmail
     rows = session.exec(
         select(OutmailRecipient)
@@ -235,6 +240,27 @@ def reply(
         reason=outmail.reason,
         recipients=[{"email": r.email, "status": r.status, "error": r.error} for r in rows],
         added=added,
+    )
+
+
+def _tell(
+    session: Session,
+    policy: DeskPolicy,
+    ticket: Ticket,
+    message: Message,
+    files: Sequence[FileData],
+    now: datetime,
+) -> None:
+    """The reply's or the note's message.created, for the webhooks subscribed to it."""
+    if policy.webhooks is None or not policy.webhooks.wants(webhook_events.MESSAGE_CREATED):
+        return
+    webhook_events.queue(
+        session,
+        policy.webhooks,
+        webhook_events.MESSAGE_CREATED,
+        ticket,
+        now,
+        message=webhook_events.message_data(message.model_dump(), files),
     )
 
 

@@ -86,6 +86,17 @@ from maild.outbound.correspondence import (
 )
 from maild.outbound.outgoing import DEFAULT_MAX_RECIPIENTS, mark_undeliverable
 from maild.outbound.paging import EscalationPolicy, plan_trigger
+from maild.outbound.webhook_events import (
+    BY_MAILD,
+    MESSAGE_CREATED,
+    TICKET_CREATED,
+    TICKET_UPDATED,
+    Webhooks,
+    change_data,
+    insert_rows,
+    message_data,
+    ticket_data,
+)
 from maild.routing.rules import Decision, MessageContext, RuleTable, best_decision
 from maild.store import ratelimit
 from maild.store.models import (
@@ -191,7 +202,7 @@ _INSERT_TICKET = insert(_TICKET).returning(_TICKET.c.id)
 _INSERT_PARTICIPANT = insert(_PARTICIPANT)
 _INSERT_MESSAGE = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
 _INSERT_ATTACHMENT = insert(table_of(Attachment))
-_INSERT_EVENT = insert(table_of(TicketEvent))
+_INSERT_HISTORY = insert(table_of(TicketEvent))
 # A ticket is read locked (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
 # already serialises writers) and written from that copy at the end of the batch: a
 # second filer, or `maild tickets close` (solve, reopen), waits and then sees what this one wrote,
@@ -249,10 +260,17 @@ class _Filing:
     a reply filed after its parent in the same batch finds it. A new ticket is
     inserted at once, for its id. Anything that reads the tables itself (a
     bounce, an acknowledgement) flushes first.
+
+    Webhook events (`hooks`, None when no `[[webhook]]` is configured: nothing is
+    built) wait here too, in the order they happened, and go in after the messages,
+    whose ids a `message.created` carries.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, hooks: Webhooks | None = None) -> None:
         self.session = session
+        self.hooks = hooks
+        # each event's rows, and the message row whose id its data is to carry
+        self._events: list[tuple[list[dict[str, Any]], dict[str, Any] | None]] = []
         self._ticket_of: dict[str, int | None] = {}
         self._fingerprint_of: dict[str, str | None] = {}  # of each stored Message-ID hash
         self._tickets: dict[int, Ticket] = {}
@@ -260,7 +278,7 @@ class _Filing:
         self._changed: dict[int, Ticket] = {}
         self._participants: list[dict[str, Any]] = []
         self._messages: list[tuple[dict[str, Any], Sequence[Any]]] = []
-        self._events: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []  # ticket_event rows
 
     def learn(self, digests: Iterable[str]) -> None:
         """Look up the tickets of these Message-ID hashes, those not known yet."""
@@ -317,12 +335,12 @@ class _Filing:
             self._people[ticket_id] = set(rows)
         return self._people[ticket_id]
 
-    def event(
+    def history(
         self, ticket: Ticket, field: TicketField, old: str, new: str, by: str, now: datetime
     ) -> None:
         """A change filing made to the ticket (a customer's mail reopened it, a route
         raised it), in its history beside the desk's own changes."""
-        self._events.append(
+        self._history.append(
             dict(ticket_id=ticket.id, field=field.value, old=old, new=new, by=by, created_at=now)
         )
 
@@ -334,6 +352,28 @@ class _Filing:
         self._ticket_of[row["message_id_hash"]] = row["ticket_id"]
         self._fingerprint_of[row["message_id_hash"]] = row["fingerprint"]
         self._messages.append((row, attachments))
+
+    def event(
+        self,
+        event: str,
+        ticket: Ticket,
+        now: datetime,
+        message: tuple[dict[str, Any], Sequence[Any]] | None = None,
+        **data: Any,
+    ) -> None:
+        """A webhook event about `ticket` (the ticket as it stands now, and `data`), or
+        about a `message` (its row and attachments) added by add_message; nothing when
+        no webhook subscribes to it."""
+        hooks = self.hooks
+        if hooks is None or not hooks.wants(event):
+            return
+        assert ticket.id is not None
+        payload = {"ticket": ticket_data(ticket, hooks.link(ticket.id)), **data}
+        row = None
+        if message is not None:
+            row, attachments = message
+            payload["message"] = message_data(row, attachments)
+        self._events.append((hooks.rows(event, ticket.id, payload, now), row))
 
     def flush(self) -> None:
         """Write what waits: ticket changes, participants, messages and their attachments.
@@ -353,9 +393,9 @@ class _Filing:
                 ],
             )
             self._changed.clear()
-        if self._events:
-            session.execute(_INSERT_EVENT, self._events)
-            self._events = []
+        if self._history:
+            session.execute(_INSERT_HISTORY, self._history)
+            self._history = []
         if self._participants:
             session.execute(_INSERT_PARTICIPANT, self._participants)
             self._participants = []
@@ -383,10 +423,22 @@ class _Filing:
                             "sha256": attachment.sha256,
                         }
                     )
+            for message_pk, (row, _) in zip(ids, self._messages, strict=True):
+                row["id"] = message_pk  # for its message.created, below
             self._messages = []
             if blobs:
                 _insert_ignore(session, Blob, list(blobs.values()))
                 session.execute(_INSERT_ATTACHMENT, files)
+        if self._events:
+            rows = []
+            for event_rows, message in self._events:
+                if message is not None:
+                    for event_row in event_rows:  # one data dict, shared by its rows
+                        event_row["payload"]["message"]["id"] = message["id"]
+                        break
+                rows += event_rows
+            self._events = []
+            insert_rows(session, rows)
 
 
 def _thread_by_ids(filing: _Filing, ids: Sequence[str]) -> int | None:
@@ -507,44 +559,43 @@ def _store_message(
     notes: Sequence[str] = (),
     rules_version: str = "",
 ) -> None:
-    """Queue the message (and its attachments) for the transaction's flush; `notes` are
-    what filing found, stored with the parser's defects."""
+    """Queue the message (and its attachments) for the transaction's flush, and its
+    message.created; `notes` are what filing found, stored with the parser's defects."""
     assert ticket.id is not None
-    filing.add_message(
-        dict(
-            ticket_id=ticket.id,
-            inbound_id=inbound.id,
-            message_id=parsed.message_id,
-            message_id_hash=message_id_hash(parsed.message_id),
-            message_id_synthesized=parsed.message_id_synthesized,
-            fingerprint=fingerprint,
-            in_reply_to=parsed.in_reply_to,
-            references=parsed.references,
-            from_email=parsed.from_.email if parsed.from_ else "",
-            from_name=parsed.from_.name if parsed.from_ else "",
-            to=[a.as_dict() for a in parsed.to],
-            cc=[a.as_dict() for a in parsed.cc],
-            subject=parsed.subject,
-            date=parsed.date,
-            text=parsed.text,
-            rule=route.name if route else "",
-            rules_version=rules_version if route else "",
-            defects=[*parsed.defects, *notes],
-            direction=Direction.INBOUND.value,
-            kind=kind.value,
-            auto_reasons=list(auto_reasons),
-            report=report.as_dict() if report else None,
-            created_at=now,
-        ),
-        parsed.attachments,
+    row = dict(
+        ticket_id=ticket.id,
+        inbound_id=inbound.id,
+        message_id=parsed.message_id,
+        message_id_hash=message_id_hash(parsed.message_id),
+        message_id_synthesized=parsed.message_id_synthesized,
+        fingerprint=fingerprint,
+        in_reply_to=parsed.in_reply_to,
+        references=parsed.references,
+        from_email=parsed.from_.email if parsed.from_ else "",
+        from_name=parsed.from_.name if parsed.from_ else "",
+        to=[a.as_dict() for a in parsed.to],
+        cc=[a.as_dict() for a in parsed.cc],
+        subject=parsed.subject,
+        date=parsed.date,
+        text=parsed.text,
+        rule=route.name if route else "",
+        rules_version=rules_version if route else "",
+        defects=[*parsed.defects, *notes],
+        direction=Direction.INBOUND.value,
+        kind=kind.value,
+        auto_reasons=list(auto_reasons),
+        report=report.as_dict() if report else None,
+        created_at=now,
     )
+    filing.add_message(row, parsed.attachments)
+    filing.event(MESSAGE_CREATED, ticket, now, message=(row, parsed.attachments))
 
 
 def _raise_priority(
     filing: _Filing, ticket: Ticket, route: Decision, by: str, now: datetime
 ) -> None:
     if route.priority.rank > Priority(ticket.priority).rank:
-        filing.event(ticket, TicketField.PRIORITY, ticket.priority, route.priority.value, by, now)
+        filing.history(ticket, TicketField.PRIORITY, ticket.priority, route.priority.value, by, now)
         ticket.priority = route.priority.value
         filing.changed(ticket)
 
@@ -775,8 +826,10 @@ def _file_duplicate(
     ticket = filing.ticket(stored[0])
     assert ticket is not None
     if delivery.routes:
+        before = (ticket.status, ticket.priority)
         by = delivery.sender.email if delivery.sender else ""
         _raise_priority(filing, ticket, best_decision(delivery.routes), by, delivery.now)
+        _updated(filing, ticket, before, delivery.now)
     _mark(delivery.inbound, InboundStatus.DUPLICATE, delivery.now, ticket.id)
     page = None
     if TicketStatus(ticket.status) not in CLOSED_STATUSES:
@@ -834,16 +887,35 @@ def _ticket_for(
                 updated_at=now,
             )
         )
+        filing.event(TICKET_CREATED, ticket, now)
         return ticket, Outcome.CREATED, False, how
+    before = (ticket.status, ticket.priority)
     reopened = kind == MessageKind.HUMAN and not agent and TicketStatus(ticket.status) in REOPENS
     by = sender.email if sender else ""
     if reopened:
-        filing.event(ticket, TicketField.STATUS, ticket.status, TicketStatus.OPEN.value, by, now)
+        filing.history(ticket, TicketField.STATUS, ticket.status, TicketStatus.OPEN.value, by, now)
         ticket.status = TicketStatus.OPEN.value
     _raise_priority(filing, ticket, route, by, now)
     ticket.updated_at = now
     filing.changed(ticket)
+    _updated(filing, ticket, before, now)
     return ticket, Outcome.THREADED, reopened, how
+
+
+def _updated(filing: _Filing, ticket: Ticket, before: tuple[str, str], now: datetime) -> None:
+    """The ticket.updated filing's own changes make (a reply reopening the ticket, a
+    route raising its priority), by "maild"."""
+    if filing.hooks is None:
+        return
+    changes = [
+        change_data(name, old, new)
+        for name, old, new in zip(
+            ("status", "priority"), before, (ticket.status, ticket.priority), strict=True
+        )
+        if old != new
+    ]
+    if changes:
+        filing.event(TICKET_UPDATED, ticket, now, changes=changes, by=BY_MAILD)
 
 
 def _store(
@@ -1214,7 +1286,7 @@ def _file_in_savepoint(
     """These deliveries in one savepoint, their lookups and writes made together.
     Raises, with nothing written, when filing any of them raises."""
     with session.begin_nested():
-        filing = _Filing(session)
+        filing = _Filing(session, context.desk.webhooks if context.desk else None)
         filing.learn(d for _, p in todo if not isinstance(p, BaseException) for d in _digests(p))
         results = [_file_or_fail(filing, context, inbound, parsed) for inbound, parsed in todo]
         filing.flush()

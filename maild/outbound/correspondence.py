@@ -72,6 +72,7 @@ from maild.outbound.acks import (
     reply_address,
 )
 from maild.outbound.outgoing import OutboundLimits, choose_recipients, queue_mail
+from maild.outbound.webhook_events import Webhooks
 from maild.store.models import Message, Outmail, Participant, Ticket
 
 REFERENCES_MAX = 20  # message ids in References: the thread's first and its latest
@@ -135,7 +136,9 @@ def _desk_name(settings: Settings) -> str:
 class DeskPolicy:
     """What the settings say about the desk's correspondence, in the form filing and the
     CLI need. `acks` carries the sender, secret, Message-ID domain, loop id, templates
-    and `[outbound] max_recipients`."""
+    and `[outbound] max_recipients`; `webhooks`, the `[[webhook]]`s told of the desk's
+    events (None: none configured), goes wherever the desk's policy goes: filing, the
+    desk's changes and replies, from the daemon, the CLI and the API alike."""
 
     acks: AckPolicy
     agents: tuple[str, ...] = ()
@@ -146,6 +149,7 @@ class DeskPolicy:
     max_per_hour: int = 20  # copies, notifications and solved notices per address
     max_attachment_size: int = 25 * 1024 * 1024  # what an agent may attach, in total
     auth: AuthPolicy = field(default_factory=AuthPolicy)  # how an agent's mail is verified
+    webhooks: Webhooks | None = None  # who hears of tickets, messages and pages
 
     @classmethod
     def from_settings(cls, settings: Settings, acks: AckPolicy | None = None) -> DeskPolicy:
@@ -167,6 +171,7 @@ class DeskPolicy:
                 dns_resolver=desk.dns_resolver,
                 dns_timeout=desk.dns_timeout,
             ),
+            webhooks=Webhooks.from_settings(settings),
         )
 
     @property

@@ -1,4 +1,5 @@
-"""The loop every outbox sender shares (pages to PagerDuty, mail to the smarthost).
+"""The loop every outbox sender shares (pages to PagerDuty, mail to the smarthost, events
+to webhooks).
 
 An outbox is a table of rows written in the transaction that made them
 necessary. A worker claims due rows (leasing them by moving `next_attempt_at`
@@ -19,13 +20,13 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import structlog
-from sqlalchemy import func, update
+from sqlalchemy import Select, Table, Update, bindparam, exists, func, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
@@ -159,6 +160,31 @@ class OutboxWorker(Generic[Job]):
         """What names the row in log lines."""
         raise NotImplementedError
 
+    def policy(self, job: Job) -> RetryPolicy:
+        """The retry settings for this row (the webhooks have one per `[[webhook]]`)."""
+        return self._policy
+
+    def write_outcome(
+        self,
+        connection: Connection,
+        delivery: Delivery[Job],
+        status: OutboxStatus,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """Write an attempt's or the delivery's outcome in the transaction of `connection`
+        (a sender may write more with it: the pager's webhook events); whether the row was
+        still pending."""
+        return record_outcome(
+            connection,
+            self.model,
+            delivery.job.id,
+            attempts=delivery.attempts,
+            status=status,
+            error=error,
+            next_attempt_at=next_attempt_at,
+        )
+
     def retried(self, delivery: Delivery[Job], error: BaseException | None, wait: float) -> None:
         """Log and count a failed attempt that will be retried in `wait` seconds."""
         raise NotImplementedError
@@ -185,7 +211,7 @@ class OutboxWorker(Generic[Job]):
     async def deliver(self, job: Job) -> None:
         """Attempt until sent, refused, given up on or stopped; record each step."""
         delivery = self.begin(job)
-        policy = self._policy
+        policy = self.policy(job)
         deadline = job.queued_at + timedelta(seconds=policy.give_up_after)
 
         async def before_sleep(state: RetryCallState) -> None:
@@ -246,18 +272,9 @@ class OutboxWorker(Generic[Job]):
         """Write an attempt's or the delivery's outcome. When the write fails the row stays
         pending: a last outcome lost means the row is sent again (same dedup key; a second
         copy of a mail), never lost."""
-        row_id = delivery.job.id
         try:
             await self._database.write_core(
-                lambda s: record_outcome(
-                    s,
-                    self.model,
-                    row_id,
-                    attempts=delivery.attempts,
-                    status=status,
-                    error=error,
-                    next_attempt_at=next_attempt_at,
-                )
+                lambda c: self.write_outcome(c, delivery, status, error, next_attempt_at)
             )
         except Exception as exc:
             if next_attempt_at is not None:
@@ -359,11 +376,11 @@ def record_outcome(
     error: str | None = None,
     next_attempt_at: datetime | None = None,
     now: datetime | None = None,
-) -> None:
-    """The outcome of one or more attempts on an outbox row (a Page or an Outmail):
-    sent, failed, or pending until next_attempt_at. A row no longer pending (retried,
-    withheld or sent meanwhile by another instance or the CLI) is left alone. One
-    UPDATE, no read first."""
+) -> bool:
+    """The outcome of one or more attempts on an outbox row (a Page, an Outmail, a
+    WebhookEvent): sent, failed, or pending until next_attempt_at. A row no longer pending
+    (retried, withheld or sent meanwhile by another instance or the CLI) is left alone.
+    One UPDATE, no read first; whether it changed the row."""
     values: dict[str, Any] = {"attempts": attempts, "status": status}
     if status == OutboxStatus.SENT:
         values.update(sent_at=now or utcnow(), last_error=None, reason=None)
@@ -374,11 +391,12 @@ def record_outcome(
     if next_attempt_at is not None:
         values["next_attempt_at"] = next_attempt_at
     table = table_of(model)
-    session.execute(
+    result = session.execute(
         update(table)
         .where(table.c.id == row_id, table.c.status == OutboxStatus.PENDING)
         .values(**values)
     )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def release_claims(session: Session, model: Any, claimer: str, now: datetime) -> int:
@@ -395,6 +413,36 @@ def release_claims(session: Session, model: Any, claimer: str, now: datetime) ->
         row.next_attempt_at = now
         session.add(row)
     return len(rows)
+
+
+def due_in_order(table: Table, columns: Sequence[str], order_by: Sequence[str]) -> Select[Any]:
+    """The claim's read: pending rows due at `:now`, oldest first, at most `:limit`; a row
+    waits while an earlier row with the same `order_by` values is still pending (a resolve
+    behind its trigger, a ticket's webhook event behind the one before)."""
+    earlier = table.alias("earlier")
+    return (
+        core_select(*(table.c[name] for name in columns))
+        .where(
+            table.c.status == OutboxStatus.PENDING.value,
+            table.c.next_attempt_at <= bindparam("now"),
+            ~exists().where(
+                *(earlier.c[name] == table.c[name] for name in order_by),
+                earlier.c.id < table.c.id,
+                earlier.c.status == OutboxStatus.PENDING.value,
+            ),
+        )
+        .order_by(table.c.id)
+        .limit(bindparam("limit"))
+    )
+
+
+def lease(table: Table) -> Update:
+    """The claim's write: rows `:ids` leased `:until`, marked as `:claimer`'s."""
+    return (
+        update(table)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)))
+        .values(next_attempt_at=bindparam("until"), claimed_by=bindparam("claimer"))
+    )
 
 
 def next_due(session: Session | Connection, model: Any) -> datetime | None:

@@ -17,6 +17,10 @@ marked failed at once and PagerDuty's message logged at error level.
 A page whose send succeeded but whose `sent` mark was lost to a crash is sent
 again after the restart; the dedup key makes PagerDuty fold it into the same
 incident.
+
+The webhooks subscribed to `page.sent` or `page.failed` hear of the outcome in the
+transaction that records it (the ticket's row locked first, as filing and the desk
+lock it, so that a ticket's events are numbered in the order they commit).
 """
 
 from __future__ import annotations
@@ -32,17 +36,28 @@ from typing import Any, ClassVar
 import httpx2
 import pagerduty
 import structlog
-from sqlalchemy import bindparam, exists, update
+from sqlalchemy import bindparam, update
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from maild import metrics
 from maild.config import PagerDutySettings
 from maild.enums import OutboxStatus, PageAction, PageStatus
 from maild.errors import SendDeferred, SendRefused
-from maild.outbound.outbox import POLL_SECONDS, Delivery, OutboxWorker, reopen, tls_context
+from maild.outbound import webhook_events
+from maild.outbound.outbox import (
+    POLL_SECONDS,
+    Delivery,
+    OutboxWorker,
+    due_in_order,
+    lease,
+    reopen,
+    tls_context,
+)
+from maild.outbound.webhook_events import Webhooks
 from maild.store.database import Database
-from maild.store.models import Page, as_utc, table_of, utcnow
+from maild.store.models import Page, Ticket, as_utc, table_of, utcnow
 
 log = structlog.get_logger("maild.pager")
 
@@ -67,30 +82,20 @@ class PageJob:
 
 
 _PAGE = table_of(Page)
-_EARLIER = _PAGE.alias("earlier")
-_DUE = (
-    core_select(
-        _PAGE.c.id,
-        _PAGE.c.ticket_id,
-        _PAGE.c.action,
-        _PAGE.c.dedup_key,
-        _PAGE.c.event,
-        _PAGE.c.attempts,
-        _PAGE.c.queued_at,
-        _PAGE.c.created_at,
-        _PAGE.c.claimed_by,
-    )
-    .where(
-        _PAGE.c.status == PageStatus.PENDING.value,
-        _PAGE.c.next_attempt_at <= bindparam("now"),
-        ~exists().where(
-            _EARLIER.c.dedup_key == _PAGE.c.dedup_key,
-            _EARLIER.c.id < _PAGE.c.id,
-            _EARLIER.c.status == PageStatus.PENDING.value,
-        ),
-    )
-    .order_by(_PAGE.c.id)
-    .limit(bindparam("limit"))
+_DUE = due_in_order(
+    _PAGE,
+    [
+        "id",
+        "ticket_id",
+        "action",
+        "dedup_key",
+        "event",
+        "attempts",
+        "queued_at",
+        "created_at",
+        "claimed_by",
+    ],
+    order_by=["dedup_key"],
 )
 _PENDING_RESOLVES = (
     core_select(_PAGE.c.id, _PAGE.c.dedup_key)
@@ -101,11 +106,15 @@ _PENDING_RESOLVES = (
     )
     .order_by(_PAGE.c.id)
 )
-_LEASE = (
-    update(_PAGE)
-    .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
-    .values(next_attempt_at=bindparam("until"), claimed_by=bindparam("claimer"))
+_LEASE = lease(_PAGE)
+_TICKET = table_of(Ticket)
+_LOCK_TICKET = (
+    core_select(_TICKET).where(_TICKET.c.id == bindparam("id")).with_for_update(key_share=True)
 )
+_PAGE_EVENTS = {
+    OutboxStatus.SENT: webhook_events.PAGE_SENT,
+    OutboxStatus.FAILED: webhook_events.PAGE_FAILED,
+}
 _WITHHOLD_CLOSED = (
     update(_PAGE)
     .where(_PAGE.c.id.in_(bindparam("ids", expanding=True)))
@@ -270,6 +279,8 @@ class Pager(OutboxWorker[PageJob]):
         claimer: str,
         poll_interval: float = POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        webhooks: Webhooks | None = None,
+        on_event: Callable[[], None] | None = None,
     ) -> None:
         # A claimed page is not claimed again until this long after (an attempt
         # can take `timeout`); a crash mid-attempt delays it by at most this much.
@@ -277,6 +288,53 @@ class Pager(OutboxWorker[PageJob]):
             database, claimer, poll_interval, settings.timeout * 2 + 5, settings, clock
         )
         self._client = client
+        self._webhooks = webhooks
+        self._on_event = on_event  # called on the loop once a page.* event is written
+
+    def write_outcome(
+        self,
+        connection: Connection,
+        delivery: Delivery[PageJob],
+        status: OutboxStatus,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """The outcome, and the page.sent or page.failed it makes, in one transaction."""
+        event = _PAGE_EVENTS.get(status) if next_attempt_at is None else None
+        hooks = self._webhooks
+        if event is None or hooks is None or not hooks.wants(event):
+            return super().write_outcome(connection, delivery, status, error, next_attempt_at)
+        job = delivery.job
+        if connection.dialect.name == "postgresql":
+            row = connection.execute(_LOCK_TICKET, {"id": job.ticket_id}).first()
+        else:  # BEGIN IMMEDIATE holds the one write lock already
+            row = connection.execute(
+                core_select(_TICKET).where(_TICKET.c.id == job.ticket_id)
+            ).first()
+        if not super().write_outcome(connection, delivery, status, error, next_attempt_at):
+            return False
+        if row is not None:
+            now = utcnow()
+            page = {
+                "id": job.id,
+                "action": job.action,
+                "status": status.value,
+                "dedup_key": job.dedup_key,
+                "summary": (job.event.get("payload") or {}).get("summary", ""),
+                "attempts": delivery.attempts,
+                "error": error,
+                "created_at": job.created_at.isoformat(),
+                "sent_at": now.isoformat() if status == OutboxStatus.SENT else None,
+            }
+            webhook_events.queue(connection, hooks, event, Ticket(**row._asdict()), now, page=page)
+        return True
+
+    def _told(self, status: OutboxStatus) -> None:
+        """On the loop, once an outcome is recorded: wake the webhooks' sender for it."""
+        event = _PAGE_EVENTS.get(status)
+        hooks = self._webhooks
+        if event and hooks is not None and hooks.wants(event) and self._on_event is not None:
+            self._on_event()
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[PageJob]:
         return claim_due(session, now, limit, self._lease, self._claimer)
@@ -309,6 +367,7 @@ class Pager(OutboxWorker[PageJob]):
         self, delivery: Delivery[PageJob], error: SendDeferred | SendRefused, reason: str
     ) -> None:
         metrics.PAGES.labels(delivery.job.action, "failed").inc()
+        self._told(OutboxStatus.FAILED)
         log.error(
             "page failed: PagerDuty refused it"
             if isinstance(error, SendRefused)
@@ -322,6 +381,7 @@ class Pager(OutboxWorker[PageJob]):
     def done(self, delivery: Delivery[PageJob], status: OutboxStatus) -> None:
         job = delivery.job
         metrics.PAGES.labels(job.action, "sent").inc()
+        self._told(status)
         log.info(
             "page sent",
             **self.fields(job),

@@ -96,10 +96,11 @@ def unfiled_ids(session: Session) -> list[int]:
 
 
 def backlog(session: Session) -> dict[str, int]:
-    """Work waiting: deliveries not yet processed, failed ones kept, pages and mail not sent."""
+    """Work waiting: deliveries not yet processed, failed ones kept, pages, mail and webhook
+    events not sent."""
     from sqlalchemy import func
 
-    from maild.store.models import Outmail, Page
+    from maild.store.models import Outmail, Page, WebhookEvent
 
     counts = dict(
         session.exec(
@@ -114,9 +115,13 @@ def backlog(session: Session) -> dict[str, int]:
     mail = session.exec(
         select(func.count(col(Outmail.id))).where(Outmail.status == OutboxStatus.PENDING)
     ).one()
+    hooks = session.exec(
+        select(func.count(col(WebhookEvent.id))).where(WebhookEvent.status == OutboxStatus.PENDING)
+    ).one()
     return {
         "inbound": counts.get("received", 0),
         "failed": counts.get("failed", 0),
         "pages": pages,
         "acknowledgements": mail,
+        "webhooks": hooks,
     }

@@ -16,6 +16,9 @@ outmail      the mail outbox (acknowledgements): the rendered bytes and envelope
              written with the ticket; its message row holds its Message-ID
 outmail_rcpt one recipient of an outgoing mail: sent, refused, bounced or withheld;
              the hourly per-address limit counts these
+webhook_event the webhook outbox: one row per event and [[webhook]] subscribed to it
+             (ticket.created, message.created, ...), written in the transaction of the
+             change; sent in order per webhook and ticket
 storage_probe one row per host, rewritten by the health checks' write probe
 api_token    a bearer token of the HTTP API: its name, scope, customer and the SHA-256
              of the token (never the token); revoked rows are kept for audit
@@ -267,6 +270,33 @@ class OutmailRecipient(SQLModel, table=True):
     status: str = Field(default="pending", max_length=16)
     error: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookEvent(SQLModel, table=True):
+    """One event for one `[[webhook]]`, durable before it is sent; its id is the
+    Maild-Delivery header receivers deduplicate on."""
+
+    __tablename__ = "webhook_event"
+    __table_args__ = (
+        Index("ix_webhook_event_status_next_attempt_at", "status", "next_attempt_at"),
+        # the claim's "no earlier event of this webhook and ticket still pending"
+        Index("ix_webhook_event_webhook_ticket_id_id", "webhook", "ticket_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook: str = Field(max_length=64)  # the [[webhook]] name
+    event: str = Field(max_length=32)  # ticket.created | ticket.updated | message.created | ...
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # the body's "data"
+    status: str = Field(default="pending", max_length=16)
+    reason: str | None = Field(default=None, sa_type=Text)  # why it failed
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=Text)
+    next_attempt_at: datetime = Field(default_factory=utcnow)  # also the claim lease
+    claimed_by: str = Field(default="", max_length=255)  # the daemon sending it (host:config)
+    queued_at: datetime = Field(default_factory=utcnow)  # give_up_after counts from here
+    created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None
 
 
 class StorageProbe(SQLModel, table=True):

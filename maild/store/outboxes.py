@@ -1,4 +1,5 @@
-"""The outbox rows as the CLI and the ticket views show them: pages and outgoing mail.
+"""The outbox rows as the CLI and the ticket views show them: pages, outgoing mail and
+webhook events.
 
 Read models only: the pager and the mailer (maild/outbound) write these rows,
 nothing here changes them. The JSON shapes are part of the CLI's contract.
@@ -11,8 +12,8 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from maild.enums import MailStatus, PageStatus
-from maild.store.models import Message, Outmail, OutmailRecipient, Page, as_utc
+from maild.enums import MailStatus, OutboxStatus, PageStatus
+from maild.store.models import Message, Outmail, OutmailRecipient, Page, WebhookEvent, as_utc
 
 # Pages.
 
@@ -121,3 +122,46 @@ def list_outmail(
     if limit:
         query = query.limit(limit)
     return [outmail_view(session, o) for o in session.exec(query).all()]
+
+
+# Webhook events.
+
+
+def webhook_event_view(row: WebhookEvent) -> dict[str, Any]:
+    return {
+        "id": row.id,  # the Maild-Delivery header
+        "webhook": row.webhook,
+        "event": row.event,
+        "ticket_id": row.ticket_id,
+        "status": row.status,
+        "reason": row.reason,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "next_attempt_at": as_utc(row.next_attempt_at).isoformat()
+        if row.status == OutboxStatus.PENDING
+        else None,
+        "created_at": as_utc(row.created_at).isoformat(),
+        "sent_at": as_utc(row.sent_at).isoformat() if row.sent_at else None,
+    }
+
+
+def list_webhook_events(
+    session: Session,
+    *,
+    status: str | None = None,
+    ticket_id: int | None = None,
+    webhook: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Newest first (the payloads are not shown: `--json` lists what was sent when)."""
+    query = select(WebhookEvent)
+    if status:
+        query = query.where(WebhookEvent.status == status)
+    if ticket_id is not None:
+        query = query.where(WebhookEvent.ticket_id == ticket_id)
+    if webhook is not None:
+        query = query.where(WebhookEvent.webhook == webhook)
+    query = query.order_by(col(WebhookEvent.id).desc())
+    if limit:
+        query = query.limit(limit)
+    return [webhook_event_view(row) for row in session.exec(query).all()]
