@@ -291,6 +291,16 @@ def _files(files: list[File], policy: DeskPolicy) -> tuple[FileData, ...]:
     return tuple(decoded)
 
 
+def _not_ours(email: str, desk: DeskContext, name: str) -> None:
+    """422 when `email` is one of the desk's own addresses (a route's, or the sender of its
+    mail): mail from it would come back to the desk."""
+    sender = _mail_policy(desk).acks.from_address
+    if desk.table.is_ours(email) or (
+        sender and addresses.route_key(email) == addresses.route_key(sender)
+    ):
+        raise _invalid(name, f"{email} is one of the desk's own addresses")
+
+
 def _copies(cc: list[str], desk: DeskContext) -> tuple[Address, ...]:
     """The `cc` addresses, none of the desk's own, at most [outbound] max_recipients."""
     limit = _mail_policy(desk).acks.limits.max_recipients
@@ -611,6 +621,7 @@ async def create_ticket(
             "requester.email",
         )
     desk = api.desk_context()
+    _not_ours(form.requester.email, desk, "requester.email")
     context = filing_context(desk)
     new = NewTicket(
         requester=Address(form.requester.name, form.requester.email),
@@ -743,6 +754,7 @@ async def post_message(
     desk = api.desk_context()
     policy = _mail_policy(desk)
     author = Address(form.author.name, form.author.email)
+    _not_ours(author.email, desk, "author.email")
     agent = policy.is_agent(author.email)
     if who.customer is not None:
         if not addresses.sender_matches(who.customer, author.email):

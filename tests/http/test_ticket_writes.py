@@ -170,6 +170,7 @@ def test_the_allow_list_holds_for_the_api_as_for_mail(
         ({"type": "incident", "priority": "low"}, "priority"),
         ({"type": "bug"}, "type"),
         ({"requester": {"email": "not an address"}}, "requester.email"),
+        ({"requester": {"email": "SYSOPS+x@altis-dxp.com"}}, "requester.email"),
         ({"requester": {"email": ALICE, "name": "A\r\nBcc: x@y.z"}}, "requester.name"),
         ({"subject": ""}, "subject"),
         ({"subject": "two\nlines"}, "subject"),
@@ -384,6 +385,9 @@ def test_customer_tokens_post_only_as_their_customer_on_their_tickets(
             403,
             "author.email",
         )
+    ours = {"author": {"email": SUPPORT}, "body": "Hi"}
+    refused = api.http.post(f"{TICKETS}/{own}/messages", json=ours, headers=api.token())
+    assert (refused.status_code, problem(refused)["errors"][0]["field"]) == (422, "author.email")
     hidden = api.http.post(
         f"{TICKETS}/{dana}/messages",
         json={"author": {"email": ALICE}, "body": "Hi"},
