@@ -99,7 +99,7 @@ from maild.store.tickets import (
 
 log = structlog.get_logger("maild.http")
 
-MAX_ID = 2**63 - 1  # the largest id a database column holds
+MAX_ID = 2**31 - 1  # ids are SQL INTEGER: 32 bits on PostgreSQL
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_FILES = 100  # attachments in one request
@@ -111,6 +111,16 @@ router = APIRouter(tags=["tickets"], responses=PROBLEM_RESPONSES)
 
 
 # Request bodies. Extra members are refused (422 naming them): a typo is never ignored.
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(value: str) -> str:
+    """Text every database can store (PostgreSQL's text holds no NUL) and UTF-8 can write."""
+    if "\x00" in value or _SURROGATE.search(value):
+        raise ValueError("must not hold NUL or a lone surrogate (\\ud800 to \\udfff)")
+    return value
 
 
 def _no_controls(value: str) -> str:
@@ -147,9 +157,10 @@ def _content_type(value: str) -> str:
     return media
 
 
-Email = Annotated[str, Field(max_length=320), AfterValidator(_email)]
-OneLine = Annotated[str, AfterValidator(_no_controls)]
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(_not_blank)]
+Storable = Annotated[str, AfterValidator(_storable)]
+Email = Annotated[Storable, Field(max_length=320), AfterValidator(_email)]
+OneLine = Annotated[Storable, AfterValidator(_no_controls)]
+Text = Annotated[Storable, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(_not_blank)]
 
 
 class _Strict(BaseModel):
@@ -162,7 +173,7 @@ class Person(_Strict):
 
 
 class File(_Strict):
-    filename: Annotated[str, Field(min_length=1, max_length=1000)]
+    filename: Annotated[Storable, Field(min_length=1, max_length=1000)]
     content_type: Annotated[str, Field(max_length=255), AfterValidator(_content_type)] = (
         "application/octet-stream"
     )
@@ -280,6 +291,16 @@ def _files(files: list[File], policy: DeskPolicy) -> tuple[FileData, ...]:
     return tuple(decoded)
 
 
+def _not_ours(email: str, desk: DeskContext, name: str) -> None:
+    """422 when `email` is one of the desk's own addresses (a route's, or the sender of its
+    mail): mail from it would come back to the desk."""
+    sender = _mail_policy(desk).acks.from_address
+    if desk.table.is_ours(email) or (
+        sender and addresses.route_key(email) == addresses.route_key(sender)
+    ):
+        raise _invalid(name, f"{email} is one of the desk's own addresses")
+
+
 def _copies(cc: list[str], desk: DeskContext) -> tuple[Address, ...]:
     """The `cc` addresses, none of the desk's own, at most [outbound] max_recipients."""
     limit = _mail_policy(desk).acks.limits.max_recipients
@@ -395,13 +416,21 @@ class _Cursor:
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
             when, _, number = raw.partition("|")
-            updated = datetime.fromisoformat(when)
+            updated = datetime.fromisoformat(when).astimezone(UTC)
             ticket_id = int(number)
-        except (ValueError, UnicodeDecodeError, binascii.Error):
+        except (ValueError, OverflowError, UnicodeDecodeError, binascii.Error):
             raise _invalid("cursor", "not a cursor this API gave", "query") from None
-        if updated.tzinfo is None or not 1 <= ticket_id <= MAX_ID:
+        if "+" not in when or not 1 <= ticket_id <= MAX_ID:  # ours are UTC, with +00:00
             raise _invalid("cursor", "not a cursor this API gave", "query")
         return cls(updated, ticket_id)
+
+
+def _utc(value: datetime) -> datetime:
+    """A time in UTC (no offset: UTC already); 422 past the years a datetime holds."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise _invalid("updated_since", "out of range", "query") from None
 
 
 class TicketPage(BaseModel):
@@ -424,16 +453,16 @@ async def list_tickets(
     ] = "all",
     type_: Annotated[TicketType | None, Query(alias="type")] = None,
     priority: Priority | None = None,
-    application: Annotated[str | None, Query(max_length=1000)] = None,
-    requester: Annotated[str | None, Query(max_length=320)] = None,
+    application: Annotated[Storable | None, Query(max_length=1000)] = None,
+    requester: Annotated[Storable | None, Query(max_length=320)] = None,
     participant: Annotated[
-        str | None,
+        Storable | None,
         Query(max_length=320, description="on the ticket, or wrote one of its messages"),
     ] = None,
-    assignee: Annotated[str | None, Query(max_length=320)] = None,
+    assignee: Annotated[Storable | None, Query(max_length=320)] = None,
     unassigned: bool = False,
     q: Annotated[
-        str | None,
+        Storable | None,
         Query(
             max_length=4000, description=f"words one message has, all of them (at most {MAX_WORDS})"
         ),
@@ -452,9 +481,7 @@ async def list_tickets(
         except TooManyWords as exc:
             raise _invalid("q", str(exc), "query") from None
     after = _Cursor.decode(cursor) if cursor is not None else None
-    since = updated_since
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    since = _utc(updated_since) if updated_since is not None else None
     filters = Filters(
         status=status,
         type_=type_.value if type_ else None,
@@ -539,7 +566,7 @@ def safe_content_type(stored: str) -> str:
 )
 async def get_attachment(
     ticket_id: TicketId,
-    number: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+    number: Annotated[int, PathParam(ge=1, le=MAX_ID)],
     who: Reader,
     api: Api,
 ) -> Response:
@@ -594,6 +621,7 @@ async def create_ticket(
             "requester.email",
         )
     desk = api.desk_context()
+    _not_ours(form.requester.email, desk, "requester.email")
     context = filing_context(desk)
     new = NewTicket(
         requester=Address(form.requester.name, form.requester.email),
@@ -726,6 +754,7 @@ async def post_message(
     desk = api.desk_context()
     policy = _mail_policy(desk)
     author = Address(form.author.name, form.author.email)
+    _not_ours(author.email, desk, "author.email")
     agent = policy.is_agent(author.email)
     if who.customer is not None:
         if not addresses.sender_matches(who.customer, author.email):

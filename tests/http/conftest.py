@@ -211,15 +211,16 @@ def events(tmp_path: Path) -> Iterator[FakeEvents]:
 def desk_config(
     http_config: Callable[..., Path], sink: SmtpSink, events: FakeEvents
 ) -> Callable[..., Path]:
-    """A config for the desk's API: [http] on port 0, mail through the sink, agents, paging
-    to the stand-in; `extra` more TOML."""
+    """A config for the desk's API: [http] on port 0 (and `http`'s keys), mail through the
+    sink, agents, paging to the stand-in; `extra` more TOML."""
 
-    def make(extra: str = "") -> Path:
+    def make(extra: str = "", http: str = "") -> Path:
         return http_config(
+            http,
             extra=outbound_section(sink)
             + DESK_SECTION
             + pagerduty_section(events.url, events.ca_file)
-            + extra
+            + extra,
         )
 
     return make

@@ -5,6 +5,8 @@ running daemon with a real smarthost (tests/sink.py) and Events API (tests/fake_
 from __future__ import annotations
 
 import base64
+import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import trustme
 from sqlmodel import select
 
 from maild.config import load_settings
@@ -29,6 +32,9 @@ from tests.http.conftest import (
     SUPPORT,
     SYSOPS,
     Api,
+    bearer,
+    http_url,
+    make_token,
     new_ticket,
     problem,
 )
@@ -164,10 +170,15 @@ def test_the_allow_list_holds_for_the_api_as_for_mail(
         ({"type": "incident", "priority": "low"}, "priority"),
         ({"type": "bug"}, "type"),
         ({"requester": {"email": "not an address"}}, "requester.email"),
+        ({"requester": {"email": "SYSOPS+x@altis-dxp.com"}}, "requester.email"),
         ({"requester": {"email": ALICE, "name": "A\r\nBcc: x@y.z"}}, "requester.name"),
         ({"subject": ""}, "subject"),
         ({"subject": "two\nlines"}, "subject"),
         ({"description": "   "}, "description"),
+        ({"description": "a\x00b"}, "description"),
+        ({"description": "a\ud800b"}, "description"),
+        ({"requester": {"email": ALICE, "name": "\udfff"}}, "requester.name"),
+        ({"attachments": [{"filename": "\x00", "content_base64": ""}]}, "attachments.0.filename"),
         ({"cc": ["support@altis-dxp.com"]}, "cc.0"),
         ({"cc": [ALICE, "nope"]}, "cc.1"),
         (
@@ -183,7 +194,9 @@ def test_the_allow_list_holds_for_the_api_as_for_mail(
 )
 def test_a_bad_form_is_422_naming_the_field(api: Api, changes: dict[str, Any], field: str) -> None:
     """Each mistake in the form: 422, the problem's errors naming the field, nothing filed."""
-    response = api.http.post(TICKETS, json=form(**changes), headers=api.token())
+    headers = api.token() | {"content-type": "application/json"}
+    # json.dumps escapes lone surrogates as JSON can (httpx's json= cannot send them)
+    response = api.http.post(TICKETS, content=json.dumps(form(**changes)), headers=headers)
     assert response.status_code == 422, response.text
     body = problem(response)
     assert body["errors"][0]["field"] == field
@@ -372,6 +385,9 @@ def test_customer_tokens_post_only_as_their_customer_on_their_tickets(
             403,
             "author.email",
         )
+    ours = {"author": {"email": SUPPORT}, "body": "Hi"}
+    refused = api.http.post(f"{TICKETS}/{own}/messages", json=ours, headers=api.token())
+    assert (refused.status_code, problem(refused)["errors"][0]["field"]) == (422, "author.email")
     hidden = api.http.post(
         f"{TICKETS}/{dana}/messages",
         json={"author": {"email": ALICE}, "body": "Hi"},
@@ -381,16 +397,47 @@ def test_customer_tokens_post_only_as_their_customer_on_their_tickets(
     assert len(desk.ticket(dana)["messages"]) == 2  # hers and its acknowledgement
 
 
-def test_mail_off_answers_409_for_a_public_reply(
+def test_without_mail_an_agent_reply_is_409_and_a_customer_s_still_threads(
     http_config: Callable[..., Path], quiet_logging: None
 ) -> None:
-    """Without a smarthost an agent's public reply cannot be sent: 409 mail-off."""
+    """Without a smarthost an agent's public reply cannot be sent: 409 mail-off. A
+    customer's reply, with no reply address to go to, threads by In-Reply-To."""
     config = http_config(extra='[desk]\nagents = ["*@altis-dxp.com"]\n')
     with RunningMaild(load_settings(config)) as maild, Api(maild) as api:
         tid = new_ticket(maild, "Hello")
         body = {"author": {"email": JO}, "body": "Hi"}
         response = api.http.post(f"{TICKETS}/{tid}/messages", json=body, headers=api.token())
+        customer = {"author": {"email": ALICE}, "body": "Any news?"}
+        threaded = api.http.post(f"{TICKETS}/{tid}/messages", json=customer, headers=api.token())
+        texts = [m["text"] for m in maild.ticket(tid)["messages"]]
     assert (response.status_code, problem(response)["type"]) == (409, "urn:maild:problem:mail-off")
+    assert (threaded.status_code, threaded.json()["mail"]) == (201, [])
+    assert texts == ["Hello, our site is slow.", "Any news?"]
+
+
+def test_the_api_over_tls(
+    desk_config: Callable[..., Path], tmp_path: Path, quiet_logging: None
+) -> None:
+    """With [http] tls_cert and tls_key a ticket is opened, read and its attachment
+    downloaded over HTTPS, the client verifying the certificate."""
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "http-cert.pem", tmp_path / "http-key.pem"
+    chain.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    config = desk_config(http=f'tls_cert = "{chain}"\ntls_key = "{key}"')
+    trusted = ssl.create_default_context()
+    authority.configure_trust(trusted)
+    with RunningMaild(load_settings(config)) as maild:
+        token = bearer(make_token(maild.service.database, "portal", "write"))
+        with httpx2.Client(base_url=http_url(maild, "https"), verify=trusted, timeout=30) as http:
+            files = [{"filename": "a.bin", "content_base64": b64(b"\x00secret\xff")}]
+            made = http.post(TICKETS, json=form(attachments=files), headers=token)
+            assert made.status_code == 201, made.text
+            tid = made.json()["id"]
+            assert http.get(f"{TICKETS}/{tid}", headers=token).json()["id"] == tid
+            got = http.get(f"{TICKETS}/{tid}/attachments/1", headers=token)
+    assert got.content == b"\x00secret\xff"
 
 
 # Changes.
