@@ -89,8 +89,8 @@ class Service:
         if settings.webhook:
             try:
                 self.webhooks = WebhookSender(self.database, settings.webhook, claimer)
-            except (OSError, ValueError) as exc:  # an unreadable or invalid ca_file
-                raise ConfigError(f"[[webhook]] ca_file: {exc}") from None
+            except ValueError as exc:  # an unreadable or invalid ca_file
+                raise ConfigError(f"{settings.source}: {exc}") from None
         self.pager: Pager | None = None
         if settings.pagerduty.enabled and settings.pagerduty.key():
             try:

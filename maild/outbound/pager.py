@@ -108,9 +108,8 @@ _PENDING_RESOLVES = (
 )
 _LEASE = lease(_PAGE)
 _TICKET = table_of(Ticket)
-_LOCK_TICKET = (
-    core_select(_TICKET).where(_TICKET.c.id == bindparam("id")).with_for_update(key_share=True)
-)
+_SELECT_TICKET = core_select(_TICKET).where(_TICKET.c.id == bindparam("id"))
+_LOCK_TICKET = _SELECT_TICKET.with_for_update(key_share=True)
 _PAGE_EVENTS = {
     OutboxStatus.SENT: webhook_events.PAGE_SENT,
     OutboxStatus.FAILED: webhook_events.PAGE_FAILED,
@@ -305,12 +304,10 @@ class Pager(OutboxWorker[PageJob]):
         if event is None or hooks is None or not hooks.wants(event):
             return super().write_outcome(connection, delivery, status, error, next_attempt_at)
         job = delivery.job
-        if connection.dialect.name == "postgresql":
-            row = connection.execute(_LOCK_TICKET, {"id": job.ticket_id}).first()
-        else:  # BEGIN IMMEDIATE holds the one write lock already
-            row = connection.execute(
-                core_select(_TICKET).where(_TICKET.c.id == job.ticket_id)
-            ).first()
+        # the ticket's lock first, as filing and the desk take it: its events are then
+        # numbered in the order they commit (on SQLite, BEGIN IMMEDIATE holds the one lock)
+        lock = _LOCK_TICKET if connection.dialect.name == "postgresql" else _SELECT_TICKET
+        row = connection.execute(lock, {"id": job.ticket_id}).first()
         if not super().write_outcome(connection, delivery, status, error, next_attempt_at):
             return False
         if row is not None:

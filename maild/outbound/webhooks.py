@@ -265,8 +265,14 @@ class WebhookClient:
 
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
-        # Built now, so that a bad ca_file is found when the daemon starts.
-        self._tls: ssl.SSLContext = tls_context(settings.ca_file)
+        # Built now, so that a bad ca_file stops the daemon at start (ValueError).
+        try:
+            self._tls: ssl.SSLContext = tls_context(settings.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"[[webhook]] {settings.name!r} ca_file: {settings.ca_file}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
         self._client: httpx2.AsyncClient | None = None
 
     def _http(self) -> httpx2.AsyncClient:
@@ -373,7 +379,7 @@ class WebhookSender(OutboxWorker[WebhookJob]):
         return {
             "webhook_event": job.id,
             "webhook": job.webhook,
-            "event": job.event,
+            "event_type": job.event,  # `event` is structlog's message
             "ticket": job.ticket_id,
         }
 

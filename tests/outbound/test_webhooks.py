@@ -879,3 +879,50 @@ def test_the_config_examples_commented_webhooks_load_as_written(tmp_path: Path) 
         ("slack-support", "slack"),
     ]
     assert hooks[0].events == EVERY_EVENT
+
+
+def test_changes_made_by_the_cli_reach_the_receiver_through_the_running_daemon(
+    config: Path, receiver: FakeReceiver, cli: Callable[..., Result]
+) -> None:
+    """`tickets set` and `tickets reply --internal` write their events; the daemon's poll
+    posts them, after the ticket's earlier events."""
+    with RunningMaild(load_settings(config)) as maild:
+        _, ticket_id = opened(maild)
+        changed = cli(
+            config, "tickets", "set", str(ticket_id), "--status", "pending", "--by", AGENT
+        )
+        assert changed.exit_code == 0, changed.output
+        args = ["tickets", "reply", str(ticket_id), "--from", AGENT, "--internal"]
+        noted = CliRunner().invoke(
+            main,
+            [*args, "--body-file", "-", "--config", str(config)],
+            input="Waiting for the customer.\n",
+        )
+        assert noted.exit_code == 0, noted.output
+        processed = receiver.wait_processed(4)
+    assert [r.event for r in processed] == [
+        "ticket.created",
+        "message.created",
+        "ticket.updated",
+        "message.created",
+    ]
+    assert processed[2].json()["data"]["changes"] == [
+        {"field": "status", "old": "open", "new": "pending"}
+    ]
+    note = processed[3].json()["data"]["message"]
+    assert (note["internal"], note["text"]) == (True, "Waiting for the customer.\n")
+
+
+def test_serve_refuses_a_webhook_ca_file_that_does_not_exist(
+    make_config: Callable[..., Path], receiver: FakeReceiver, tmp_path: Path
+) -> None:
+    from maild.errors import ConfigError
+    from maild.service import Service
+
+    section = webhook_section(receiver).replace(str(receiver.ca_file), str(tmp_path / "none"))
+    config = make_config(section)
+    with pytest.raises(ConfigError) as info:
+        Service(load_settings(config))
+    assert str(info.value) == (
+        f"{config}: [[webhook]] 'dashboard' ca_file: {tmp_path / 'none'}: No such file or directory"
+    )
