@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import trustme
+from tests.https_stand_in import HttpsStandIn, TlsServer
 
 ACTIONS = ("trigger", "acknowledge", "resolve")
 SEVERITIES = ("critical", "error", "warning", "info")
@@ -66,25 +65,8 @@ def validate(event: Any) -> list[str]:
     return errors
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeEvents
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        # The TLS handshake happens in the request's own thread (on first read), so a
-        # client that never finishes it cannot stall the accept loop.
-        sock, address = self.socket.accept()
-        self.fake.connections += 1
-        context = self.fake.server_context
-        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (or did not trust the certificate): nothing to report.
-        self.fake.handler_errors += 1
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: TlsServer
     protocol_version = "HTTP/1.0"  # one request per connection: nothing lingers at stop
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -108,27 +90,22 @@ class _KeepAliveHandler(_Handler):
     protocol_version = "HTTP/1.1"  # as PagerDuty: one connection carries many events
 
 
-class FakeEvents:
+class FakeEvents(HttpsStandIn):
     """PagerDuty Events API v2 on https://127.0.0.1:PORT; a context manager that starts it.
 
     The CA file exists from construction, so a daemon can be configured (and
     started) before the server listens; `port` binds a given port for that.
     Each request gets a connection of its own unless `keep_alive`, which the
     benchmark sets: there a TLS handshake per event would be a cost PagerDuty's
-    own keep-alive does not have.
+    own keep-alive does not have (with it, one client needs one connection).
     """
 
+    ca_name = "events-ca.pem"
+    thread_name = "fake-events"
+
     def __init__(self, folder: Path, port: int = 0, keep_alive: bool = False) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.ca = trustme.CA()
-        self.ca_file = folder / "events-ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ca.issue_cert("127.0.0.1").configure_cert(self.server_context)
-        self.port = port
+        super().__init__(folder, port)
         self.keep_alive = keep_alive
-        self.handler_errors = 0
-        self.connections = 0  # accepted so far (with keep_alive, one client needs one)
         self._lock = threading.Condition()
         self._events: list[dict[str, Any]] = []
         self._bodies: list[Any] = []
@@ -137,39 +114,22 @@ class FakeEvents:
         self._always: tuple[int, dict[str, Any]] | None = None
         self._released = threading.Event()
         self._released.set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # Lifecycle.
 
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _KeepAliveHandler if self.keep_alive else _Handler
+
     def start(self) -> FakeEvents:
-        server = _Server(
-            ("127.0.0.1", self.port), _KeepAliveHandler if self.keep_alive else _Handler
-        )
-        server.fake = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-events"
-        )
-        self._thread.start()
-        return self
+        started: FakeEvents = super().start()
+        return started
 
     def stop(self) -> None:
         self.release()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        super().stop()
 
     def __enter__(self) -> FakeEvents:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

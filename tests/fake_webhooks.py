@@ -1,8 +1,8 @@
 """A webhook receiver over real HTTPS, for the webhook tests.
 
-It listens on loopback with a certificate from a test CA (trustme), whose PEM is
-written to `ca_file` for `[[webhook]] ca_file`, as tests/fake_events.py serves the
-Events API stand-in. It keeps every request (headers, body, whether its signature
+It listens on loopback with a certificate from a test CA (tests/https_stand_in.py, as
+the Events API stand-in does), whose PEM is written to `ca_file` for `[[webhook]]
+ca_file`. It keeps every request (headers, body, whether its signature
 verifies, what it answered), and processes each event once, as a receiver should:
 by its Maild-Delivery id, a repeat of an event already processed is answered 200 and
 not processed again. Failures can be scripted (`fail_next`, `fail_always`) and answers
@@ -12,20 +12,17 @@ held back (`hold`).
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import trustme
-
 from maild.outbound.webhooks import verify
+from tests.https_stand_in import HttpsStandIn, TlsServer
 
 SECRET = "receiver-secret-0123456789"
 
@@ -52,21 +49,8 @@ class Request:
         return json.loads(self.body)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeReceiver
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        context = self.fake.server_context
-        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.fake.handler_errors += 1  # a client gone mid-request (a killed daemon)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: TlsServer
     protocol_version = "HTTP/1.1"  # keep-alive, as receivers serve webhooks
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -86,19 +70,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
 
-class FakeReceiver:
+class FakeReceiver(HttpsStandIn):
     """https://127.0.0.1:PORT/hooks; a context manager that starts it."""
 
+    ca_name = "receiver-ca.pem"
+    thread_name = "fake-receiver"
+
     def __init__(self, folder: Path, secret: str = SECRET, port: int = 0) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, port)
         self.secret = secret.encode()
-        self.ca = trustme.CA()
-        self.ca_file = folder / "receiver-ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ca.issue_cert("127.0.0.1").configure_cert(self.server_context)
-        self.port = port
-        self.handler_errors = 0
         self._lock = threading.Condition()
         self._requests: list[Request] = []
         self._processed: dict[str, Request] = {}  # by Maild-Delivery, the first 2xx'd
@@ -107,35 +87,20 @@ class FakeReceiver:
         self._always: int | None = None
         self._released = threading.Event()
         self._released.set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     def start(self) -> FakeReceiver:
-        server = _Server(("127.0.0.1", self.port), _Handler)
-        server.fake = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-receiver"
-        )
-        self._thread.start()
-        return self
+        started: FakeReceiver = super().start()
+        return started
 
     def stop(self) -> None:
         self.release()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        super().stop()
 
     def __enter__(self) -> FakeReceiver:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -185,6 +185,17 @@ def log_results(results: Sequence[Filed]) -> None:
                 )
 
 
+def _queued(results: Sequence[Filed], desk: DeskPolicy | None) -> bool:
+    """Whether filing these queued something to send: a page or mail pending, or (with
+    webhooks) anything filed into a ticket, which may have written webhook events."""
+    hooks = desk is not None and desk.webhooks is not None
+    return any(
+        OutboxStatus.PENDING in (f.page_status, f.ack_status, *(m.status for m in f.mail))
+        or (hooks and f.ticket_id is not None)
+        for f in results
+    )
+
+
 def _mail_of(filed: Filed) -> list[Queued]:
     """The mail filing queued for a delivery: its acknowledgement, then the desk's mail."""
     ack = []
@@ -563,8 +574,5 @@ class Processor:
             backoff = 0.5
             self._batch_limit = MAX_BATCH_MESSAGES
             log_results(results)
-            if self._on_filed is not None and any(
-                OutboxStatus.PENDING in (f.page_status, f.ack_status, *(m.status for m in f.mail))
-                for f in results
-            ):
+            if self._on_filed is not None and _queued(results, self._desk()):
                 self._on_filed(results)

@@ -926,3 +926,16 @@ def test_serve_refuses_a_webhook_ca_file_that_does_not_exist(
     assert str(info.value) == (
         f"{config}: [[webhook]] 'dashboard' ca_file: {tmp_path / 'none'}: No such file or directory"
     )
+
+
+def test_filing_wakes_the_webhooks_sender_rather_than_waiting_for_its_poll(
+    config: Path, receiver: FakeReceiver
+) -> None:
+    """With the sender's poll made 60 s, a new ticket's events still arrive at once."""
+    with RunningMaild(load_settings(config)) as maild:
+        sender = maild.service.webhooks
+        assert sender is not None
+        sender._poll = 60.0  # the next wait; only a wake-up ends it early
+        maild.send(mail("Woken"), [SUPPORT], sender=ALICE)
+        processed = receiver.wait_processed(2, timeout=20)
+    assert [r.event for r in processed] == ["ticket.created", "message.created"]
