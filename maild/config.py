@@ -293,16 +293,31 @@ def _sender_patterns(values: list[str]) -> list[str]:
     return result
 
 
+def resolver_address(text: str) -> tuple[str, int]:
+    """`[desk] dns_resolver` as (IP address, port): "10.0.0.53", "10.0.0.53:5353", "::1",
+    "[::1]:5353" (dnspython asks addresses, not names). ValueError for anything else;
+    mail/authenticity.py reads the setting with it too."""
+    text = text.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"not host or host:port: {text!r}")
+        if rest:
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        port = int(number)
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    return host, port
+
+
 def _resolver_address(value: str | None) -> str | None:
-    """A DNS resolver by IP address: "10.0.0.53", "10.0.0.53:5353", "[::1]:5353"."""
     if value is not None:
-        text = value.strip()
-        bare = text.count(":") == 0 or (text.count(":") > 1 and not text.startswith("["))
         try:
-            host, _ = parse_hostport(
-                f"[{text}]:53" if bare and ":" in text else f"{text}:53" if bare else text
-            )
-            ipaddress.ip_address(host)
+            resolver_address(value)
         except ValueError:
             raise ValueError(
                 f'{value!r} is not an IP address or "address:port" (for example '

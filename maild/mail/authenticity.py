@@ -60,7 +60,6 @@ re-sent as it is (replayed).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -74,6 +73,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from maild.config import resolver_address
 from maild.mail.parsing import MAX_HEADER_CHARS, HeaderBlock, repair_header_line_breaks
 from maild.mail.text import one_line
 
@@ -411,26 +411,6 @@ class _Capture(logging.Handler):
 
 
 # DNS
-
-
-def resolver_address(text: str) -> tuple[str, int]:
-    """`dns_resolver` as (IP address, port): "10.0.0.53", "10.0.0.53:5353",
-    "::1", "[::1]:5353". ValueError for anything else, for the config to validate with."""
-    text = text.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"not host or host:port: {text!r}")
-        if rest:
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-        port = int(number)
-    ipaddress.ip_address(host)  # dnspython asks addresses, not names
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range: {port}")
-    return host, port
 
 
 def dns_txt(resolver: str | None, timeout: float) -> DnsFunc:

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from maild.config import resolver_address
 from maild.mail.authenticity import (
     MAX_SIGNATURES,
     AuthPolicy,
     Verdict,
-    resolver_address,
     verify_sender,
 )
 from maild.mail.parsing import MAX_HEADER_CHARS
