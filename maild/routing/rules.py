@@ -418,7 +418,7 @@ def _sender(value: str) -> str:
 
 
 def _notify(value: str) -> str:
-    if not addresses.is_sender_pattern(value) or value.strip().startswith("*@"):
+    if not addresses.is_address(value):
         raise ValueError(f"{value!r} in notify is not an address")
     return value.strip().lower()
 

@@ -362,6 +362,11 @@ def test_reject_refuses_at_rcpt_with_its_own_reply(tmp_path: Path) -> None:
             ["'*@d.example' in notify is not an address", "'nobody' in notify is not an address"],
         ),
         (
+            '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\n'
+            f'notify = ["{"a" * 400}@d.example"]\ntype = "task"\npriority = "low"\n',
+            [f"'{'a' * 400}@d.example' in notify is not an address"],
+        ),
+        (
             '[[route]]\nname = "x"\nrecipients = ["a@d.example"]\nnotify = "team@d.example"\n'
             'type = "task"\npriority = "low"\n',
             ["notify must be a list of non-empty strings"],
