@@ -39,21 +39,23 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
-from bench import search
+from bench import api, search
 from bench.client import Corpus, LoadResult, Sent, run_load
 from bench.servers import REPO, MemoryWatch, Server, cpu_seconds, descendants, rss_bytes
+from bench.stats import percentile
 from bench.watch import TicketWatch
 from tests.fake_events import FakeEvents
 
 KIB = 1024
 MIB = 1024 * KIB
+API_RATE = 50.0  # API requests/s beside the SMTP load (issue 19)
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,7 @@ class Row:
     client_cpu_s: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
-
-
-def percentile(values: list[float], share: float) -> float:
-    """Nearest-rank percentile (p99 of 50 values is the largest)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(share * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
+    api_load: dict[str, Any] | None = None  # bench.api.ApiLoad's summary, when one ran
 
 
 def shapes(quick: bool, small: bool = False) -> list[Shape]:
@@ -177,6 +173,7 @@ class Bench:
         seconds: float | None = None,
         max_messages: int = 10**9,
         pss: bool = False,
+        api_rate: float = 0.0,
     ) -> Row:
         tag = f"{self.run_id}-{len(self.rows)}"
         corpus = Corpus(shape.size, tag, reply_to=reply_to)
@@ -187,7 +184,10 @@ class Bench:
             if watch is not None and message.inbound_id is not None:
                 watch.expect(message.inbound_id, message.accepted_at)
 
-        with MemoryWatch(server.pid, pss=pss) as memory:
+        load = api.ApiLoad(server.http_url, self.token, api_rate) if api_rate else None
+        with MemoryWatch(server.pid, pss=pss) as memory, ExitStack() as running:
+            if load is not None:
+                running.enter_context(load)
             result = asyncio.run(
                 run_load(
                     server.port,
@@ -207,12 +207,15 @@ class Bench:
         row.peak_rss_mib = round(memory.peak_mib, 1)
         self.peak_pss_mib = round(memory.peak_pss / MIB, 1)
         row.server_cpu_s = round(cpu_seconds(server.pid) - cpu_before, 2)
+        if load is not None:
+            row.api_load = load.summary()
         self._summarise(row, result, watch, events_before)
         self.rows.append(row)
         self.log(
             f"{row.server:9} {row.database or '-':10} stored={row.stored:<8} "
             f"{row.connections:>2}x{row.per_connection:<2} {row.size:20} "
             f"{row.messages:6} msgs {row.rate:8.1f}/s"
+            + (f" API {json.dumps(row.api_load)}" if row.api_load else "")
         )
         return row
 
@@ -305,10 +308,31 @@ class Bench:
             folder.mkdir()
             server = Server.maild(folder, url, self.events.url, self.events.ca_file)
             with server, TicketWatch(url) as watch:
+                api.wait_ready(server.http_url)
+                assert server.config is not None
+                self.token = api.create_token(server.config, f"bench-{name}")
+                if stored:
+                    self.api_reads[kind] = {
+                        "stored": stored,
+                        "reads": api.time_reads(
+                            server.http_url, self.token, stored, 20 if self.quick else 200
+                        ),
+                    }
                 for shape in shapes(self.quick, self.args.small):
                     if only(shape):
                         row = self._row("maild", kind, stored, shape)
                         self.measure(server, row, shape, watch, reply_to)
+                if not stored:
+                    self.with_api_load(server, kind, watch)
+
+    def with_api_load(self, server: Server, kind: str, watch: TicketWatch) -> None:
+        """The 20 x 10 4 KiB row again with API_RATE API requests/s running, then once
+        more without: the two rows without show the noise the row with must be told from."""
+        shape = Shape(20, 10, 4 * KIB)
+        for rate in (API_RATE, 0.0):
+            row = self._row("maild", kind, 0, shape)
+            row.server = f"maild, {API_RATE:g} API req/s" if rate else "maild, again"
+            self.measure(server, row, shape, watch, api_rate=rate)
 
     def memory_row(self, size: int) -> None:
         folder = self.folder / "memory"
@@ -349,12 +373,15 @@ class Bench:
 
     fills: dict[str, Any]
     searches: dict[str, Any]
+    api_reads: dict[str, Any]
+    token: str = ""
     postgres: dict[str, str]
     peak_pss_mib: float = 0.0
 
     def run(self) -> dict[str, Any]:
         self.fills = {}
         self.searches = {}
+        self.api_reads = {}
         self.postgres = {}
         started = time.monotonic()
         stored = (
@@ -391,6 +418,7 @@ class Bench:
             "postgresql": self.postgres,
             "fills": self.fills,
             "searches": {"databases": self.searches},
+            "api_reads": self.api_reads,
             "rows": [asdict(row) for row in self.rows],
             "reference_passes": {
                 f"{c} × {m}, {size}": rates for (c, m, size), rates in passes.items()
@@ -473,6 +501,18 @@ def table(report: dict[str, Any]) -> str:
     if searches.get("databases"):
         heading = "Searches (bench/search.py) in the filled databases:"
         lines += ["", heading, "", search.table(searches).rstrip("\n")]
+    if report.get("api_reads"):
+        heading = "API reads (bench/api.py) in the filled databases, over HTTP:"
+        lines += ["", heading, "", api.table(report["api_reads"]).rstrip("\n")]
+    loaded = [row for row in report["rows"] if row.get("api_load")]
+    for row in loaded:
+        load = row["api_load"]
+        lines += [
+            "",
+            f"{row['server']} ({row['database']}): {load['requests']} API requests at "
+            f"{load['per_s']}/s (target {load['target_per_s']:g}), p50 / p99 "
+            f"{load['p50_ms']} / {load['p99_ms']} ms, errors {load['errors'] or 'none'}.",
+        ]
     memory = report["memory"]
     if memory:
         lines += [

@@ -25,7 +25,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def maild_config(
-    folder: Path, port: int, database_url: str, events_url: str, ca_file: Path
+    folder: Path, port: int, database_url: str, events_url: str, ca_file: Path, http_port: int
 ) -> Path:
     """maild's defaults, except what a benchmark on one host must change (said here)."""
     config = folder / "maild.toml"
@@ -36,6 +36,9 @@ listen = "127.0.0.1:{port}"
 hostname = "bench.invalid"
 max_message_size = "30 MiB"   # the memory row sends 25 MiB messages; the default is 25 MiB
 max_connections_per_ip = 0    # the whole load comes from one address
+
+[http]
+listen = "127.0.0.1:{http_port}"  # the API's rows (bench/api.py)
 
 [database]
 url = "{database_url}"
@@ -62,11 +65,15 @@ max_pages_per_sender_per_hour = 0   # every sysops@ message must page, to time e
 class Server:
     """One server process; a context manager."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], port: int, log: Path, config: Path | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.port = port
         self.log_path = log
+        self.config = config  # maild's
+        self.http_port = 0  # maild's [http] listen
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -77,10 +84,16 @@ class Server:
 
     @classmethod
     def maild(cls, folder: Path, database_url: str, events_url: str, ca_file: Path) -> Server:
-        port = free_port()
-        config = maild_config(folder, port, database_url, events_url, ca_file)
+        port, http_port = free_port(), free_port()
+        config = maild_config(folder, port, database_url, events_url, ca_file, http_port)
         argv = [sys.executable, "-m", "maild", "serve", "--config", str(config)]
-        return cls("maild", argv, port, folder / "maild.log")
+        server = cls("maild", argv, port, folder / "maild.log", config)
+        server.http_port = http_port
+        return server
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:
