@@ -509,7 +509,8 @@ def table(report: dict[str, Any]) -> str:
         load = row["api_load"]
         lines += [
             "",
-            f"{row['server']} ({row['database']}): {load['requests']} API requests at "
+            f"{row['server']} ({row['database']}): {load['requests']} API requests answered "
+            f"of {load['sent']} sent, at "
             f"{load['per_s']}/s (target {load['target_per_s']:g}), p50 / p99 "
             f"{load['p50_ms']} / {load['p99_ms']} ms, errors {load['errors'] or 'none'}.",
         ]

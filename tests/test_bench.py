@@ -83,7 +83,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     ]
     (loaded,) = [r for r in rows if r["api_load"]]
     assert loaded["server"] == "maild, 50 API req/s"
-    assert loaded["api_load"]["requests"] > 0
+    assert loaded["api_load"]["requests"] == loaded["api_load"]["sent"] > 0
     assert loaded["api_load"]["errors"] == {}
     assert "API reads (bench/api.py)" in table
 
