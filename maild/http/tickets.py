@@ -900,7 +900,8 @@ async def patch_ticket(
             text = str(exc)
             name = "assignee" if text.startswith("assignee") else "application"
             raise _invalid(name, text.removeprefix(f"{name}: ")) from None
-        queued.append(result.page is not None or result.notice is not None)
+        # a page, a notice, or (any change: ticket.updated) webhook events to send
+        queued.append(bool(result.events) or result.page is not None or result.notice is not None)
         return Answer(200, show_ticket(session, ticket_id))
 
     answer = await _write(api, who, request, idempotency_key, work)

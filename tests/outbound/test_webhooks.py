@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from click.testing import CliRunner, Result
 from sqlmodel import select
@@ -939,3 +940,29 @@ def test_filing_wakes_the_webhooks_sender_rather_than_waiting_for_its_poll(
         maild.send(mail("Woken"), [SUPPORT], sender=ALICE)
         processed = receiver.wait_processed(2, timeout=20)
     assert [r.event for r in processed] == ["ticket.created", "message.created"]
+
+
+def test_a_change_through_the_api_wakes_the_webhooks_sender(
+    make_config: Callable[..., Path], receiver: FakeReceiver
+) -> None:
+    """A PATCH that changes a ticket (no page, no notice: only ticket.updated) reaches
+    the receiver at once, with the sender's poll made 60 s."""
+    from tests.http.conftest import bearer, http_url, make_token
+
+    config = make_config('[http]\nlisten = "127.0.0.1:0"\n' + DESK + webhook_section(receiver))
+    with RunningMaild(load_settings(config)) as maild:
+        _, ticket_id = opened(maild)
+        receiver.wait_processed(2, timeout=20)
+        sender = maild.service.webhooks
+        assert sender is not None
+        sender._poll = 60.0  # the next wait; only a wake-up ends it early
+        token = make_token(maild.service.database, "desk", "write")
+        answer = httpx2.patch(
+            f"{http_url(maild)}/api/v1/tickets/{ticket_id}",
+            json={"priority": "high", "by": AGENT},
+            headers=bearer(token),
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        processed = receiver.wait_processed(3, timeout=20)
+    assert [r.event for r in processed] == ["ticket.created", "message.created", "ticket.updated"]
