@@ -103,13 +103,16 @@ def verify(
     body under `secret`, made within `tolerance` seconds of `now`."""
     fields = [part.strip().partition("=") for part in header.split(",")]
     stamps = [value for key, _, value in fields if key == "t"]
-    signatures = [value for key, _, value in fields if key == "v1"]
-    if len(stamps) != 1 or not stamps[0].isdigit() or not signatures:
+    signatures = [value.encode() for key, _, value in fields if key == "v1" and value.isascii()]
+    # isascii: "²".isdigit() is true and int("²") raises; compare_digest refuses non-ASCII
+    # str; at most 12 digits: a longer one overflows the float subtraction below
+    stamp = stamps[0] if len(stamps) == 1 else ""
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12) or not signatures:
         return False
-    timestamp = int(stamps[0])
+    timestamp = int(stamp)
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         return False
-    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
+    expected = sign(secret, body, timestamp).rpartition("v1=")[2].encode()
     return any(hmac.compare_digest(expected, s) for s in signatures)
 
 
