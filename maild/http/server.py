@@ -157,6 +157,7 @@ class GuardedH11Protocol(H11Protocol):
             transport.close()
             return
         self._real = transport
+        nodelay(transport)
         super().connection_made(_Transport(transport, self))
         self._arm(self.limits.header_timeout, self._head_late)
 
@@ -297,6 +298,18 @@ class _EmbeddedServer(uvicorn.Server):
         ]
         self.started = True
         self.listening.set()
+
+
+def nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on the connection's socket. asyncio sets it only on sockets whose proto
+    is IPPROTO_TCP, and an accepted socket inherits the listening one's: a listener made
+    with proto 0 (socket.create_server, some passed by systemd) left Nagle on, and a
+    response written in two parts (head, body) waited for the client's delayed ACK:
+    40 ms on every keep-alive request after the first (docs/benchmarks.md)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def bind(listen: str) -> socket.socket:

@@ -504,3 +504,18 @@ def test_socket_activation_passes_the_http_socket(
     finally:
         daemon.__exit__()
     assert not [e for e in daemon.events() if e.get("level") == "error"]
+
+
+def test_keep_alive_connections_have_nagle_off(served: RunningMaild) -> None:
+    """TCP_NODELAY on every accepted connection: with Nagle on, a response written as head
+    and body waited for the client's delayed ACK, 40 ms on each keep-alive request after
+    the first (the listener is made with proto 0, so asyncio did not set it)."""
+    with httpx2.Client(base_url=http_url(served)) as client:
+        for _ in range(3):
+            assert client.get("/healthz").status_code == 200
+        server = served.service.http
+        assert server is not None
+        assert server._server is not None
+        (protocol,) = server._server.server_state.connections
+        sock = protocol._real.get_extra_info("socket")  # type: ignore[attr-defined]
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
