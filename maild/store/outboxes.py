@@ -10,10 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy import select as select_core
 from sqlmodel import Session, col, select
 
 from maild.enums import MailStatus, OutboxStatus, PageStatus
-from maild.store.models import Message, Outmail, OutmailRecipient, Page, WebhookEvent, as_utc
+from maild.store.models import (
+    Message,
+    Outmail,
+    OutmailRecipient,
+    Page,
+    WebhookEvent,
+    as_utc,
+    table_of,
+)
 
 # Pages.
 
@@ -67,7 +76,12 @@ def ticket_pages(session: Session, ticket_ids: list[int]) -> dict[int, dict[str,
         .where(col(Page.ticket_id).in_(ticket_ids))
         .group_by(col(Page.ticket_id))
     )
-    rows = session.exec(select(Page).where(col(Page.id).in_(latest))).all()
+    page = table_of(Page).c
+    rows = session.execute(
+        select_core(page.id, page.ticket_id, page.action, page.status, page.reason).where(
+            page.id.in_(latest)
+        )
+    ).all()  # columns, not models: one per listed ticket
     return {
         p.ticket_id: {"id": p.id, "action": p.action, "status": p.status, "reason": p.reason}
         for p in rows

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_
+from sqlalchemy import ColumnElement, Row, and_, func, or_
+from sqlalchemy import select as select_core
 from sqlmodel import Session, col, select
 
 from maild.enums import Direction, TicketStatus
@@ -29,6 +30,7 @@ from maild.store.models import (
     Ticket,
     TicketEvent,
     as_utc,
+    table_of,
 )
 from maild.store.outboxes import list_outmail, list_pages, ticket_pages
 from maild.store.search import has_customer, has_participant, has_words
@@ -53,14 +55,19 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+_TICKET = table_of(Ticket)
+_PARTICIPANT = table_of(Participant)
+
+
 def _participants(session: Session, ticket_ids: list[int]) -> dict[int, list[dict[str, str]]]:
     result: dict[int, list[dict[str, str]]] = defaultdict(list)
     if not ticket_ids:
         return result
-    rows = session.exec(
-        select(Participant)
-        .where(col(Participant.ticket_id).in_(ticket_ids))
-        .order_by(col(Participant.id))
+    # Core rows, not ORM objects: a list reads a few hundred of them per page
+    rows = session.execute(
+        select_core(_PARTICIPANT)
+        .where(_PARTICIPANT.c.ticket_id.in_(ticket_ids))
+        .order_by(_PARTICIPANT.c.id)
     ).all()
     for person in rows:
         entry = {"email": person.email, "name": person.name, "role": person.role}
@@ -85,7 +92,7 @@ def _message_counts(
 
 
 def ticket_view(
-    ticket: Ticket,
+    ticket: Ticket | Row[Any],  # a model, or a Core row of the ticket table
     participants: list[dict[str, str]],
     count: int,
     page: dict[str, Any] | None = None,
@@ -168,7 +175,9 @@ class Filters:
         return conditions
 
 
-def _views(session: Session, tickets: Sequence[Ticket], public_only: bool) -> list[dict[str, Any]]:
+def _views(
+    session: Session, tickets: Sequence[Ticket | Row[Any]], public_only: bool
+) -> list[dict[str, Any]]:
     ids = [t.id for t in tickets if t.id is not None]
     people = _participants(session, ids)
     counts = _message_counts(session, ids, public_only)
@@ -196,11 +205,11 @@ def list_tickets(
     filters = Filters(
         status, type_, priority, participant, application, search, assignee, unassigned
     )
-    query = select(Ticket).where(*filters.conditions(session))
-    query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc())
+    query = select_core(_TICKET).where(*filters.conditions(session))
+    query = query.order_by(_TICKET.c.updated_at.desc(), _TICKET.c.id.desc())
     if limit:
         query = query.limit(limit)
-    return _views(session, session.exec(query).all(), public_only=False)
+    return _views(session, session.execute(query).all(), public_only=False)
 
 
 Position = tuple[datetime, int]  # a ticket's place in the newest-first order: (updated_at, id)
@@ -213,17 +222,17 @@ def page_tickets(
     higher id first), after the position `after`; and the position of its last ticket
     when more follow (None: this is the last page). A customer's filter is part of the
     query: a page is never filtered after it is read."""
-    query = select(Ticket).where(*filters.conditions(session))
+    query = select_core(_TICKET).where(*filters.conditions(session))
     if after is not None:
         updated, ticket_id = after
         query = query.where(
             or_(
-                col(Ticket.updated_at) < updated,
-                and_(col(Ticket.updated_at) == updated, col(Ticket.id) < ticket_id),
+                _TICKET.c.updated_at < updated,
+                and_(_TICKET.c.updated_at == updated, _TICKET.c.id < ticket_id),
             )
         )
-    query = query.order_by(col(Ticket.updated_at).desc(), col(Ticket.id).desc()).limit(limit + 1)
-    tickets = list(session.exec(query).all())
+    query = query.order_by(_TICKET.c.updated_at.desc(), _TICKET.c.id.desc()).limit(limit + 1)
+    tickets = list(session.execute(query).all())
     more = len(tickets) > limit
     tickets = tickets[:limit]
     last = tickets[-1] if more else None
