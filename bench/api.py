@@ -7,7 +7,7 @@ steady API load beside the SMTP load.
   dashboard's front page), a search for a selective word and for a common one (`q=`).
   p50 and p99 of the request's wall time as the client sees it: routing, the token's
   check, the query, the JSON, the socket.
-- `ApiLoad`: a thread that sends `rate` requests per second on a fixed schedule (open
+- `ApiLoad`: a process that sends `rate` requests per second on a fixed schedule (open
   loop: a slow answer does not lower the rate it tries), alternating the open queue's
   first page and one of its tickets in full (messages, participants, events); bench/run.py
   runs it during an SMTP row, to compare that row's accept rate with the same row without it.
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.queues
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,29 @@ class ApiLoad:
         self.errors: dict[str, int] = {}
         self.started = 0.0
         self.stopped = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-load", daemon=True)
+        # In a process of its own: a thread would take the GIL from the SMTP load client
+        # in this process and slow the very load it is compared against.
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: multiprocessing.queues.Queue[dict[str, Any]] = context.Queue()
+        self._process = context.Process(
+            target=_run_load,
+            args=(base_url, token, rate, connections, self._stop, self._results),
+            name="api-load",
+            daemon=True,
+        )
 
     def _run(self) -> None:
         asyncio.run(self._load())
+        self._results.put(
+            {
+                "times": self.times,
+                "errors": self.errors,
+                "started": self.started,
+                "stopped": self.stopped,
+                "sent": self.sent,
+            }
+        )
 
     async def _load(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -168,12 +187,15 @@ class ApiLoad:
     sent = 0
 
     def __enter__(self) -> ApiLoad:
-        self._thread.start()
+        self._process.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        found = self._results.get(timeout=120)
+        self._process.join(30)
+        self.times, self.errors = found["times"], found["errors"]
+        self.started, self.stopped, self.sent = found["started"], found["stopped"], found["sent"]
 
     def summary(self) -> dict[str, Any]:
         seconds = max(self.stopped - self.started, 1e-9)
@@ -186,6 +208,22 @@ class ApiLoad:
             "p99_ms": round(percentile(self.times, 0.99), 1) if self.times else None,
             "errors": dict(self.errors),
         }
+
+
+def _run_load(
+    base_url: str,
+    token: str,
+    rate: float,
+    connections: int,
+    stop: Any,
+    results: multiprocessing.queues.Queue[dict[str, Any]],
+) -> None:
+    """The load process: an ApiLoad whose stop event and results queue are the parent's."""
+    load = object.__new__(ApiLoad)
+    load.base_url, load.token, load.rate, load.connections = base_url, token, rate, connections
+    load.times, load.errors, load.started, load.stopped = [], {}, 0.0, 0.0
+    load._stop, load._results = stop, results
+    load._run()
 
 
 def table(reads: dict[str, Any]) -> str:
