@@ -80,6 +80,7 @@ class TicketField(StrEnum):
     TYPE = "type"
     APPLICATION = "application"
     ASSIGNEE = "assignee"
+    CC = "cc"  # a CC taken off the ticket: old is the address, new is null
 
 
 class PageAction(StrEnum):

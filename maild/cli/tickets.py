@@ -291,7 +291,9 @@ def _notice_line(notice: Planned) -> str:
     return f"solved notice to the requester queued as mail {mail.id}"
 
 
-CHANGE_OPTIONS = "--priority, --type, --application, --status, --assignee or --unassign"
+CHANGE_OPTIONS = (
+    "--priority, --type, --application, --status, --assignee, --unassign or --remove-cc"
+)
 
 
 @tickets.command("set")
@@ -304,6 +306,12 @@ CHANGE_OPTIONS = "--priority, --type, --application, --status, --assignee or --u
 @click.option("--status", type=click.Choice([s.value for s in TicketStatus]))
 @click.option("--assignee", metavar="ADDR", help="The agent working it.")
 @click.option("--unassign", is_flag=True, help="Nobody works it any more.")
+@click.option(
+    "--remove-cc",
+    metavar="ADDR",
+    multiple=True,
+    help="Take this CC off the ticket: no more copies until it writes again (repeatable).",
+)
 @_by_option(required=True)
 def tickets_set(
     config_path: Path | None,
@@ -315,6 +323,7 @@ def tickets_set(
     status: str | None,
     assignee: str | None,
     unassign: bool,
+    remove_cc: tuple[str, ...],
     by: str,
 ) -> None:
     """Change a ticket: each change is an event on it, shown by `tickets show`.
@@ -328,7 +337,9 @@ def tickets_set(
 
     if assignee is not None and unassign:
         raise click.UsageError("--assignee and --unassign cannot be combined")
-    if (priority, type_, application, status, assignee) == (None,) * 5 and not unassign:
+    if (priority, type_, application, status, assignee) == (None,) * 5 and not (
+        unassign or remove_cc
+    ):
         raise click.UsageError(f"nothing to change: give {CHANGE_OPTIONS}")
     settings = load_config(config_path)
     who = _who(by, settings)
@@ -341,6 +352,7 @@ def tickets_set(
         application=application,
         assignee=assignee,
         unassign=unassign,
+        remove_cc=remove_cc,
     )
     result, view = _change(settings, ticket_id, changes, who)
     if as_json:

@@ -40,10 +40,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from maild.config import Settings
-from maild.enums import Priority, TicketField, TicketStatus, TicketType
+from maild.enums import ParticipantRole, Priority, TicketField, TicketStatus, TicketType
 from maild.mail import addresses
 from maild.outbound import webhook_events
 from maild.outbound.correspondence import DeskPolicy, Planned, plan_solved_notice
@@ -51,7 +51,7 @@ from maild.outbound.paging import EscalationPolicy, plan_change_trigger, queue_r
 from maild.outbound.webhook_events import Webhooks
 from maild.routing.rules import RuleTable
 from maild.store import ratelimit
-from maild.store.models import Page, Ticket, TicketEvent, utcnow
+from maild.store.models import Page, Participant, Ticket, TicketEvent, utcnow
 from maild.store.tickets import TicketNotFound
 
 CLOSED = frozenset({TicketStatus.SOLVED, TicketStatus.CLOSED})
@@ -83,6 +83,7 @@ class Changes:
     application: str | None = None
     assignee: str | None = None  # an agent's address
     unassign: bool = False  # assignee back to nobody
+    remove_cc: tuple[str, ...] = ()  # CC'd addresses to take off the ticket (not the requester)
 
     def wanted(self) -> list[tuple[TicketField, str | None]]:
         """(field, new value) for each field asked for, in TicketField order."""
@@ -198,6 +199,7 @@ def change_ticket(
     before = (TicketStatus(ticket.status), ticket.type, Priority(ticket.priority))
     recorded = f"{by} ({via})"[:320] if via else by
     events: list[TicketEvent] = []
+    events.extend(_remove_cc(session, ticket, changes.remove_cc, recorded, now))
     for field, new in wanted:
         old: str | None = getattr(ticket, field.value)
         if old == new:
@@ -247,12 +249,47 @@ def _check(changes: Changes, context: DeskContext, by: str) -> list[tuple[Ticket
         ord(c) < 0x20 or ord(c) == 0x7F for c in changes.application
     ):
         raise NotAllowed("application must be one line of text without control characters")
+    for email in changes.remove_cc:
+        if not addresses.is_address(email):
+            raise NotAllowed(f"remove_cc: {email!r} is not an email address")
     wanted = changes.wanted()
-    if not wanted:
+    if not wanted and not changes.remove_cc:
         raise NotAllowed(
-            "nothing to change: give a status, priority, type, application or assignee"
+            "nothing to change: give a status, priority, type, application, assignee "
+            "or a CC to remove"
         )
     return wanted
+
+
+def _remove_cc(
+    session: Session, ticket: Ticket, emails: Sequence[str], by: str, now: datetime
+) -> list[TicketEvent]:
+    """Take these CC'd addresses off the ticket: they get no more copies (until they write
+    again). The requester is not a CC and stays; an address not on the ticket is no change."""
+    if not emails:
+        return []
+    wanted = {addresses.normalize(e) for e in emails}
+    people = session.exec(
+        select(Participant).where(
+            Participant.ticket_id == ticket.id,
+            col(Participant.email).in_(wanted),
+            Participant.role == ParticipantRole.CC.value,
+        )
+    ).all()
+    events = []
+    for person in sorted(people, key=lambda p: p.email):
+        session.delete(person)
+        events.append(
+            TicketEvent(
+                ticket_id=ticket.id or 0,
+                field=TicketField.CC.value,
+                old=person.email,
+                new=None,
+                by=by,
+                created_at=now,
+            )
+        )
+    return events
 
 
 def _page(

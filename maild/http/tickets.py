@@ -212,6 +212,7 @@ class TicketChange(_Strict):
     type: TicketType | None = None
     application: Annotated[OneLine, Field(max_length=255)] | None = None
     assignee: Email | None = None  # null: nobody
+    remove_cc: Annotated[list[Email], Field(max_length=50)] = []  # CCs taken off the ticket
 
 
 # Shared steps.
@@ -555,6 +556,21 @@ def safe_content_type(stored: str) -> str:
     return media if media in SAFE_TYPES else "application/octet-stream"
 
 
+def download(data: bytes, filename: str, content_type: str, number: int) -> Response:
+    """An attachment's exact bytes as a download, never rendered (the API and the console):
+    a safe name and type, nosniff, and a sandbox should a browser open it all the same."""
+    return Response(
+        data,
+        media_type=safe_content_type(content_type),
+        headers={
+            "Content-Disposition": content_disposition(filename, number),
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
 @router.get(
     "/tickets/{ticket_id}/attachments/{number}",
     summary="Attachment NUMBER of a ticket (as numbered in the ticket's messages), byte for byte",
@@ -584,16 +600,7 @@ async def get_attachment(
         raise _not_found(ticket_id) from None
     except AttachmentNotFound:
         raise ProblemError(404, f"ticket {ticket_id} has no attachment {number}") from None
-    return Response(
-        data,
-        media_type=safe_content_type(content_type),
-        headers={
-            "Content-Disposition": content_disposition(filename, number),
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-            "Cache-Control": "private, no-store",
-        },
-    )
+    return download(data, filename, content_type, number)
 
 
 # Opening a ticket.
@@ -846,7 +853,7 @@ async def post_message(
 
 @router.patch(
     "/tickets/{ticket_id}",
-    summary="Change a ticket's status, priority, type, application or assignee (as tickets set)",
+    summary="Change a ticket's status, priority, type, application, assignee or CCs (tickets set)",
     responses={
         200: {"description": "the ticket as changed, as GET /tickets/{id} shows it"},
         403: {"model": Problem, "description": "a customer's token (it cannot change tickets)"},
@@ -871,8 +878,10 @@ async def patch_ticket(
     for name in ("status", "priority", "type", "application"):
         if name in given and getattr(change, name) is None:
             raise _invalid(name, "must not be null (leave it out to keep it)")
-    if not given - {"by"}:
-        message = "nothing to change: give status, priority, type, application or assignee"
+    if not given - {"by", "remove_cc"} and not change.remove_cc:
+        message = (
+            "nothing to change: give status, priority, type, application, assignee or remove_cc"
+        )
         raise ProblemError(422, message, kind="invalid-request", errors=[_field("", message)])
     desk = api.desk_context()
     try:
@@ -886,6 +895,7 @@ async def patch_ticket(
         application=change.application,
         assignee=change.assignee,
         unassign="assignee" in given and change.assignee is None,
+        remove_cc=tuple(change.remove_cc),
     )
     queued: list[bool] = []
 
@@ -898,7 +908,7 @@ async def patch_ticket(
             raise _not_found(ticket_id) from None
         except NotAllowed as exc:
             text = str(exc)
-            name = "assignee" if text.startswith("assignee") else "application"
+            name = next((n for n in ("assignee", "remove_cc") if text.startswith(n)), "application")
             raise _invalid(name, text.removeprefix(f"{name}: ")) from None
         # a page, a notice, or (any change: ticket.updated) webhook events to send
         queued.append(bool(result.events) or result.page is not None or result.notice is not None)

@@ -142,6 +142,24 @@ def test_set_prints_each_change_and_show_lists_them_as_events(
     ]
 
 
+def test_set_remove_cc_takes_a_cc_off_and_leaves_the_requester(
+    make_config: Callable[..., Path],
+) -> None:
+    config = make_config()
+    message = mail("Copies")
+    message["Cc"] = "Bob <bob@customer.example>"
+    tid = ingest(config, message)
+    out = ok(
+        config, "tickets", "set", str(tid), "--remove-cc", "BOB@customer.example",
+        "--remove-cc", ALICE, "--by", AGENT,
+    )  # fmt: skip
+    assert out.splitlines() == ["cc: bob@customer.example → (none)"]
+    assert [p["email"] for p in shown(config, tid)["participants"]] == [ALICE]
+    again = ok(config, "tickets", "set", str(tid), "--remove-cc", "bob@customer.example",
+               "--by", AGENT)  # fmt: skip
+    assert again.splitlines() == [f"ticket {tid} unchanged: it already is as asked"]
+
+
 def test_set_json_prints_the_ticket_as_show_json_does(make_config: Callable[..., Path]) -> None:
     """set --json is the changed ticket exactly as `tickets show --json` prints it."""
     config = make_config()

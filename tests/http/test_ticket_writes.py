@@ -477,9 +477,35 @@ def test_patch_changes_as_tickets_set_and_records_the_token(
     assert len(unchanged.json()["events"]) == len(solved["events"])
 
 
+def test_patch_takes_a_cc_off_the_ticket_and_its_copies_stop(
+    desk: RunningMaild, api: Api, sink: SmtpSink
+) -> None:
+    """remove_cc: Bob is no longer a participant (an event says so); the next reply goes to
+    Alice alone; the requester cannot be removed that way (no change)."""
+    tid = new_ticket(desk, "Copies", Cc=f"Bob <{BOB}>")
+    drain(desk, sink, 1)
+    headers = api.token()
+    answer = api.http.patch(
+        f"{TICKETS}/{tid}", json={"by": JO, "remove_cc": [BOB, ALICE]}, headers=headers
+    )
+    assert answer.status_code == 200, answer.text
+    ticket = answer.json()
+    assert [p["email"] for p in ticket["participants"]] == [ALICE]
+    assert [(e["field"], e["old"], e["new"]) for e in ticket["events"]] == [("cc", BOB, None)]
+    reply = api.http.post(
+        f"{TICKETS}/{tid}/messages",
+        json={"author": {"email": JO, "name": "Jo"}, "body": "Only Alice now."},
+        headers=headers,
+    )
+    assert reply.status_code == 201, reply.text
+    (sent,) = drain(desk, sink, 1)
+    assert sent.rcpt_tos == [ALICE]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
+        ({"by": JO, "remove_cc": ["not an address"]}, 422, "remove_cc.0"),
         ({"status": "solved"}, 422, "by"),
         ({"by": "stranger@customer.example", "status": "solved"}, 422, "by"),
         ({"by": JO}, 422, ""),
