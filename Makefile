@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean browser-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)  ## the whole suite (PostgreSQL tests too when MAILD_TEST_DATABAS
 
 bench: $(STAMP)  ## measured, never asserted: docs/benchmarks.md (PostgreSQL rows with MAILD_BENCH_DATABASE_URL)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+browser-deps:  ## Debian's chromium and chromedriver, for the console's browser tests (as root)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
 
 lint: $(STAMP)
 	$(BIN)/ruff check maild tests bench

@@ -529,6 +529,18 @@ class WebhookSettings(_Section):
         return self.secret.get_secret_value().encode()
 
 
+class ConsoleSettings(_Section):
+    """The desk console (maild/console): web pages for agents, on [http] listen."""
+
+    enabled: bool = False
+    idle_timeout: float = 8 * 3600.0  # a session unused this long is signed out
+    max_age: float = 7 * 86400.0  # and any session this old
+    # failed sign-ins, per account and per client address, in any 15 minutes
+    max_failed_sign_ins: int = Field(default=10, ge=1, le=10_000, strict=True)
+
+    _duration = field_validator("idle_timeout", "max_age", mode="before")(parse_duration)
+
+
 class Settings(_Section):
     """Everything maild reads from its config file."""
 
@@ -544,6 +556,7 @@ class Settings(_Section):
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     webhook: list[WebhookSettings] = Field(default_factory=list)  # [[webhook]], in order
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,8 @@ from maild.routing.rules import RuleTable, load_rules
 from maild.store.database import Database
 
 if TYPE_CHECKING:  # imported when [http] listen is set: fastapi and uvicorn load only then
+    from starlette.applications import Starlette
+
     from maild.http.server import HttpServer
 
 log = structlog.get_logger("maild.service")
@@ -145,6 +148,7 @@ class Service:
             name="db-check",
         )
         self.rules_problems: list[str] = []  # of the last reload that failed, until one works
+        self.rules_loaded_at = datetime.now(UTC)  # when the table in force was loaded
         self._watch_stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -190,6 +194,7 @@ class Service:
             return False
         self.rules = table
         self.rules_problems = []
+        self.rules_loaded_at = datetime.now(UTC)
         log.info("rules reloaded", version=table.version, routes=len(table.routes))
         return True
 
@@ -242,6 +247,11 @@ class Service:
         smtp = self.settings.smtp
         hostname = smtp.hostname or await asyncio.to_thread(socket.getfqdn)
         passed = systemd.passed_sockets()  # socket activation: systemd holds port 25
+        if self.settings.console.enabled and not (self.settings.http.listen or "http" in passed):
+            raise ConfigError(
+                f"{self.settings.source or 'the config'}: [console] enabled = true needs "
+                "[http] listen: the console is served on the HTTP listener"
+            )
         wanted = [("smtp", smtp.listen)]
         if self.settings.lmtp.listen or "lmtp" in passed:
             wanted.append(("lmtp", self.settings.lmtp.listen or "127.0.0.1:0"))
@@ -330,8 +340,25 @@ class Service:
             ),
             self.settings.http,
             routers=[tickets_api.router, rules_api.router],
+            console=self._console() if self.settings.console.enabled else None,
         )
         return HttpServer(app, self.settings.http)
+
+    def _console(self) -> Starlette:
+        """The desk console's pages (maild/console), mounted at /console."""
+        from maild.console.app import ConsoleContext, RulesStatus, build_console
+
+        return build_console(
+            ConsoleContext(
+                database=self.database,
+                settings=self.settings,
+                desk=self.desk,
+                rules=lambda: RulesStatus(
+                    self.rules, self.rules_loaded_at, list(self.rules_problems)
+                ),
+                queued=self._outbox_queued,
+            )
+        )
 
     def _status(self) -> str:
         listening = ", ".join(f"{k} on {h}:{p}" for k, (h, p) in self.addresses.items())

@@ -9,6 +9,7 @@ for MTAs: 0 stored, 65 too large, 67 unknown recipient, 75 try again later.
 
 from maild.cli import (
     acks,
+    agents,
     db,
     filing,
     inbound,
@@ -24,6 +25,7 @@ from maild.cli.common import main
 
 __all__ = [
     "acks",
+    "agents",
     "db",
     "filing",
     "inbound",

@@ -162,6 +162,24 @@ def read_with(config_path: Path | None, work: Callable[[Any], T]) -> T:
         database.close()
 
 
+def write_with(
+    config_path: Path | None,
+    work: Callable[[Any], T],
+    refused: tuple[type[Exception], ...] = (),
+) -> T:
+    """Run one write (one committed transaction) against the configured database and close
+    it; exit 1 with the message of a `refused` error or of a database problem."""
+    database = open_database(load_config(config_path))
+    try:
+        return database.run_write(work)
+    except refused as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(*database_problem(database.name, exc))
+    finally:
+        database.close()
+
+
 def retry_row(settings: Settings, noun: str, row_id: int, retry: Callable[..., T]) -> T:
     """An outbox row made due again (`pages retry`, `acks retry`); exit 1 naming the problem."""
     from maild.outbound.outbox import NotFound, NotRetryable

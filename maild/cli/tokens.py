@@ -7,20 +7,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from maild.cli.common import (
     config_option,
-    database_problem,
-    fail,
     json_option,
-    load_config,
     main,
-    open_database,
     print_json,
     print_views,
     show,
+    write_with,
 )
 
 T = TypeVar("T")
@@ -29,15 +25,7 @@ T = TypeVar("T")
 def _write(config_path: Path | None, work: Callable[[Session], T]) -> T:
     from maild.store.tokens import TokenError
 
-    database = open_database(load_config(config_path))
-    try:
-        return database.run_write(work)
-    except TokenError as exc:
-        fail(str(exc))
-    except SQLAlchemyError as exc:
-        fail(*database_problem(database.name, exc))
-    finally:
-        database.close()
+    return write_with(config_path, work, (TokenError,))
 
 
 @main.group()

@@ -56,6 +56,7 @@ from maild.store.database import Database
 log = structlog.get_logger("maild.http")
 
 API_V1 = "/api/v1"
+CONSOLE = "/console"
 
 Check = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -171,8 +172,10 @@ def build_app(
     *,
     authenticator: Authenticator | None = None,
     routers: Sequence[APIRouter] = (),
+    console: ASGIApp | None = None,
 ) -> FastAPI:
-    """The whole HTTP application; `routers` are mounted under /api/v1."""
+    """The whole HTTP application; `routers` are mounted under /api/v1, the `console`
+    (maild/console, when [console] enabled) under /console."""
     app = FastAPI(
         title="maild",
         version=__version__,
@@ -189,6 +192,8 @@ def build_app(
     for router in routers:
         app.include_router(router, prefix=API_V1)
     _ops_routes(app, ops)
+    if console is not None:
+        app.mount(CONSOLE, console)
     # add_middleware puts each outside the ones added before it.
     app.add_middleware(RequestLimits, max_size=settings.max_body_size, max_head=MAX_HEAD)
     app.add_middleware(ApiLog)

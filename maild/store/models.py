@@ -339,6 +339,35 @@ class IdempotencyKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
 
 
+class Agent(SQLModel, table=True):
+    """A desk console account (`maild agents add`): only the argon2 hash of its password."""
+
+    __tablename__ = "agent"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=320, unique=True)  # lower-case; matches [desk] agents
+    name: str = Field(default="", max_length=200)
+    password_hash: str = Field(max_length=200)  # argon2id, PHC string
+    disabled_at: datetime | None = None  # disabled accounts cannot sign in; rows are kept
+    created_at: datetime = Field(default_factory=utcnow)
+    password_changed_at: datetime = Field(default_factory=utcnow)
+    last_sign_in_at: datetime | None = None
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A signed-in console session: the cookie's SHA-256, never the cookie itself."""
+
+    __tablename__ = "console_session"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    agent_id: int = Field(foreign_key="agent.id", index=True)
+    csrf: str = Field(max_length=64)  # the form token of this session's POSTs
+    created_at: datetime = Field(default_factory=utcnow)
+    seen_at: datetime = Field(default_factory=utcnow)  # idle expiry runs from here
+    client: str = Field(default="", max_length=64)  # the address it signed in from
+
+
 def table_of(model: type[SQLModel]) -> Table:
     """A model's Core table, typed (SQLModel declares `__table__` loosely): the hot
     statements are written in Core against it."""
