@@ -60,6 +60,96 @@ def wait_ready(base_url: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+CONSOLE_AGENT = "bench@altis-dxp.com"
+CONSOLE_PASSWORD = "a bench password, long enough"  # noqa: S105 (a scratch database's)
+
+
+def console_client(base_url: str, config: Path) -> httpx.Client:
+    """An agent (made with `maild agents add`) signed in to the console: a client with its
+    session cookie."""
+    secret = config.parent / "agent-password"
+    secret.write_text(CONSOLE_PASSWORD + "\n")
+    command = ["agents", "add", CONSOLE_AGENT, "--password-file", str(secret)]
+    subprocess.run(
+        [sys.executable, "-m", "maild", *command, "--config", str(config)],
+        capture_output=True,
+        check=True,
+    )
+    client = httpx.Client(base_url=base_url, timeout=60)
+    form = client.get("/console/sign-in").text
+    token = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    signed = client.post(
+        "/console/sign-in",
+        data={"email": CONSOLE_AGENT, "password": CONSOLE_PASSWORD, "csrf": token, "next": ""},
+    )
+    if signed.status_code != 303:
+        raise RuntimeError(f"the bench agent could not sign in: {signed.status_code}")
+    return client
+
+
+def console_pages(stored: int) -> list[tuple[str, str]]:
+    """(what, path) of each timed console page, for a database filled by bench.fill."""
+    tickets = filler.tickets_for(stored)
+    chosen = max(1, tickets - 7)
+    requester = filler.sender(max(1, stored // 2))
+    return [
+        ("queue, open + pending (50 and the counts)", "/console/tickets"),
+        ("queue, all, a search", f"/console/tickets?status=all&q={chosen}"),
+        ("queue, a requester", f"/console/tickets?status=all&requester={requester}"),
+        ("a ticket", f"/console/tickets/{chosen}"),
+        ("rules", "/console/rules?address=sysops%40altis-dxp.com"),
+    ]
+
+
+def time_console(
+    base_url: str, config: Path, stored: int, repeat: int = 50
+) -> list[dict[str, Any]]:
+    """Each page of `console_pages(stored)`: p50 and p99 of `repeat` loads (the HTML, over
+    one keep-alive connection: the server's time and the socket's)."""
+    results = []
+    client = console_client(base_url, config)
+    try:
+        for what, path in console_pages(stored):
+            first = client.get(path)
+            if first.status_code != 200:
+                raise RuntimeError(f"{path}: {first.status_code}")
+            times = []
+            for _ in range(repeat):
+                started = time.perf_counter()
+                client.get(path).raise_for_status()
+                times.append((time.perf_counter() - started) * 1000)
+            results.append(
+                {
+                    "page": what,
+                    "path": path,
+                    "bytes": len(first.content),
+                    "requests": repeat,
+                    "p50_ms": round(statistics.median(times), 2),
+                    "p99_ms": round(percentile(times, 0.99), 2),
+                }
+            )
+    finally:
+        client.close()
+    return results
+
+
+def console_table(pages: dict[str, Any]) -> str:
+    """The markdown table of docs/benchmarks.md ("Console pages"), databases side by side."""
+    databases = list(pages)
+    lines = [
+        "| console page | " + " | ".join(f"{d}: p50 / p99 ms" for d in databases) + " |",
+        "|" + "---|" * (len(databases) + 1),
+    ]
+    rows = pages[databases[0]]["pages"] if databases else []
+    for index, row in enumerate(rows):
+        cells = [
+            f"{pages[d]['pages'][index]['p50_ms']} / {pages[d]['pages'][index]['p99_ms']}"
+            for d in databases
+        ]
+        lines.append(f"| {row['page']} (`{row['path']}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def queries(stored: int) -> list[tuple[str, dict[str, str]]]:
     """(what, query string) of each timed read, for a database filled by bench.fill."""
     tickets = filler.tickets_for(stored)
@@ -123,10 +213,11 @@ class ApiLoad:
         # in this process and slow the very load it is compared against.
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
+        self._ready = context.Event()  # set by the process once its client is made
         self._results: multiprocessing.queues.Queue[dict[str, Any]] = context.Queue()
         self._process = context.Process(
             target=_run_load,
-            args=(base_url, token, rate, connections, self._stop, self._results),
+            args=(base_url, token, rate, connections, self._stop, self._ready, self._results),
             name="api-load",
             daemon=True,
         )
@@ -150,6 +241,7 @@ class ApiLoad:
         async with httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=30, limits=limits
         ) as client:
+            self._ready.set()
 
             async def one(n: int, due: float) -> None:
                 if n % 2 == 0 or not ticket_ids:
@@ -188,6 +280,8 @@ class ApiLoad:
 
     def __enter__(self) -> ApiLoad:
         self._process.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the API load process did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -216,13 +310,14 @@ def _run_load(
     rate: float,
     connections: int,
     stop: Any,
+    ready: Any,
     results: multiprocessing.queues.Queue[dict[str, Any]],
 ) -> None:
     """The load process: an ApiLoad whose stop event and results queue are the parent's."""
     load = object.__new__(ApiLoad)
     load.base_url, load.token, load.rate, load.connections = base_url, token, rate, connections
     load.times, load.errors, load.started, load.stopped = [], {}, 0.0, 0.0
-    load._stop, load._results = stop, results
+    load._stop, load._ready, load._results = stop, ready, results
     load._run()
 
 

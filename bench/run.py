@@ -318,6 +318,12 @@ class Bench:
                             server.http_url, self.token, stored, 20 if self.quick else 200
                         ),
                     }
+                    self.console_pages[kind] = {
+                        "stored": stored,
+                        "pages": api.time_console(
+                            server.http_url, server.config, stored, 5 if self.quick else 50
+                        ),
+                    }
                 for shape in shapes(self.quick, self.args.small):
                     if only(shape):
                         row = self._row("maild", kind, stored, shape)
@@ -374,6 +380,7 @@ class Bench:
     fills: dict[str, Any]
     searches: dict[str, Any]
     api_reads: dict[str, Any]
+    console_pages: dict[str, Any]
     token: str = ""
     postgres: dict[str, str]
     peak_pss_mib: float = 0.0
@@ -382,6 +389,7 @@ class Bench:
         self.fills = {}
         self.searches = {}
         self.api_reads = {}
+        self.console_pages = {}
         self.postgres = {}
         started = time.monotonic()
         stored = (
@@ -419,6 +427,7 @@ class Bench:
             "fills": self.fills,
             "searches": {"databases": self.searches},
             "api_reads": self.api_reads,
+            "console_pages": self.console_pages,
             "rows": [asdict(row) for row in self.rows],
             "reference_passes": {
                 f"{c} × {m}, {size}": rates for (c, m, size), rates in passes.items()
@@ -504,6 +513,9 @@ def table(report: dict[str, Any]) -> str:
     if report.get("api_reads"):
         heading = "API reads (bench/api.py) in the filled databases, over HTTP:"
         lines += ["", heading, "", api.table(report["api_reads"]).rstrip("\n")]
+    if report.get("console_pages"):
+        heading = "Console pages (bench/api.py) in the filled databases, over HTTP:"
+        lines += ["", heading, "", api.console_table(report["console_pages"]).rstrip("\n")]
     loaded = [row for row in report["rows"] if row.get("api_load")]
     for row in loaded:
         load = row["api_load"]

@@ -40,6 +40,12 @@ max_connections_per_ip = 0    # the whole load comes from one address
 [http]
 listen = "127.0.0.1:{http_port}"  # the API's rows (bench/api.py)
 
+[console]
+enabled = true   # the console's rows (bench/api.py); it adds no work per message
+
+[desk]
+agents = ["*@altis-dxp.com"]   # who may have a console account
+
 [database]
 url = "{database_url}"
 

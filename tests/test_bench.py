@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.api import console_pages
 from bench.search import searches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,11 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert loaded["api_load"]["requests"] == loaded["api_load"]["sent"] > 0
     assert loaded["api_load"]["errors"] == {}
     assert "API reads (bench/api.py)" in table
+    # the console's pages, signed in as an agent made with `maild agents add`
+    pages = report["console_pages"]["sqlite"]["pages"]
+    assert [p["page"] for p in pages] == [what for what, _ in console_pages(20_000)]
+    assert all(p["bytes"] > 1000 for p in pages)
+    assert "Console pages (bench/api.py)" in table
 
 
 def test_search_bench_times_every_search_and_the_filing_cost() -> None:
