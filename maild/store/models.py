@@ -105,6 +105,10 @@ class Ticket(SQLModel, table=True):
         Index("ix_ticket_status_updated", "status", "updated_at"),
         Index("ix_ticket_assignee_updated", "assignee", "updated_at"),
         Index("ix_ticket_application_updated", "application", "updated_at"),  # --application
+        # the lists' order (newest first) read from an index, not sorted: the open queue
+        # at 250,000 tickets on PostgreSQL (docs/benchmarks.md, issue 20)
+        Index("ix_ticket_updated_id", "updated_at", "id"),
+        Index("ix_ticket_requester_updated", "requester_email", "updated_at"),  # requester=
     )
 
     id: int | None = Field(default=None, primary_key=True)
