@@ -348,8 +348,12 @@ class Console:
         return response
 
     def _is_agent(self, email: str) -> bool:
+        """`[desk] agents` lists the address (an empty list lists nobody)."""
+        agents = self.context.desk().agents
+        if not agents:
+            return False
         try:
-            check_agent(email, self.context.desk().agents, "email")
+            check_agent(email, agents, "email")
         except NotAllowed:
             return False
         return True

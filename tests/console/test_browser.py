@@ -285,3 +285,19 @@ def test_mail_holding_script_shows_as_text_and_runs_nothing(
     assert driver.find_elements(By.CSS_SELECTOR, "pre.text img") == []
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018
+
+
+def test_the_queue_and_a_ticket_fit_a_phone_screen(
+    console: RunningMaild, driver: WebDriver
+) -> None:
+    """At 390 × 844 CSS pixels nothing is wider than the screen: no sideways scrolling."""
+    console.send(mail("A long subject " * 6, body="word " * 400), ["support@altis-dxp.com"])
+    console.settle()
+    (ticket,) = console.tickets()
+    driver.set_window_size(390, 844)
+    sign_in(driver, http_url(console))
+    for path in ("/console/tickets", f"/console/tickets/{ticket['id']}", "/console/rules"):
+        driver.get(f"{http_url(console)}{path}")
+        width = driver.execute_script("return document.documentElement.clientWidth")
+        scrolled = driver.execute_script("return document.documentElement.scrollWidth")
+        assert scrolled <= width, (path, scrolled, width)

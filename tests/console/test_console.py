@@ -474,3 +474,41 @@ def test_an_unsigned_visitor_gets_nothing_but_the_sign_in_page(console: RunningM
         answer = httpx2.get(base + path)
         assert answer.status_code == 303, path
         assert answer.headers["location"].startswith("/console/sign-in"), path
+
+
+def test_over_tls_the_session_cookie_is_secure(
+    console_config: Callable[..., Path], tmp_path: Path, quiet_logging: None
+) -> None:
+    """With [http] tls_cert and tls_key the console answers over HTTPS and its cookies
+    carry Secure: a browser never sends the session over plain HTTP."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "http-cert.pem", tmp_path / "http-key.pem"
+    chain.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    trusted = ssl.create_default_context()
+    authority.configure_trust(trusted)
+    config = console_config(http=f'tls_cert = "{chain}"\ntls_key = "{key}"')
+    with RunningMaild(load_settings(config)) as maild:
+        add_accounts(maild)
+        base = http_url(maild, "https")
+        with httpx2.Client(base_url=base, verify=trusted, timeout=30) as client:
+            form = client.get("/console/sign-in")
+            sign_in_cookie = form.headers["set-cookie"]
+            signed = client.post(
+                "/console/sign-in",
+                data={"email": JO, "password": PASSWORD, "csrf": csrf_of(form.text), "next": ""},
+            )
+            assert signed.status_code == 303
+            session = next(
+                c for c in signed.headers.get_list("set-cookie") if c.startswith("maild_console=")
+            )
+            assert client.get("/console/tickets").status_code == 200
+    for cookie in (sign_in_cookie, session):
+        flags = {part.strip().lower() for part in cookie.split(";")[1:]}
+        assert "secure" in flags, cookie
+        assert "httponly" in flags, cookie
