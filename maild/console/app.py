@@ -206,6 +206,9 @@ class Console:
         self.database = context.database
         self.sessions = Sessions(context.database, context.settings.console)
         self.env = environment()
+        # argon2 checks one at a time: a flood of sign-ins (from many addresses, which the
+        # limits do not stop) takes one core at most, never the mail's
+        self._checking = asyncio.Semaphore(1)
 
     # Rendering.
 
@@ -320,7 +323,8 @@ class Console:
             return response
         found = await self.database.read(lambda s: password_hash_of(s, email))
         stored = found[1] if found else None
-        ok, new_hash = await asyncio.to_thread(password_matches, stored, password)
+        async with self._checking:
+            ok, new_hash = await asyncio.to_thread(password_matches, stored, password)
         cookie = None
         if ok and found is not None and not self._is_agent(email):
             log.warning("console sign-in of an account [desk] agents does not list", email=email)

@@ -512,3 +512,45 @@ def test_over_tls_the_session_cookie_is_secure(
         flags = {part.strip().lower() for part in cookie.split(";")[1:]}
         assert "secure" in flags, cookie
         assert "httponly" in flags, cookie
+
+
+def test_password_checks_run_one_at_a_time(
+    console: RunningMaild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sign-ins from many addresses (which the limits do not stop) queue for the argon2
+    check: it never runs twice at once, so a flood takes one core, never the mail's."""
+    import threading
+
+    from maild.console import app
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+    real = app.password_matches
+
+    def counted(stored: str | None, password: str) -> tuple[bool, str | None]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real(stored, password)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(app, "password_matches", counted)
+    answers: list[int] = []
+
+    def attempt(n: int) -> None:
+        answers.append(
+            Browser(console, f"127.0.1.{n}").sign_in(JO, f"wrong password {n}").status_code
+        )
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [401] * 4
+    assert most == 1
