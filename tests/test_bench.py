@@ -129,3 +129,25 @@ def test_floor_measures_every_step() -> None:
     )
     assert summary["rounds"] == 1
     assert summary["median"]["floor_ms"] == round_["floor_ms"]
+
+
+def test_the_profile_samples_every_busy_process_and_sorts_its_time(tmp_path: Path) -> None:
+    """`python -m bench.profile` attaches py-spy to the daemon and its workers under load and
+    sorts each one's GIL samples into categories that add up to its CPU per message."""
+    run_module(
+        "bench.profile", "--seconds", "2", "--connections", "2", "--per-connection", "2",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["messages"] > 0
+    busy = [p for p in report["processes"] if p["gil_samples"]]
+    assert busy[0]["role"] == "daemon"
+    assert "worker" in {p["role"] for p in busy}
+    for entry in busy:
+        shares = sum(c["share"] for c in entry["categories"])
+        assert abs(shares - 1) < 0.01, entry
+        spent = sum(c["ms_per_message"] for c in entry["categories"])
+        assert abs(spent - entry["cpu_ms_per_message"]) < 0.02, entry
+        assert (tmp_path / f"stacks-{entry['pid']}.txt").stat().st_size > 0
+    daemon = busy[0]
+    assert "SMTP: aiosmtpd and maild's handler" in {c["category"] for c in daemon["categories"]}
