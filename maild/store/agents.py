@@ -15,7 +15,6 @@ changes.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ from sqlmodel import Session, col, select
 from maild.errors import MaildError
 from maild.mail import addresses
 from maild.store.models import Agent, ConsoleSession, as_utc, table_of, utcnow
+from maild.store.tokens import token_hash
 
 MIN_PASSWORD = 12  # characters (NIST SP 800-63B asks at least 8; a desk reaches customers' data)
 MAX_PASSWORD = 1024  # characters: argon2 takes any length; this bounds the work per attempt
@@ -173,10 +173,6 @@ def password_matches(stored: str | None, password: str) -> tuple[bool, str | Non
     return True, _HASHER.hash(password) if _HASHER.check_needs_rehash(stored) else None
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def start_session(
     session: Session,
     agent_id: int,
@@ -195,7 +191,7 @@ def start_session(
     token = secrets.token_urlsafe(32)
     session.add(
         ConsoleSession(
-            token_hash=_hash(token),
+            token_hash=token_hash(token),
             agent_id=agent_id,
             csrf=secrets.token_urlsafe(32),
             created_at=now,
@@ -225,7 +221,7 @@ def find_session(
     found = session.exec(
         select(ConsoleSession, Agent)
         .join(Agent, col(Agent.id) == col(ConsoleSession.agent_id))
-        .where(ConsoleSession.token_hash == _hash(token))
+        .where(ConsoleSession.token_hash == token_hash(token))
     ).first()
     if found is None:
         return None, False
@@ -240,12 +236,12 @@ def find_session(
 
 def touch_session(session: Session, token: str, now: datetime) -> None:
     session.execute(
-        update(_SESSION).where(_SESSION.c.token_hash == _hash(token)).values(seen_at=now)
+        update(_SESSION).where(_SESSION.c.token_hash == token_hash(token)).values(seen_at=now)
     )
 
 
 def end_session(session: Session, token: str) -> None:
-    session.execute(delete(_SESSION).where(_SESSION.c.token_hash == _hash(token)))
+    session.execute(delete(_SESSION).where(_SESSION.c.token_hash == token_hash(token)))
 
 
 def purge_sessions(session: Session, now: datetime, idle: timedelta, max_age: timedelta) -> int:
