@@ -70,6 +70,7 @@ from maild.store.agents import (
     end_session,
     password_hash_of,
     password_matches,
+    purge_sessions,
     start_session,
 )
 from maild.store.database import Database
@@ -332,11 +333,15 @@ class Console:
         if ok and found is not None:
             agent_id, checked = found
             now = utcnow()
-            cookie = await self.database.write(
-                lambda s: start_session(
+            idle, max_age = self.sessions.idle, self.sessions.max_age
+
+            def begin(s: Session) -> str | None:
+                purge_sessions(s, now, idle, max_age)  # expired rows go at each sign-in
+                return start_session(
                     s, agent_id, client, now, checked_hash=checked, new_hash=new_hash
                 )
-            )
+
+            cookie = await self.database.write(begin)
         if cookie is None:
             self.sessions.failed(email, client)
             log.warning("console sign-in failed", email=email, client=client)
@@ -396,7 +401,6 @@ class Console:
 
         views, last, counts = await self.database.read(read)
         next_url = query.url(cursor=_cursor(last)) if last else None
-        desk = self.context.desk()
         return self.page(
             request,
             "queue.html",
@@ -410,7 +414,6 @@ class Console:
             statuses=STATUSES,
             types=[t.value for t in TicketType],
             priorities=[p.value for p in Priority],
-            agents=desk.agents,
         )
 
     # A ticket.

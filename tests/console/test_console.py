@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -554,3 +555,25 @@ def test_password_checks_run_one_at_a_time(
         thread.join()
     assert answers == [401] * 4
     assert most == 1
+
+
+def test_expired_sessions_are_deleted_at_the_next_sign_in(console: RunningMaild) -> None:
+    """A session idle past idle_timeout (or older than max_age) is a dead row: the next
+    sign-in deletes it, so the table holds live sessions, not every one ever made."""
+    from datetime import timedelta
+
+    from maild.store.models import utcnow
+
+    assert Browser(console).sign_in().status_code == 303
+    old = utcnow() - timedelta(days=30)
+
+    def age(session: Any) -> None:
+        for row in session.exec(select(ConsoleSession)).all():
+            row.seen_at = row.created_at = old
+            session.add(row)
+
+    database = console.service.database
+    database.run_write(age)
+    assert Browser(console).sign_in(KIM).status_code == 303
+    rows = database.run_read(lambda s: s.exec(select(ConsoleSession)).all())
+    assert [r.created_at > old for r in rows] == [True]
