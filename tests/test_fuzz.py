@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,11 @@ class Closing(Exception):
     """maild said 421 before DATA (an abuse limit such as [smtp] max_errors): reconnect."""
 
 
+class Deferred(Exception):
+    """maild answered 451 at the end of DATA: it did not store the message, and the
+    sender must retry. Only a storage stall may cause it here (see Harness.deliver)."""
+
+
 class RawSMTP:
     """A minimal SMTP client on a plain socket: commands and data go out byte for byte."""
 
@@ -155,6 +161,8 @@ class RawSMTP:
         data, stored = wire_data(content)
         self.sock.sendall(data)
         code, text = self.reply()  # any 4xx or 5xx here is a failure, 421 too
+        if code == 451:
+            raise Deferred(text.decode(errors="replace"))
         assert code == 250, f"end of DATA answered {text!r} for {len(stored)} bytes"
         return stored
 
@@ -999,6 +1007,9 @@ class Harness:
     serial: int = 0
     resent: int = 0
     largest: int = 0
+    # Why maild answered its latest 451, from its log: (reason, error), or None.
+    why_deferred: Callable[[], tuple[str, str] | None] = lambda: None
+    deferred: Counter[str] = field(default_factory=Counter)  # retried 451s, by reason
 
     def deliver(
         self, slot: int, env: Envelope, content: bytes, reconnect: bool, again: bool = False
@@ -1007,10 +1018,24 @@ class Harness:
         self.serial += not again
         self.resent += again
         content = content.replace(SERIAL, b"fuzz.%d.%d" % (os.getpid(), self.serial))
-        try:
-            stored = self._deliver(slot, reconnect, env, content)
-        except Closing:  # an abuse limit we did not foresee; once more on a new connection
-            stored = self._deliver(slot, True, env, content)
+        for attempt in range(1, 4):
+            try:
+                try:
+                    stored = self._deliver(slot, reconnect, env, content)
+                except Closing:  # an abuse limit we did not foresee; once more, a new connection
+                    stored = self._deliver(slot, True, env, content)
+                break
+            except Deferred as exc:
+                # A 451 is right when the database stalls past [database] busy_timeout (a
+                # checkpoint's fsync on a loaded CI machine): the sender retries, as here.
+                # Any other reason is a failure the message's content may have caused.
+                reason, error = self.why_deferred() or ("unknown", "no log line says why")
+                if reason != "store_timeout" or attempt == 3:
+                    raise AssertionError(
+                        f"end of DATA answered {exc} ({reason}: {error}), attempt {attempt}"
+                    ) from None
+                self.deferred[reason] += 1
+                time.sleep(1.0)
         self.accepted[sha256(stored)] += 1
         self.largest = max(self.largest, len(stored))
         return stored
@@ -1069,18 +1094,31 @@ def test_wire_data_has_one_end_of_data_for_every_reading(chunks: list[bytes]) ->
     assert [m.start() for m in _LONE_DOT.finditer(wire)] == [len(wire) - 3]
 
 
+def why_deferred(daemon: Daemon) -> tuple[str, str] | None:
+    """The reason and error of maild's latest "answered 451", from its log."""
+    for event in reversed(daemon.events()):
+        if event.get("event") == "message not stored; answered 451":
+            return str(event.get("reason", "internal_error")), str(event.get("error", ""))
+    return None
+
+
 @pytest.mark.slow
 def test_fuzz_hostile_mail_is_accepted_and_stored(
     make_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Generated hostile messages all get 250, maild keeps answering, and all end stored."""
     config = make_config()
+    # The suite's 2 s budget for a write (so that the hang tests end quickly) is tighter
+    # than production's 5 s; a stall of the CI machine's disk must not read as a failure.
+    text = config.read_text()
+    assert text.count('busy_timeout = "2s"') == 1
+    config.write_text(text.replace('busy_timeout = "2s"', 'busy_timeout = "10s"'))
     started = time.monotonic()
     # `maild serve` in its own process: a crash is an exit, its log a file, and the
     # generator here does not share a GIL with the daemon it is fuzzing.
     with Daemon(config, tmp_path / "maild.log") as daemon:
         database = Database(load_settings(config).database.url)
-        harness = Harness(daemon.smtp_port)
+        harness = Harness(daemon.smtp_port, why_deferred=partial(why_deferred, daemon))
 
         @settings(settings.get_profile(FUZZ_PROFILE))
         @given(
@@ -1109,7 +1147,12 @@ def test_fuzz_hostile_mail_is_accepted_and_stored(
             assert daemon.process.poll() is None, "maild exited"
             assert_answers(daemon.smtp_port)
             statuses = assert_all_stored(database, harness.accepted)
-            assert statuses["duplicate"] <= harness.resent, "a Message-ID was reused by accident"
+            # A 451 for a commit that ran out of time may still have stored the message (the
+            # spool's docstring): its retry is then a duplicate, as the MTA's would be.
+            retried = sum(harness.deferred.values())
+            assert statuses["duplicate"] <= harness.resent + retried, (
+                "a Message-ID was reused by accident"
+            )
             assert_answers(daemon.smtp_port)
             aside = Counter(
                 (status, error.split("\n")[0][:200]) for status, error in set_aside(database)
@@ -1129,7 +1172,8 @@ def test_fuzz_hostile_mail_is_accepted_and_stored(
     errors = [e for e in daemon_errors(daemon.events()) if "failed processing" not in e]
     print(
         f"\nfuzz: {sum(harness.accepted.values())} messages accepted in {sent - started:.1f} s "
-        f"({harness.resent} of them sent twice), all stored "
+        f"({harness.resent} of them sent twice; 451s retried: {dict(harness.deferred) or 0}), "
+        "all stored "
         f"{time.monotonic() - started:.1f} s after the start; statuses {dict(statuses)}",
         *(f"  {n} x {status}: {error}" for (status, error), n in aside.most_common()),
         f"maild's other errors: {len(errors)}",
