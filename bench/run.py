@@ -98,9 +98,11 @@ class Row:
     api_load: dict[str, Any] | None = None  # bench.api.ApiLoad's summary, when one ran
 
 
-def shapes(quick: bool, small: bool = False) -> list[Shape]:
+def shapes(quick: bool, small: bool = False, large: bool = False) -> list[Shape]:
     if small:  # --small: the 4 KiB rows alone, to compare two commits
         return [Shape(c, per, 4 * KIB) for c in (1, 20) for per in (1, 10)]
+    if large:  # --large: the 1 MiB rows alone (paging behind large mail), then memory
+        return [Shape(20, per, MIB) for per in (1, 10)]
     if quick:
         return [Shape(1, 1, 4 * KIB), Shape(20, 10, 4 * KIB), Shape(20, 1, MIB)]
     return [
@@ -272,7 +274,7 @@ class Bench:
         """The reference's rows: run first and again last, so that a ratio does not
         depend on where in the run the machine's speed drifted."""
         with Server.reference(self.folder) as server:
-            for shape in shapes(self.quick, self.args.small):
+            for shape in shapes(self.quick, self.args.small, self.args.large):
                 self.measure(server, self._row("reference", "", 0, shape), shape, None)
 
     def maild(
@@ -324,11 +326,11 @@ class Bench:
                             server.http_url, server.config, stored, 5 if self.quick else 50
                         ),
                     }
-                for shape in shapes(self.quick, self.args.small):
+                for shape in shapes(self.quick, self.args.small, self.args.large):
                     if only(shape):
                         row = self._row("maild", kind, stored, shape)
                         self.measure(server, row, shape, watch, reply_to)
-                if not stored:
+                if not stored and not self.args.large:
                     self.with_api_load(server, kind, watch)
 
     def with_api_load(self, server: Server, kind: str, watch: TicketWatch) -> None:
@@ -395,7 +397,7 @@ class Bench:
         stored = (
             self.args.stored
             if self.args.stored is not None
-            else (0 if self.args.small else 20_000 if self.quick else 1_000_000)
+            else (0 if self.args.small or self.args.large else 20_000 if self.quick else 1_000_000)
         )
         self.reference()
         self.maild(None, 0)
@@ -546,6 +548,11 @@ def main(argv: list[str] | None = None) -> None:
         "--small",
         action="store_true",
         help="the 4 KiB rows alone (no stored or memory rows): to compare two commits",
+    )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="the 20-connection 1 MiB rows and the memory row alone: paging behind large mail",
     )
     parser.add_argument(
         "--database-url",
