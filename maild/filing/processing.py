@@ -383,6 +383,45 @@ def _make_pool(
     return pool, roster
 
 
+class _Pool:
+    """A process pool and its roster, made when first needed and made again when broken."""
+
+    def __init__(self, workers: int, database: Database, log: tuple[str, str]) -> None:
+        self.workers = workers
+        self._database = database
+        self._log = log
+        self.pool: ProcessPoolExecutor | None = None
+        self.roster: _Roster | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool, self.roster = _make_pool(self.workers, self._database, self._log)
+        return self.pool
+
+    def restart(self, broken: ProcessPoolExecutor) -> None:
+        """A new pool in place of `broken` (its workers killed), unless that was done."""
+        if self.pool is not broken:
+            return
+        old, old_roster = self.pool, self.roster
+        self.pool, self.roster = None, None
+        self.get()
+        if old_roster is not None:
+            old_roster.kill()
+        old.shutdown(wait=False, cancel_futures=True)
+        if old_roster is not None:
+            old_roster.close()
+
+    def kill(self) -> None:
+        if self.roster is not None:
+            self.roster.kill()
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.roster is not None:
+            self.roster.close()
+
+
 class Processor:
     """The background task that turns received deliveries into tickets."""
 
@@ -409,39 +448,60 @@ class Processor:
         self._parse_timeout = parse_timeout
         self._poll_interval = poll_interval
         self._log = log
-        self._pool: ProcessPoolExecutor | None = None
-        self._roster: _Roster | None = None
+        self._pools = _Pool(workers, database, log)
+        # Mail that pages has a worker of its own, made when the first such message
+        # comes: it never waits behind a batch of large mail in the other workers.
+        self._urgent_pool = _Pool(1, database, log)
         self._wake = asyncio.Event()
+        self._urgent_wake = asyncio.Event()
         self._stopped = asyncio.Event()  # set by stop(): cuts the wait between retries short
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._urgent_task: asyncio.Task[None] | None = None
         self._batch_limit = MAX_BATCH_MESSAGES
         self._failures: dict[int, int] = {}
-        self.busy = False  # a batch is in hand (claimed, not yet logged)
-        # Ids of stored mail that pages, filed ahead of the queue. Kept in memory only:
-        # after a restart such mail is filed in arrival order, like the rest.
+        # Ids of stored mail that pages, filed by the urgent lane ahead of the queue. Kept
+        # in memory only: after a restart such mail is filed in arrival order, like the rest.
         self._urgent: deque[int] = deque()
+        # Ids a lane has claimed and not yet finished: the other lane leaves them alone.
+        # Read and changed only on the event loop's thread.
+        self._in_hand: set[int] = set()
+
+    @property
+    def busy(self) -> bool:
+        """A batch is in hand (claimed, not yet logged), in either lane."""
+        return bool(self._in_hand)
+
+    @property
+    def _pool(self) -> ProcessPoolExecutor | None:
+        return self._pools.pool
+
+    @property
+    def _roster(self) -> _Roster | None:
+        return self._pools.roster
 
     def start(self) -> None:
-        self._pool, self._roster = _make_pool(self._workers, self._database, self._log)
+        self._pools.get()
         self._task = asyncio.create_task(self._run(), name="maild-processor")
+        self._urgent_task = asyncio.create_task(self._run_urgent(), name="maild-processor-urgent")
 
     def notify(self, _ids: Sequence[int] = (), urgent: Sequence[int] = ()) -> None:
         """New deliveries were stored: look now rather than at the next poll. `urgent`
-        ones (mail that pages) are filed before the rest of the queue."""
-        self._urgent.extend(urgent)
+        ones (mail that pages) go to the urgent lane, filed beside the queue."""
+        if urgent:
+            self._urgent.extend(urgent)
+            self._urgent_wake.set()
         self._wake.set()
 
     def _claim(self, session: Connection) -> list[int]:
-        """The next batch: urgent ids first, the rest of it the oldest received rows."""
-        limit = self._batch_limit
-        urgent = [self._urgent.popleft() for _ in range(min(len(self._urgent), limit))]
-        chosen = claim_ids(session, len(urgent), ids=urgent) if urgent else []
-        if len(chosen) < limit:
-            taken = set(chosen)
-            oldest = claim_ids(session, limit)
-            chosen += [i for i in oldest if i not in taken][: limit - len(chosen)]
-        return chosen
+        """The next batch: the oldest received rows."""
+        return claim_ids(session, self._batch_limit)
+
+    def _take(self, ids: Sequence[int]) -> list[int]:
+        """Of the ids a lane's claim read, those no lane has in hand; now in this one's."""
+        mine = [i for i in ids if i not in self._in_hand]
+        self._in_hand.update(mine)
+        return mine
 
     async def stop(self, grace: float | None = None) -> None:
         """Finish the batch in hand (within `grace` seconds, when given), then stop;
@@ -450,28 +510,19 @@ class Processor:
         self._stopping = True
         self._stopped.set()
         self._wake.set()
-        if self._task is not None:
-            done, _ = await asyncio.wait([self._task], timeout=grace)
-            if not done:
+        self._urgent_wake.set()
+        tasks = [t for t in (self._task, self._urgent_task) if t is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
                 log.warning("processing batch cut at shutdown; it is filed after restart")
-                self._task.cancel()
-                await asyncio.wait([self._task])
-                if self._roster is not None:
-                    self._roster.kill()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._roster is not None:
-            self._roster.close()
-
-    def _restart_pool(self) -> None:
-        old, old_roster = self._pool, self._roster
-        self._pool, self._roster = _make_pool(self._workers, self._database, self._log)
-        if old is not None:
-            if old_roster is not None:
-                old_roster.kill()
-            old.shutdown(wait=False, cancel_futures=True)
-            if old_roster is not None:
-                old_roster.close()
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+                self._pools.kill()
+                self._urgent_pool.kill()
+        self._pools.shutdown()
+        self._urgent_pool.shutdown()
 
     async def _count_failure(self, inbound_id: int, exc: Exception) -> None:
         """A message that alone fails its batch three times is set aside as failed."""
@@ -500,19 +551,20 @@ class Processor:
                 "could not set a failing message aside", inbound=inbound_id, error=str(inner)[:500]
             )
 
-    async def _process(self, ids: list[int]) -> list[Filed]:
-        """One batch through the pool: split across the workers, each part its own
-        transaction. A worker that dies or hangs past every parse's timeout (a parse
-        stuck where the timer cannot reach it) takes the pool down: it is restarted
-        and the batch fails, to be retried one message at a time."""
+    async def _process(self, ids: list[int], pools: _Pool | None = None) -> list[Filed]:
+        """One batch through a pool (the queue's, unless given): split across its
+        workers, each part its own transaction. A worker that dies or hangs past
+        every parse's timeout (a parse stuck where the timer cannot reach it) takes
+        the pool down: it is restarted and the batch fails, to be retried one
+        message at a time."""
         loop = asyncio.get_running_loop()
+        pools = pools or self._pools
         context = FilingContext(self._rules(), self._policy, self._acks(), self._desk())
-        parts = [ids[i :: self._workers] for i in range(min(self._workers, len(ids)))]
+        parts = [ids[i :: pools.workers] for i in range(min(pools.workers, len(ids)))]
         # A parse that overruns is interrupted in the worker; this is the outer bound.
         limit = self._parse_timeout * max(len(part) for part in parts) + 60
         for attempt in (1, 2):
-            assert self._pool is not None
-            pool = self._pool
+            pool = pools.get()
             try:
                 done = await asyncio.wait_for(
                     asyncio.gather(
@@ -531,13 +583,11 @@ class Processor:
                 )
                 return [filed for part in done for filed in part]
             except TimeoutError:
-                if self._pool is pool:
-                    self._restart_pool()
+                pools.restart(pool)
                 raise ParseTimeout(f"a worker took longer than {limit:g} s") from None
             except BrokenProcessPool:
                 # a worker died (killed, or out of memory): restart and try once more
-                if self._pool is pool:
-                    self._restart_pool()
+                pools.restart(pool)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -548,15 +598,14 @@ class Processor:
             self._wake.clear()
             ids: list[int] = []
             try:
-                self.busy = False
-                ids = await self._database.read_core(self._claim)
-                self.busy = bool(ids)
+                ids = self._take(await self._database.read_core(self._claim))
                 if not ids:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
                     continue
                 results = await self._process(ids)
             except Exception as exc:
+                self._in_hand.difference_update(ids)
                 log.error(
                     "processing batch failed; will retry",
                     error=str(exc)[:500],
@@ -573,6 +622,42 @@ class Processor:
             self._failures.clear()
             backoff = 0.5
             self._batch_limit = MAX_BATCH_MESSAGES
+            self._finish(ids, results)
+
+    async def _run_urgent(self) -> None:
+        """The urgent lane: mail that pages, filed as it comes in a worker of its own.
+        A batch that fails here is left `received` for the queue, which retries it
+        and sets a poisonous message aside."""
+        while not self._stopping:
+            await self._urgent_wake.wait()
+            self._urgent_wake.clear()
+            while self._urgent and not self._stopping:
+                wanted = [self._urgent.popleft() for _ in range(len(self._urgent))]
+                ids: list[int] = []
+                try:
+                    claim = partial(claim_ids, limit=MAX_BATCH_MESSAGES, ids=wanted)
+                    ids = self._take(await self._database.read_core(claim))
+                    if not ids:
+                        continue
+                    results = await self._process(ids, self._urgent_pool)
+                except Exception as exc:
+                    self._in_hand.difference_update(ids)
+                    log.error(
+                        "urgent batch failed; the queue files it",
+                        error=str(exc)[:500],
+                        error_type=type(exc).__name__,
+                        inbound=ids or wanted,
+                    )
+                    self._wake.set()
+                    continue
+                self._finish(ids, results)
+                self._wake.set()  # the queue may have passed these by while they were in hand
+
+    def _finish(self, ids: Sequence[int], results: Sequence[Filed]) -> None:
+        """A lane's batch is filed: log and count it, wake the outboxes, let its ids go."""
+        try:
             log_results(results)
             if self._on_filed is not None and _queued(results, self._desk()):
                 self._on_filed(results)
+        finally:
+            self._in_hand.difference_update(ids)

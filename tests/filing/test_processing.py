@@ -11,7 +11,7 @@ from maild.config import load_settings
 from maild.receive.spool import Delivery, insert_deliveries
 from maild.store.database import Database
 from maild.store.models import Inbound
-from tests.conftest import RunningMaild, mail
+from tests.conftest import RunningMaild, mail, wait_until
 
 BACKLOG = 400
 
@@ -98,3 +98,33 @@ def _gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
+    make_config: Callable[..., Path],
+) -> None:
+    """Mail that pages has a worker of its own: it is filed while the queue's only worker
+    is held (here by a task that sleeps; in life by a batch of large mail to parse), and
+    the support@ mail behind that worker waits for it."""
+    import time
+
+    settings = load_settings(make_config())  # [processing] workers = 1
+    with RunningMaild(settings) as maild:
+        processor = maild.service.processor
+        pool = processor._pool
+        assert pool is not None
+        sleeper = pool.submit(time.sleep, 6)
+        wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
+        maild.send(mail("Slow", to="support@altis-dxp.com"), ["support@altis-dxp.com"])
+        maild.send(mail("Site down", to="sysops@altis-dxp.com"), ["sysops@altis-dxp.com"])
+
+        def status(rcpt: str) -> str:
+            return maild.service.database.run_read(
+                lambda s: s.exec(select(Inbound.status).where(Inbound.rcpt_tos == [rcpt])).one()
+            )
+
+        wait_until(lambda: status("sysops@altis-dxp.com") == "processed", 5, "sysops@ waited")
+        assert not sleeper.done(), "the queue's worker was free after all: nothing was shown"
+        assert status("support@altis-dxp.com") == "received"
+        maild.settle(30)
+        assert status("support@altis-dxp.com") == "processed"
