@@ -330,3 +330,44 @@ def test_the_data_override_matches_the_aiosmtpd_it_was_written_against() -> None
         "carry the change over, then update UPSTREAM_DATA_SHA256"
     )
     assert "_reader" in upstream  # the stream the override reads from
+
+
+def test_auth_methods_found_once_per_class_are_each_connections_own() -> None:
+    """aiosmtpd's SMTP.__init__ sees maild's `inspect` (getmembers remembered per class):
+    each connection still gets the AUTH mechanisms the real one finds, bound to itself."""
+    import asyncio
+
+    import aiosmtpd.smtp
+
+    from maild.receive.smtp import Handler
+
+    async def two() -> tuple[Any, Any, dict[str, Any]]:
+        handler = Handler("smtp", lambda: None, None)  # type: ignore[arg-type,return-value]
+
+        def connection() -> Any:
+            return MaildSMTP(
+                handler, admit=lambda c, p: None, on_lost=lambda c: None, hostname="mx.test"
+            )
+
+        first, second = connection(), connection()
+        shim = aiosmtpd.smtp.inspect  # type: ignore[attr-defined]
+        aiosmtpd.smtp.inspect = inspect  # type: ignore[attr-defined]
+        try:
+            real = connection()._auth_methods
+        finally:
+            aiosmtpd.smtp.inspect = shim  # type: ignore[attr-defined]
+        return first, second, real
+
+    first, second, real = asyncio.run(two())
+    assert type(aiosmtpd_inspect()).__name__ == "_MembersByClass"
+    assert set(first._auth_methods) == set(second._auth_methods) == set(real) == {"LOGIN", "PLAIN"}
+    for mechanism in real:
+        assert first._auth_methods[mechanism].method.__self__ is first
+        assert second._auth_methods[mechanism].method.__self__ is second
+        assert first._auth_methods[mechanism].is_builtin
+
+
+def aiosmtpd_inspect() -> Any:
+    import aiosmtpd.smtp
+
+    return aiosmtpd.smtp.inspect  # type: ignore[attr-defined]
