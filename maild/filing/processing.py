@@ -66,11 +66,6 @@ POISON_ATTEMPTS = 3
 # leave more CPU. Measured with 20 connections of 4 KiB mail (accepted/s, filed/s):
 # SQLite 16: 258, 253; 32: 154, 152; 8: 223, 193. PostgreSQL 32: 333, 229; 16: 260, 179.
 FILE_CHUNK = {"sqlite": 16, "postgresql": 32}
-# ...and at most this many bytes of mail per transaction on SQLite (at least one
-# message): a transaction of sixteen 1 MiB messages held the writer lock for the
-# whole of its blob writes and fsync, and the urgent lane's filing, the pager's
-# claim and the spool's commits (the senders' 250s) waited behind it (issue 21).
-FILE_BYTES = {"sqlite": 2 * 1024 * 1024}
 
 
 class ParseTimeout(Exception):
@@ -228,33 +223,15 @@ def _file_ids(
     parsed before its transaction begins: on SQLite the write lock is held only
     for filing."""
     results: list[Filed] = []
-    byte_limit = FILE_BYTES.get(database.write_engine.dialect.name, 0)
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]
         claimed = database.run_read(partial(claim_received, limit=len(chunk), ids=chunk))
-        for part in _by_bytes(claimed, byte_limit):
-            items = [
-                (inbound_id, _authenticated(parse(raw), raw, context)) for inbound_id, raw in part
-            ]
-            del part
-            results.extend(database.run_write(partial(file_batch, context=context, items=items)))
+        items = [
+            (inbound_id, _authenticated(parse(raw), raw, context)) for inbound_id, raw in claimed
+        ]
         del claimed
+        results.extend(database.run_write(partial(file_batch, context=context, items=items)))
     return results
-
-
-def _by_bytes(claimed: list[tuple[int, bytes]], limit: int) -> Iterator[list[tuple[int, bytes]]]:
-    """The claimed messages in runs of at most `limit` bytes (each run at least one
-    message; 0: no limit), each to be parsed and filed in a transaction of its own."""
-    run: list[tuple[int, bytes]] = []
-    size = 0
-    for item in claimed:
-        if run and limit and size + len(item[1]) > limit:
-            yield run
-            run, size = [], 0
-        run.append(item)
-        size += len(item[1])
-    if run:
-        yield run
 
 
 def _authenticated(
