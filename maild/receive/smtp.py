@@ -86,6 +86,10 @@ INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 # then answered 500 (and counted against max_errors).
 COMMAND_LINE_LIMIT = 4096
 
+# The end of the data: a line holding only "." (RFC 5321 4.1.1.4), with the line end
+# before it. The first line has none: the DATA command's own line end stands for it.
+END_OF_DATA = b"\r\n.\r\n"
+
 
 class _MembersByClass:
     """`inspect` as aiosmtpd.smtp sees it, with `getmembers` remembered per class.
@@ -126,10 +130,12 @@ _SIMPLE_PATH = re.compile(
 class DataBudget:
     """Message bytes held in memory by every DATA transfer at once ([smtp] max_data_memory).
 
-    Shared by all listeners of a daemon. A transfer adds each line's bytes to
-    `used` as it arrives, unless that would pass `limit` (smtp_DATA does this
-    inline: it runs for every line), and gives them back when its reply has been
-    decided (after the spool has committed the message, or after a refusal)."""
+    Shared by all listeners of a daemon. A transfer adds each block's bytes to
+    `used` as it is read, unless that would pass `limit`, and gives them back when
+    its reply has been decided (after the spool has committed the message, or after
+    a refusal). The last four bytes a paused sender has sent are not read yet (they
+    may begin the end of data: `data_pieces`), so the budget counts as spent once
+    fewer than that are left: a transfer that has sent the whole budget holds it."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
@@ -137,7 +143,7 @@ class DataBudget:
 
     @property
     def spent(self) -> bool:
-        return bool(self.limit) and self.used >= self.limit
+        return bool(self.limit) and self.used + len(END_OF_DATA) - 1 >= self.limit
 
     def give_back(self, size: int) -> None:
         self.used = max(0, self.used - size)
@@ -468,11 +474,6 @@ class _ConnectionFixes:
             self._lifetime.cancel()
         if not self._refused:  # a refused connection never reached aiosmtpd
             super().connection_lost(error)  # type: ignore[misc]
-
-
-# The end of the data: a line holding only "." (RFC 5321 4.1.1.4), with the line end
-# before it. The first line has none: the DATA command's own line end stands for it.
-END_OF_DATA = b"\r\n.\r\n"
 
 
 def _partial_end(tail: bytes) -> int:
