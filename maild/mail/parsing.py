@@ -34,7 +34,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mailparser
 
@@ -442,6 +442,16 @@ def _aware(value: object) -> datetime | None:
         return None
 
 
+class _MailParser(mailparser.MailParser):  # type: ignore[misc]
+    """mail-parser without the two dicts of every header and part (`mail` and
+    `mail_partial`) its parse builds at the end, which maild never reads: it takes the
+    parts, dates, defects and headers it wants from the parser's own attributes. The
+    dicts were 16 % of a 4 KiB message's parse (issue 21)."""
+
+    def _make_mail(self, complete: bool = True) -> dict[str, Any]:
+        return {}
+
+
 def _from_mailparser(
     mail: mailparser.MailParser, head: HeaderBlock, raw: bytes, received: bytes
 ) -> ParsedMessage:
@@ -692,7 +702,7 @@ def _parse(
     head: HeaderBlock | None = None
     try:
         message = _for_mailparser(raw)
-        mail = mailparser.MailParser(message)
+        mail = _MailParser(message)
         head = HeaderBlock.from_raw(raw, wanted)
         return _from_mailparser(mail, head, raw, received), message
     except RecursionError:
