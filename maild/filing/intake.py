@@ -347,6 +347,13 @@ class _Filing:
         self._people[ticket_id] = set()
         return ticket
 
+    def insert_tickets(self) -> None:
+        """Write the new tickets that wait (SQLite): before anything that points at one
+        is added through the ORM session (a page), whose next query flushes it."""
+        if self._new_tickets:
+            self.session.execute(_INSERT_TICKETS, self._new_tickets)
+            self._new_tickets = []
+
     def people(self, ticket_id: int) -> set[str]:
         """The addresses on the ticket, stored or added in this transaction."""
         if ticket_id not in self._people:
@@ -398,9 +405,7 @@ class _Filing:
         """Write what waits: ticket changes, participants, messages and their attachments.
         A Message-ID stored meanwhile by another filer raises IntegrityError here."""
         session = self.session
-        if self._new_tickets:  # first: every other row points at its ticket
-            session.execute(_INSERT_TICKETS, self._new_tickets)
-            self._new_tickets = []
+        self.insert_tickets()  # first: every other row points at its ticket
         if self._changed:
             session.execute(
                 _UPDATE_TICKET,
@@ -998,6 +1003,7 @@ def _page(
     customer's `follow_up` to a ticket whose incident is open pages under its key."""
     if context.policy is None:
         return None
+    filing.insert_tickets()  # the page row points at the ticket
     return plan_trigger(
         filing.session,
         context.policy,

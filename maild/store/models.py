@@ -35,6 +35,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Index, LargeBinary, MetaData, Table, Text, UniqueConstraint
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Field, SQLModel
 
@@ -413,7 +414,10 @@ def from_row(model: type[_Model], values: Mapping[str, Any]) -> _Model:
 def _defaults_of(
     model: type[SQLModel],
 ) -> tuple[frozenset[str], dict[str, Any], list[tuple[str, Callable[[], Any]]]]:
-    """A model's field names, its fields' plain defaults, and its default factories."""
+    """A model's field names, its fields' plain defaults, and its default factories. The
+    mappers are configured first, as a model's constructor or a query would: an object
+    made by `new_instance` before that has no attribute machinery to change it with."""
+    configure_mappers()
     defaults: dict[str, Any] = {}
     factories: list[tuple[str, Callable[[], Any]]] = []
     for name, field in model.model_fields.items():

@@ -46,6 +46,12 @@ def deliver(database: Database, *messages: Any) -> Items:
     return [(i, parse_message(d.raw)) for i, d in zip(ids, deliveries, strict=True)]
 
 
+def file_now(database: Database, table: Any, *messages: Any) -> list[Filed]:
+    """Spool and parse these messages (deliver), then file them in one batch."""
+    items = deliver(database, *messages)
+    return database.run_write(partial(file_batch, context=FilingContext(table), items=items))
+
+
 def file_while_held(
     table: Any, first: tuple[Database, Items], second: tuple[Database, Items]
 ) -> tuple[list[Filed], list[Filed]]:
@@ -381,10 +387,7 @@ def test_one_batch_sees_what_it_filed_itself(database_url: str, rules_dir: Path)
     table = load_rules(rules_dir)
     database = Database(database_url)
     database.create_schema()
-
-    def file(*messages: Any) -> list[Filed]:
-        items = deliver(database, *messages)
-        return database.run_write(partial(file_batch, context=FilingContext(table), items=items))
+    file = partial(file_now, database, table)
 
     try:
         first = mail("Disk full")
@@ -478,3 +481,35 @@ def test_a_second_filer_sees_the_reopening_of_the_first(database_url: str, rules
     finally:
         first_db.close()
         second_db.close()
+
+
+def test_a_batch_of_new_tickets_is_one_insert_on_sqlite(database_url: str, rules_dir: Path) -> None:
+    """On SQLite a batch's new tickets go in together, with the ids counted from the largest
+    stored: the ones SQLite would give, in the batch's order, each message on its own
+    ticket. PostgreSQL draws each id from its sequence, one INSERT per ticket."""
+    table = load_rules(rules_dir)
+    database = Database(database_url)
+    database.create_schema()
+    file = partial(file_now, database, table)
+
+    try:
+        (before,) = file(mail("The first"))
+        assert before.ticket_id is not None
+        inserts: list[str] = []
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("INSERT INTO ticket "):
+                inserts.append(statement)
+
+        event.listen(database.write_engine, "before_cursor_execute", count)
+        filed = file(mail("Second"), mail("Third"), mail("Fourth"))
+        event.remove(database.write_engine, "before_cursor_execute", count)
+        ids = [f.ticket_id for f in filed]
+        assert ids == [before.ticket_id + 1, before.ticket_id + 2, before.ticket_id + 3]
+        assert len(inserts) == (1 if database.write_engine.dialect.name == "sqlite" else 3)
+        subjects = database.run_read(
+            lambda s: [show_ticket(s, i)["subject"] for i in ids if i is not None]
+        )
+        assert subjects == ["Second", "Third", "Fourth"]
+    finally:
+        database.close()
