@@ -103,10 +103,13 @@ def _gone(pid: int) -> bool:
 def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
     make_config: Callable[..., Path],
 ) -> None:
-    """Mail that pages has a worker of its own: it is filed while the queue's only worker
-    is held (here by a task that sleeps; in life by a batch of large mail to parse), and
-    the support@ mail behind that worker waits for it."""
+    """Mail that pages, coming while the queue's batch in hand is large, has a worker of
+    its own: it is filed while the queue's only worker is held (here by a task that
+    sleeps, then by the large message; in life by a batch of large mail to parse), and
+    the large message waits for it."""
     import time
+
+    from maild.filing.processing import URGENT_LANE_BYTES
 
     settings = load_settings(make_config())  # [processing] workers = 1
     with RunningMaild(settings) as maild:
@@ -115,7 +118,10 @@ def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
         assert pool is not None
         sleeper = pool.submit(time.sleep, 6)
         wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
-        maild.send(mail("Slow", to="support@altis-dxp.com"), ["support@altis-dxp.com"])
+        large = mail("Logs attached", body="x" * 76 + "\n")
+        large.add_attachment(b"\0" * URGENT_LANE_BYTES, "application", "gzip", filename="logs.gz")
+        maild.send(large, ["support@altis-dxp.com"])
+        wait_until(lambda: processor._batch_bytes >= URGENT_LANE_BYTES, 10, "no large batch")
         maild.send(mail("Site down", to="sysops@altis-dxp.com"), ["sysops@altis-dxp.com"])
 
         def status(rcpt: str) -> str:
@@ -130,3 +136,40 @@ def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
         assert status("support@altis-dxp.com") == "received"
         maild.settle(30)
         assert status("support@altis-dxp.com") == "processed"
+
+
+def test_sysops_mail_behind_a_small_batch_is_first_in_the_next(
+    make_config: Callable[..., Path],
+) -> None:
+    """Behind a small batch the urgent lane is not used (a batch of one costs more than
+    the wait): the sysops@ message goes in the queue's next batch, ahead of the older
+    support@ mail that does not fit in it."""
+    import time
+
+    from maild.filing.processing import MAX_BATCH_MESSAGES
+
+    settings = load_settings(make_config())
+    with RunningMaild(settings) as maild:
+        processor = maild.service.processor
+        pool = processor._pool
+        assert pool is not None
+        sleeper = pool.submit(time.sleep, 3)
+        wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
+        maild.send(mail("First"), ["support@altis-dxp.com"])
+        wait_until(lambda: processor.busy, 10, "the queue never took the first message")
+        backlog = [
+            Delivery("smtp", "alice@customer.example", ["support@altis-dxp.com"], m.as_bytes())
+            for m in (mail(f"Then {n}") for n in range(MAX_BATCH_MESSAGES + 8))
+        ]
+        maild.service.database.run_write(lambda s: insert_deliveries(s, backlog))
+        maild.send(mail("Site down", to="sysops@altis-dxp.com"), ["sysops@altis-dxp.com"])
+        maild.settle(60)
+        assert processor._urgent_pool.pool is None, "the urgent lane was started"
+        rows = maild.service.database.run_read(
+            lambda s: s.exec(select(Inbound.rcpt_tos, Inbound.processed_at)).all()
+        )
+    (paged,) = [when for rcpts, when in rows if rcpts == ["sysops@altis-dxp.com"]]
+    assert paged is not None
+    later = [w for r, w in rows if r != ["sysops@altis-dxp.com"] and w is not None and w > paged]
+    # its batch: itself and the 31 oldest; the other 9 of the backlog come after it
+    assert len(later) == 9, "the sysops@ message waited for more than the batch in hand"
