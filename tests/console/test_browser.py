@@ -52,7 +52,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 if not MISSING:
     from selenium import webdriver
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -92,7 +92,9 @@ def submit(driver: WebDriver, button: str, by: str = "id") -> None:
     """Click a form's button (or a link) and wait until the next page has replaced this one."""
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(by, button).click()
-    WebDriverWait(driver, 20).until(staleness_of(page))
+    # Asked mid-navigation, chromedriver may answer "Node with given id does not belong to
+    # the document" (a WebDriverException) rather than that the element is stale: ask again.
+    WebDriverWait(driver, 20, ignored_exceptions=[WebDriverException]).until(staleness_of(page))
 
 
 def sign_in(driver: WebDriver, base: str, email: str = JO, password: str = PASSWORD) -> None:
