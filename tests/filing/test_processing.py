@@ -116,7 +116,7 @@ def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
         processor = maild.service.processor
         pool = processor._pool
         assert pool is not None
-        sleeper = pool.submit(time.sleep, 6)
+        sleeper = pool.submit(time.sleep, 15)  # long enough for a slow CI machine
         wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
         large = mail("Logs attached", body="x" * 76 + "\n")
         large.add_attachment(b"\0" * URGENT_LANE_BYTES, "application", "gzip", filename="logs.gz")
@@ -131,7 +131,7 @@ def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
             (found,) = [status for rcpts, status in rows if rcpts == [rcpt]]
             return found
 
-        wait_until(lambda: status("sysops@altis-dxp.com") == "processed", 5, "sysops@ waited")
+        wait_until(lambda: status("sysops@altis-dxp.com") == "processed", 12, "sysops@ waited")
         assert not sleeper.done(), "the queue's worker was free after all: nothing was shown"
         assert status("support@altis-dxp.com") == "received"
         maild.settle(30)
@@ -153,7 +153,7 @@ def test_sysops_mail_behind_a_small_batch_is_first_in_the_next(
         processor = maild.service.processor
         pool = processor._pool
         assert pool is not None
-        sleeper = pool.submit(time.sleep, 3)
+        sleeper = pool.submit(time.sleep, 6)  # until the backlog and sysops@ are stored
         wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
         maild.send(mail("First"), ["support@altis-dxp.com"])
         wait_until(lambda: processor.busy, 10, "the queue never took the first message")
@@ -163,6 +163,7 @@ def test_sysops_mail_behind_a_small_batch_is_first_in_the_next(
         ]
         maild.service.database.run_write(lambda s: insert_deliveries(s, backlog))
         maild.send(mail("Site down", to="sysops@altis-dxp.com"), ["sysops@altis-dxp.com"])
+        assert not sleeper.done(), "the first batch ended before the backlog was stored"
         maild.settle(60)
         assert processor._urgent_pool.pool is None, "the urgent lane was started"
         rows = maild.service.database.run_read(
