@@ -348,8 +348,8 @@ class _Filing:
         return ticket
 
     def insert_tickets(self) -> None:
-        """Write the new tickets that wait (SQLite): before anything that points at one
-        is added through the ORM session (a page), whose next query flushes it."""
+        """Write the new tickets that wait (SQLite): before any row that points at one is
+        written outside `flush` (a page's)."""
         if self._new_tickets:
             self.session.execute(_INSERT_TICKETS, self._new_tickets)
             self._new_tickets = []

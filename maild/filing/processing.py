@@ -461,7 +461,6 @@ class Processor:
         self._desk = desk or (lambda: None)
         self._on_filed = on_filed
         self._rules = rules
-        self._workers = workers
         self._parse_timeout = parse_timeout
         self._poll_interval = poll_interval
         self._log = log
@@ -644,7 +643,8 @@ class Processor:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
                     continue
-                self._batch_bytes = sum(size for i, size in claimed if i in self._in_hand)
+                mine = set(ids)
+                self._batch_bytes = sum(size for i, size in claimed if i in mine)
                 if self._urgent and self._batch_bytes >= URGENT_LANE_BYTES:
                     self._urgent_wake.set()  # came while the claim was being read
                 try:
