@@ -92,6 +92,8 @@ _THESE = (
     .order_by(_INBOUND.c.id)
     .limit(bindparam("limit"))
 )
+# Urgent ids still waiting: one the other lane filed meanwhile is not claimed again.
+_THESE_RECEIVED = _THESE.where(_INBOUND.c.status == InboundStatus.RECEIVED.value)
 
 
 def claim_ids(
@@ -110,12 +112,15 @@ def claim_sized(
     limit: int,
     byte_budget: int = MAX_BATCH_BYTES,
     ids: Sequence[int] | None = None,
+    received_only: bool = False,
 ) -> list[tuple[int, int]]:
-    """As claim_ids, with each row's size: (id, size)."""
+    """As claim_ids, with each row's size: (id, size); of `ids`, only those still
+    `received` when `received_only` (reprocessing claims failed rows by id too)."""
     if ids is None:
         rows = session.execute(_OLDEST_RECEIVED, {"limit": limit}).all()
     else:
-        rows = session.execute(_THESE, {"ids": list(ids), "limit": limit}).all()
+        query = _THESE_RECEIVED if received_only else _THESE
+        rows = session.execute(query, {"ids": list(ids), "limit": limit}).all()
     chosen: list[tuple[int, int]] = []
     total = 0
     for inbound_id, size in rows:
@@ -518,7 +523,7 @@ class Processor:
         (id, size) each."""
         limit = self._batch_limit
         urgent = self._pop_urgent(limit)
-        chosen = claim_sized(session, len(urgent), ids=urgent) if urgent else []
+        chosen = claim_sized(session, len(urgent), ids=urgent, received_only=True) if urgent else []
         if len(chosen) < limit:
             taken = {i for i, _ in chosen}
             oldest = claim_sized(session, limit)
@@ -682,8 +687,10 @@ class Processor:
                 wanted = self._pop_urgent(MAX_BATCH_MESSAGES)
                 ids: list[int] = []
                 try:
-                    claim = partial(claim_ids, limit=MAX_BATCH_MESSAGES, ids=wanted)
-                    ids = self._take(await self._database.read_core(claim))
+                    claim = partial(
+                        claim_sized, limit=MAX_BATCH_MESSAGES, ids=wanted, received_only=True
+                    )
+                    ids = self._take([i for i, _ in await self._database.read_core(claim)])
                     if not ids:
                         continue
                     results = await self._process(ids, self._urgent_pool)

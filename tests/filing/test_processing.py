@@ -174,3 +174,30 @@ def test_sysops_mail_behind_a_small_batch_is_first_in_the_next(
     later = [w for r, w in rows if r != ["sysops@altis-dxp.com"] and w is not None and w > paged]
     # its batch: itself and the 31 oldest; the other 9 of the backlog come after it
     assert len(later) == 9, "the sysops@ message waited for more than the batch in hand"
+
+
+def test_urgent_ids_filed_meanwhile_are_not_claimed_again(tmp_path: Path) -> None:
+    """An urgent id the queue filed before the urgent lane came to it is left alone; a
+    claim by id for reprocessing still takes rows in any state."""
+    from sqlalchemy import update
+
+    from maild.filing.processing import claim_sized
+
+    database = Database(f"sqlite:///{tmp_path / 'maild.db'}")
+    database.create_schema()
+    try:
+        raw = b"From: a@customer.example\r\nSubject: x\r\n\r\nbody\r\n"
+        deliveries = [Delivery("smtp", "a@customer.example", ["sysops@altis-dxp.com"], raw)] * 2
+        filed, waiting = database.run_write(lambda s: insert_deliveries(s, deliveries))
+        database.run_write(
+            lambda s: s.execute(
+                update(Inbound).where(col(Inbound.id) == filed).values(status="processed")
+            )
+        )
+        ids = [filed, waiting]
+        urgent = database.run_read(lambda s: claim_sized(s, 10, ids=ids, received_only=True))
+        assert [i for i, _ in urgent] == [waiting]
+        anyhow = database.run_read(lambda s: claim_sized(s, 10, ids=ids))
+        assert [i for i, _ in anyhow] == ids
+    finally:
+        database.close()
