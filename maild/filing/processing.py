@@ -51,7 +51,7 @@ from maild.outbound.correspondence import DeskPolicy
 from maild.outbound.outgoing import NOUNS
 from maild.outbound.paging import EscalationPolicy
 from maild.routing.rules import RuleTable
-from maild.store.database import Database
+from maild.store.database import Database, LockTurn
 from maild.store.models import Inbound, table_of
 
 log = structlog.get_logger("maild.processing")
@@ -284,12 +284,13 @@ def _worker_start(
     log_format: str,
     log_level: str,
     roster: Any,
+    turn: LockTurn = LockTurn.NORMAL,
 ) -> None:
     global _worker_database
     configure_logging(log_format, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     threading.Thread(target=_exit_with, args=(daemon,), name="maild-orphan", daemon=True).start()
-    _worker_database = Database(url, busy_timeout)
+    _worker_database = Database(url, busy_timeout, turn=turn)
     roster.put((os.getpid(), os.getppid()))  # so the daemon can kill this worker if stuck
 
 
@@ -391,7 +392,7 @@ class _Roster:
 
 
 def _make_pool(
-    workers: int, database: Database, log: tuple[str, str]
+    workers: int, database: Database, log: tuple[str, str], turn: LockTurn
 ) -> tuple[ProcessPoolExecutor, _Roster]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["maild.filing.processing"])
@@ -400,7 +401,7 @@ def _make_pool(
         max_workers=workers,
         mp_context=context,
         initializer=_worker_start,
-        initargs=(os.getpid(), database.url, database.busy_timeout, *log, roster.queue),
+        initargs=(os.getpid(), database.url, database.busy_timeout, *log, roster.queue, turn),
     )
     return pool, roster
 
@@ -408,16 +409,19 @@ def _make_pool(
 class _Pool:
     """A process pool and its roster, made when first needed and made again when broken."""
 
-    def __init__(self, workers: int, database: Database, log: tuple[str, str]) -> None:
+    def __init__(
+        self, workers: int, database: Database, log: tuple[str, str], turn: LockTurn
+    ) -> None:
         self.workers = workers
         self._database = database
         self._log = log
+        self._turn = turn  # how its workers' filing takes SQLite's writer lock
         self.pool: ProcessPoolExecutor | None = None
         self.roster: _Roster | None = None
 
     def get(self) -> ProcessPoolExecutor:
         if self.pool is None:
-            self.pool, self.roster = _make_pool(self.workers, self._database, self._log)
+            self.pool, self.roster = _make_pool(self.workers, self._database, self._log, self._turn)
         return self.pool
 
     def restart(self, broken: ProcessPoolExecutor) -> None:
@@ -469,10 +473,11 @@ class Processor:
         self._parse_timeout = parse_timeout
         self._poll_interval = poll_interval
         self._log = log
-        self._pools = _Pool(workers, database, log)
+        # The queue's filing yields SQLite's writer lock to the urgent lane's.
+        self._pools = _Pool(workers, database, log, LockTurn.YIELDS)
         # Mail that pages has a worker of its own, made when the first such message
         # comes: it never waits behind a batch of large mail in the other workers.
-        self._urgent_pool = _Pool(1, database, log)
+        self._urgent_pool = _Pool(1, database, log, LockTurn.URGENT)
         self._wake = asyncio.Event()
         self._urgent_wake = asyncio.Event()
         self._stopped = asyncio.Event()  # set by stop(): cuts the wait between retries short
@@ -510,25 +515,40 @@ class Processor:
     def notify(self, _ids: Sequence[int] = (), urgent: Sequence[int] = ()) -> None:
         """New deliveries were stored: look now rather than at the next poll. `urgent`
         ones (mail that pages) are filed first: in the queue's next batch, or by the
-        urgent lane beside it when the batch in hand is large enough to keep them
-        waiting (URGENT_LANE_BYTES)."""
+        urgent lane beside it when the batch in hand, or the rest of the next, is large
+        enough to keep them waiting (URGENT_LANE_BYTES)."""
         if urgent:
             self._urgent.extend(urgent)
             if self._batch_bytes >= URGENT_LANE_BYTES:
                 self._urgent_wake.set()
         self._wake.set()
 
-    def _claim(self, session: Connection) -> list[tuple[int, int]]:
-        """The next batch: urgent ids first, the rest of it the oldest received rows;
-        (id, size) each."""
+    def _claim(self, session: Connection) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The next batch: the urgent ids still received, and the oldest received rows
+        besides them; (id, size) each."""
         limit = self._batch_limit
         urgent = self._pop_urgent(limit)
         chosen = claim_sized(session, len(urgent), ids=urgent, received_only=True) if urgent else []
+        rest: list[tuple[int, int]] = []
         if len(chosen) < limit:
             taken = {i for i, _ in chosen}
             oldest = claim_sized(session, limit)
-            chosen += [row for row in oldest if row[0] not in taken][: limit - len(chosen)]
-        return chosen
+            rest = [row for row in oldest if row[0] not in taken][: limit - len(chosen)]
+        return chosen, rest
+
+    def _batch(
+        self, urgent: list[tuple[int, int]], rest: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """The queue's batch from a claim. Urgent mail is its first, unless the rest of
+        it is large enough to keep that mail waiting (URGENT_LANE_BYTES): then the
+        urgent lane files it beside the batch. (A batch is split across the workers and
+        each part filed in id order: a page's message, the newest, is filed last of its
+        part, after a parse of everything older in it.)"""
+        if urgent and sum(size for _, size in rest) >= URGENT_LANE_BYTES:
+            self._urgent.extendleft(reversed([i for i, _ in urgent]))
+            self._urgent_wake.set()
+            return rest
+        return urgent + rest
 
     def _pop_urgent(self, limit: int) -> list[int]:
         """Up to `limit` urgent ids, oldest first (the queue's claim takes them in a
@@ -642,7 +662,7 @@ class Processor:
             self._wake.clear()
             ids: list[int] = []
             try:
-                claimed = await self._database.read_core(self._claim)
+                claimed = self._batch(*await self._database.read_core(self._claim))
                 ids = self._take([i for i, _ in claimed])
                 if not ids:
                     with contextlib.suppress(TimeoutError):

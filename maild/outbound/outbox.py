@@ -104,6 +104,10 @@ class OutboxWorker(Generic[Job]):
 
     noun = "rows"  # for log lines: "pages", "acknowledgements"
     thing = "row"  # one of them: "page", "acknowledgement"
+    # Claims and outcomes on a writer thread of their own, ahead of the queue's filing at
+    # SQLite's writer lock (Database.write's `urgent`): the pager's, so that a page does
+    # not wait behind the spool's writes of large mail.
+    urgent = False
     give_up_key = ""  # the setting that bounds the retries, for the error text
     model: Any  # the outbox table: Page or Outmail
     # What is logged when an outcome cannot be written: after a failed attempt (the
@@ -274,7 +278,8 @@ class OutboxWorker(Generic[Job]):
         copy of a mail), never lost."""
         try:
             await self._database.write_core(
-                lambda c: self.write_outcome(c, delivery, status, error, next_attempt_at)
+                lambda c: self.write_outcome(c, delivery, status, error, next_attempt_at),
+                urgent=self.urgent,
             )
         except Exception as exc:
             if next_attempt_at is not None:
@@ -326,7 +331,7 @@ class OutboxWorker(Generic[Job]):
                 due = await self._database.read_core(self.next_due)  # no write lock when idle
                 if due is not None and due <= utcnow():
                     jobs = await self._database.write(
-                        lambda s: self.claim(s, utcnow(), CLAIM_LIMIT)
+                        lambda s: self.claim(s, utcnow(), CLAIM_LIMIT), urgent=self.urgent
                     )
                     for job in jobs:
                         task = asyncio.create_task(self.deliver(job), name=self.job_name(job))

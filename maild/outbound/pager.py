@@ -264,6 +264,7 @@ class Pager(OutboxWorker[PageJob]):
     noun = "pages"
     thing = "page"
     give_up_key = "[pagerduty] give_up_after"
+    urgent = True
     model = Page
     unrecorded_attempt = "could not record a page attempt"
     unrecorded: ClassVar[Mapping[OutboxStatus, str]] = {

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -176,22 +178,65 @@ def make_engines(
     )
 
 
+class LockTurn(enum.Enum):
+    """How a writer takes its turn at the SQLite writer lock (see writer_lock)."""
+
+    NORMAL = "normal"
+    URGENT = "urgent"  # mail that pages and its page: ahead of those that yield
+    YIELDS = "yields"  # the queue's filing: waits while an urgent writer waits
+
+
+def _urgent_path(path: str) -> str:
+    return f"{path}.urgent"
+
+
+def urgent_waiting(path: str) -> bool:
+    """An urgent writer waits for (or holds) the writer lock at `path`: it holds a
+    shared lock on the `.urgent` file beside it, so an exclusive try fails."""
+    try:
+        fd = os.open(_urgent_path(path), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock
+    return False
+
+
 @contextlib.contextmanager
-def writer_lock(path: str | None, timeout: float) -> Iterator[None]:
+def writer_lock(
+    path: str | None, timeout: float, turn: LockTurn = LockTurn.NORMAL
+) -> Iterator[None]:
     """Hold the exclusive flock on `path` (None: no lock) while the block runs.
 
     Each use opens its own file, so two threads of one process exclude each
     other too. Past `timeout` it goes on without the lock and leaves the
-    waiting to SQLite's busy timeout (which then fails the write as locked)."""
+    waiting to SQLite's busy timeout (which then fails the write as locked).
+
+    flock is not a queue: whoever tries first after a release wins. An URGENT writer
+    (filing mail that pages, sending its page) says it waits by a shared lock on the
+    `.urgent` file beside `path`; a writer that YIELDS (the queue's filing, whose
+    transactions are the longest) does not try while one does, so an urgent writer
+    waits at most for the transaction in hand and the spool's, not for the queue's
+    next ones too (issue 21: 0.1–1.2 s of lock wait behind twenty 1 MiB senders)."""
     if path is None:
         yield
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    intent = None
     try:
+        if turn is LockTurn.URGENT:
+            intent = os.open(_urgent_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(intent, fcntl.LOCK_SH)  # waits only while a yielding writer looks
         deadline = time.monotonic() + timeout
         pause = 0.0002
         while True:
             try:
+                if turn is LockTurn.YIELDS and urgent_waiting(path):
+                    raise BlockingIOError
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
@@ -202,18 +247,32 @@ def writer_lock(path: str | None, timeout: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+        if intent is not None:
+            os.close(intent)
 
 
 class Database:
     """The engines plus the writer thread; one per process."""
 
-    def __init__(self, url: str, busy_timeout: float = 5.0, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        busy_timeout: float = 5.0,
+        *,
+        create: bool = True,
+        turn: LockTurn = LockTurn.NORMAL,
+    ) -> None:
         """`create`: a missing SQLite file (and its folders) may be created; without it,
-        DatabaseMissing. Either way a path SQLite cannot use is a one-line ConfigError."""
+        DatabaseMissing. Either way a path SQLite cannot use is a one-line ConfigError.
+        `turn`: how this process's writes take the SQLite writer lock (writer_lock)."""
         self.url = url
         self.busy_timeout = busy_timeout
+        self.turn = turn
         self.write_engine, self.read_engine = make_engines(url, busy_timeout, create=create)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maild-db-writer")
+        # Writes that must not queue behind the writer thread's (the pager's claims and
+        # outcomes behind the spool's): a thread of their own, URGENT at the writer lock.
+        self._urgent_writer: ThreadPoolExecutor | None = None
         database = self.write_engine.url.database
         self._lock_path = (
             f"{database}-writer.lock"
@@ -262,9 +321,12 @@ class Database:
     def read_session(self) -> Session:
         return Session(self.read_engine, expire_on_commit=False)
 
-    def run_write(self, work: Callable[[Session], T]) -> T:
+    def run_write(self, work: Callable[[Session], T], turn: LockTurn | None = None) -> T:
         """Run `work` in one transaction and commit it (on the calling thread)."""
-        with writer_lock(self._lock_path, self.busy_timeout), self.write_session() as session:
+        with (
+            writer_lock(self._lock_path, self.busy_timeout, turn or self.turn),
+            self.write_session() as session,
+        ):
             result = work(session)
             session.commit()
             return result
@@ -278,27 +340,45 @@ class Database:
     # session's set-up, which cost more than the statement (docs/benchmarks.md,
     # "Measured decisions").
 
-    def run_write_core(self, work: Callable[[Connection], T]) -> T:
+    def run_write_core(self, work: Callable[[Connection], T], turn: LockTurn | None = None) -> T:
         """As run_write, on a connection rather than a session."""
-        with writer_lock(self._lock_path, self.busy_timeout), self.write_engine.begin() as conn:
+        with (
+            writer_lock(self._lock_path, self.busy_timeout, turn or self.turn),
+            self.write_engine.begin() as conn,
+        ):
             return work(conn)
 
     def run_read_core(self, work: Callable[[Connection], T]) -> T:
         with self.read_engine.connect() as connection:
             return work(connection)
 
-    async def write_core(self, work: Callable[[Connection], T]) -> T:
+    async def write_core(self, work: Callable[[Connection], T], *, urgent: bool = False) -> T:
         """As write, on a connection rather than a session."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self.run_write_core, work)
+        if urgent:
+            call = partial(self.run_write_core, work, LockTurn.URGENT)
+            return await self._on_writer(call, urgent=True)
+        return await self._on_writer(partial(self.run_write_core, work))
 
     async def read_core(self, work: Callable[[Connection], T]) -> T:
         return await asyncio.to_thread(self.run_read_core, work)
 
-    async def write(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in one committed transaction on the writer thread."""
+    async def write(self, work: Callable[[Session], T], *, urgent: bool = False) -> T:
+        """Run `work` in one committed transaction on the writer thread. `urgent`: on a
+        writer thread of its own, ahead of the queue's filing at the writer lock (the
+        pager's writes must not queue behind the spool's: LockTurn.URGENT)."""
+        if urgent:
+            return await self._on_writer(partial(self.run_write, work, LockTurn.URGENT), True)
+        return await self._on_writer(partial(self.run_write, work))
+
+    async def _on_writer(self, call: Callable[[], T], urgent: bool = False) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self.run_write, work)
+        if not urgent:
+            return await loop.run_in_executor(self._writer, call)
+        if self._urgent_writer is None:
+            self._urgent_writer = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="maild-db-urgent-writer"
+            )
+        return await loop.run_in_executor(self._urgent_writer, call)
 
     async def read(self, work: Callable[[Session], T]) -> T:
         return await asyncio.to_thread(self.run_read, work)
@@ -319,16 +399,24 @@ class Database:
             return
         if folder.st_uid == 0:
             return
-        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-writer.lock")):
+        for name in (
+            path,
+            Path(f"{path}-wal"),
+            Path(f"{path}-shm"),
+            Path(f"{path}-writer.lock"),
+            Path(f"{path}-writer.lock.urgent"),
+        ):
             with contextlib.suppress(OSError):
                 if name.stat().st_uid == 0:
                     os.chown(name, folder.st_uid, folder.st_gid)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+        if self._urgent_writer is not None:
+            self._urgent_writer.shutdown(wait=True)
         self.write_engine.dispose()
         self.read_engine.dispose()
         self.adopt_files()
 
 
-__all__ = ["Database", "DatabaseMissing", "SQLAlchemyError", "describe", "make_engines"]
+__all__ = ["Database", "DatabaseMissing", "LockTurn", "SQLAlchemyError", "describe", "make_engines"]

@@ -138,6 +138,55 @@ def test_sysops_mail_is_filed_while_every_queue_worker_is_held(
         assert status("support@altis-dxp.com") == "processed"
 
 
+def test_sysops_mail_claimed_with_large_mail_goes_to_the_urgent_lane(
+    make_config: Callable[..., Path],
+) -> None:
+    """Mail that pages, claimed by the queue (free at the time) together with 1 MiB or
+    more of older mail, is handed to the urgent lane: it is not filed after the parse of
+    that mail. Here the queue's only worker is held, so that only the lane can file it."""
+    import time
+
+    from maild.filing.processing import URGENT_LANE_BYTES
+
+    settings = load_settings(make_config())  # [processing] workers = 1
+    with RunningMaild(settings) as maild:
+        processor = maild.service.processor
+        processor._poll_interval = 60.0  # the queue claims when told, not by its poll
+        time.sleep(1.0)  # the poll in progress (0.5 s) ends; the next waits a minute
+        pool = processor._pool
+        assert pool is not None
+        sleeper = pool.submit(time.sleep, 15)  # long enough for a slow CI machine
+        wait_until(sleeper.running, 10, "the queue's worker never took the sleeper")
+        backlog = []
+        for n in range(2):
+            large = mail(f"Logs {n}", body="x" * 76 + "\n")
+            large.add_attachment(
+                b"\0" * (URGENT_LANE_BYTES // 2), "application", "gzip", filename="logs.gz"
+            )
+            rcpts = ["support@altis-dxp.com"]
+            backlog.append(Delivery("smtp", "alice@customer.example", rcpts, large.as_bytes()))
+        maild.service.database.run_write(lambda s: insert_deliveries(s, backlog))
+        assert not processor.busy, "the queue claimed the backlog before the sysops@ mail came"
+        maild.send(mail("Site down", to="sysops@altis-dxp.com"), ["sysops@altis-dxp.com"])
+
+        def statuses() -> dict[str, list[str]]:
+            rows = maild.service.database.run_read(
+                lambda s: s.exec(select(Inbound.rcpt_tos, Inbound.status)).all()
+            )
+            found: dict[str, list[str]] = {}
+            for rcpts, status in rows:
+                found.setdefault(rcpts[0], []).append(status)
+            return found
+
+        wait_until(
+            lambda: statuses()["sysops@altis-dxp.com"] == ["processed"], 12, "sysops@ waited"
+        )
+        assert not sleeper.done(), "the queue's worker was free after all: nothing was shown"
+        assert statuses()["support@altis-dxp.com"] == ["received", "received"]
+        maild.settle(30)
+        assert statuses()["support@altis-dxp.com"] == ["processed", "processed"]
+
+
 def test_sysops_mail_behind_a_small_batch_is_first_in_the_next(
     make_config: Callable[..., Path],
 ) -> None:

@@ -74,3 +74,72 @@ def test_past_the_busy_timeout_a_write_goes_on_without_the_lock(tmp_path: Path) 
         assert order == ["held", "written", "released"]
     finally:
         database.close()
+
+
+def test_an_urgent_writer_goes_ahead_of_one_that_yields(tmp_path: Path) -> None:
+    """The writer lock is not a queue; a writer that YIELDS (the queue's filing) does not
+    try while an URGENT one (mail that pages, its page) waits, so the urgent writer takes
+    the lock next. Five rounds: without the yielding, the urgent writer would win each
+    with even odds, and all five one time in 32."""
+    import threading
+    import time
+
+    from maild.store.database import LockTurn, urgent_waiting, writer_lock
+
+    path = str(tmp_path / "maild.db-writer.lock")
+    for _ in range(5):
+        order: list[str] = []
+        holder_in, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with writer_lock(path, 10):
+                holder_in.set()
+                release.wait(10)
+
+        def write(name: str, turn: LockTurn) -> None:
+            with writer_lock(path, 10, turn):
+                order.append(name)
+                time.sleep(0.05)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holder_in.wait(10)
+        yielding = threading.Thread(target=write, args=("yields", LockTurn.YIELDS))
+        yielding.start()
+        time.sleep(0.05)  # the yielding writer tries first
+        urgent = threading.Thread(target=write, args=("urgent", LockTurn.URGENT))
+        urgent.start()
+        deadline = time.monotonic() + 10
+        while not urgent_waiting(path):
+            assert time.monotonic() < deadline, "the urgent writer never said it waits"
+            time.sleep(0.001)
+        release.set()
+        for thread in (holder, yielding, urgent):
+            thread.join(10)
+        assert order == ["urgent", "yields"]
+        assert not urgent_waiting(path), "the urgent writer's mark outlived its write"
+
+
+def test_a_yielding_writer_is_not_held_forever(tmp_path: Path) -> None:
+    """An urgent writer that never lets go holds a yielding writer only for the lock's
+    timeout, as any other holder would: then it goes on, and SQLite's busy timeout
+    decides."""
+    import fcntl
+    import os
+    import time
+
+    from maild.store.database import LockTurn, writer_lock
+
+    path = str(tmp_path / "maild.db-writer.lock")
+    intent = os.open(f"{path}.urgent", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(intent, fcntl.LOCK_SH)  # an urgent writer, waiting for good
+    try:
+        started = time.monotonic()
+        with writer_lock(path, 0.3, LockTurn.YIELDS):
+            waited = time.monotonic() - started
+        assert 0.3 <= waited < 5
+        started = time.monotonic()
+        with writer_lock(path, 0.3):  # a NORMAL writer does not yield
+            assert time.monotonic() - started < 0.25
+    finally:
+        os.close(intent)
