@@ -48,10 +48,17 @@ from sqlalchemy import create_engine, make_url, text
 
 from bench import api, search
 from bench.client import Corpus, LoadResult, Sent, run_load
-from bench.servers import REPO, MemoryWatch, Server, cpu_seconds, descendants, rss_bytes
+from bench.servers import (
+    REPO,
+    EventsProcess,
+    MemoryWatch,
+    Server,
+    cpu_seconds,
+    descendants,
+    rss_bytes,
+)
 from bench.stats import percentile
 from bench.watch import TicketWatch
-from tests.fake_events import FakeEvents
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -154,7 +161,7 @@ class Bench:
         self.rows: list[Row] = []
         self.memory: dict[str, Any] = {}
         self.seconds = 1.0 if self.quick else args.seconds
-        self.events = FakeEvents(folder / "events", keep_alive=True).start()
+        self.events = EventsProcess(folder / "events")
         self.run_id = uuid.uuid4().hex[:6]
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ its descendants (maild's parse workers and their forkserver) every 10 ms from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.fake_events import free_port
 
@@ -235,3 +237,95 @@ class MemoryWatch:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def _events_child(folder: str, pipe: Any) -> None:
+    """In a process of its own: the Events API stand-in, its arrivals sent to the
+    parent as they come (a list of (time.time(), body) at a time), until told to stop."""
+    from tests.fake_events import FakeEvents
+
+    fake = FakeEvents(Path(folder), keep_alive=True).start()
+    pipe.send((fake.url, str(fake.ca_file)))
+    sent = 0
+    try:
+        while not pipe.poll(0.01):
+            arrivals = fake.arrivals
+            if len(arrivals) > sent:
+                pipe.send(arrivals[sent:])
+                sent = len(arrivals)
+    finally:
+        fake.stop()
+
+
+class EventsProcess:
+    """The Events API stand-in (tests.fake_events) in a process of its own, with the same
+    face the bench uses (url, ca_file, requests, arrivals, wait_for_requests, stop).
+
+    In the bench's own process its handler waited for the load client's GIL: a page's
+    arrival, the figure measured, was late by the client's work, not maild's (under
+    twenty 1 MiB connections the POST took 170–580 ms). Arrival times are time.time(),
+    comparable across processes."""
+
+    def __init__(self, folder: Path) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child = context.Pipe()
+        self._process = context.Process(
+            target=_events_child, args=(str(folder), child), name="bench-events", daemon=True
+        )
+        self._lock = threading.Condition()
+        self._arrivals: list[tuple[float, Any]] = []
+        self._process.start()
+        child.close()
+        if not self._pipe.poll(60):
+            self._process.kill()
+            raise RuntimeError("the Events API stand-in did not start within 60 s")
+        url, ca_file = self._pipe.recv()
+        self.url: str = url
+        self.ca_file = Path(ca_file)
+        self._thread = threading.Thread(target=self._drain, name="bench-events", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                got = self._pipe.recv()
+            except (EOFError, OSError):
+                return
+            with self._lock:
+                self._arrivals.extend(got)
+                self._lock.notify_all()
+
+    @property
+    def arrivals(self) -> list[tuple[float, Any]]:
+        with self._lock:
+            return list(self._arrivals)
+
+    @property
+    def requests(self) -> int:
+        with self._lock:
+            return len(self._arrivals)
+
+    def wait_for_requests(self, count: int, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self._arrivals) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout} s waiting for {count} requests; "
+                        f"got {len(self._arrivals)}"
+                    )
+                self._lock.wait(left)
+            return len(self._arrivals)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._pipe.send("stop")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._thread.join(5)
+        self._pipe.close()
