@@ -281,7 +281,10 @@ class EventsProcess:
         if not self._pipe.poll(60):
             self._process.kill()
             raise RuntimeError("the Events API stand-in did not start within 60 s")
-        url, ca_file = self._pipe.recv()
+        try:
+            url, ca_file = self._pipe.recv()
+        except EOFError:
+            raise RuntimeError("the Events API stand-in exited before it started") from None
         self.url: str = url
         self.ca_file = Path(ca_file)
         self._thread = threading.Thread(target=self._drain, name="bench-events", daemon=True)

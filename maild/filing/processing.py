@@ -53,6 +53,7 @@ from maild.outbound.paging import EscalationPolicy
 from maild.routing.rules import RuleTable
 from maild.store.database import Database, LockTurn
 from maild.store.models import Inbound, table_of
+from maild.tuning import tune_malloc
 
 log = structlog.get_logger("maild.processing")
 
@@ -290,6 +291,7 @@ def _worker_start(
     configure_logging(log_format, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     threading.Thread(target=_exit_with, args=(daemon,), name="maild-orphan", daemon=True).start()
+    tune_malloc()  # large messages' buffers mapped, and given back when freed
     _worker_database = Database(url, busy_timeout, turn=turn)
     roster.put((os.getpid(), os.getppid()))  # so the daemon can kill this worker if stuck
 

@@ -81,43 +81,50 @@ def test_an_urgent_writer_goes_ahead_of_one_that_yields(tmp_path: Path) -> None:
     try while an URGENT one (mail that pages, its page) waits, so the urgent writer takes
     the lock next. Five rounds: without the yielding, the urgent writer would win each
     with even odds, and all five one time in 32."""
-    import threading
-    import time
-
-    from maild.store.database import LockTurn, urgent_waiting, writer_lock
+    from maild.store.database import urgent_waiting
 
     path = str(tmp_path / "maild.db-writer.lock")
     for _ in range(5):
-        order: list[str] = []
-        holder_in, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with writer_lock(path, 10):
-                holder_in.set()
-                release.wait(10)
-
-        def write(name: str, turn: LockTurn) -> None:
-            with writer_lock(path, 10, turn):
-                order.append(name)
-                time.sleep(0.05)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert holder_in.wait(10)
-        yielding = threading.Thread(target=write, args=("yields", LockTurn.YIELDS))
-        yielding.start()
-        time.sleep(0.05)  # the yielding writer tries first
-        urgent = threading.Thread(target=write, args=("urgent", LockTurn.URGENT))
-        urgent.start()
-        deadline = time.monotonic() + 10
-        while not urgent_waiting(path):
-            assert time.monotonic() < deadline, "the urgent writer never said it waits"
-            time.sleep(0.001)
-        release.set()
-        for thread in (holder, yielding, urgent):
-            thread.join(10)
-        assert order == ["urgent", "yields"]
+        assert _who_goes_first(path) == ["urgent", "yields"]
         assert not urgent_waiting(path), "the urgent writer's mark outlived its write"
+
+
+def _who_goes_first(path: str) -> list[str]:
+    """A writer holds the lock; a yielding writer, then an urgent one, wait for it; the
+    order in which they got it once it was released."""
+    import time
+
+    from maild.store.database import LockTurn, urgent_waiting
+
+    order: list[str] = []
+    holder_in, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with writer_lock(path, 10):
+            holder_in.set()
+            release.wait(10)
+
+    def write(name: str, turn: LockTurn) -> None:
+        with writer_lock(path, 10, turn):
+            order.append(name)
+            time.sleep(0.05)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holder_in.wait(10)
+    yielding = threading.Thread(target=write, args=("yields", LockTurn.YIELDS))
+    yielding.start()
+    time.sleep(0.05)  # the yielding writer tries first
+    urgent = threading.Thread(target=write, args=("urgent", LockTurn.URGENT))
+    urgent.start()
+    deadline = time.monotonic() + 10
+    while not urgent_waiting(path):
+        assert time.monotonic() < deadline, "the urgent writer never said it waits"
+        time.sleep(0.001)
+    release.set()
+    for thread in (holder, yielding, urgent):
+        thread.join(10)
+    return order
 
 
 def test_a_yielding_writer_is_not_held_forever(tmp_path: Path) -> None:
