@@ -475,10 +475,10 @@ class Processor:
         self._parse_timeout = parse_timeout
         self._poll_interval = poll_interval
         self._log = log
-        # The queue's filing yields SQLite's writer lock to the urgent lane's.
-        self._pools = _Pool(workers, database, log, LockTurn.YIELDS)
+        self._pools = _Pool(workers, database, log, LockTurn.NORMAL)
         # Mail that pages has a worker of its own, made when the first such message
-        # comes: it never waits behind a batch of large mail in the other workers.
+        # comes: it never waits behind a batch of large mail in the other workers, and
+        # its filing goes first at SQLite's writer lock.
         self._urgent_pool = _Pool(1, database, log, LockTurn.URGENT)
         self._wake = asyncio.Event()
         self._urgent_wake = asyncio.Event()

@@ -181,9 +181,8 @@ def make_engines(
 class LockTurn(enum.Enum):
     """How a writer takes its turn at the SQLite writer lock (see writer_lock)."""
 
-    NORMAL = "normal"
-    URGENT = "urgent"  # mail that pages and its page: ahead of those that yield
-    YIELDS = "yields"  # the queue's filing: waits while an urgent writer waits
+    NORMAL = "normal"  # waits while an urgent writer waits
+    URGENT = "urgent"  # filing mail that pages, claiming its page: ahead of the rest
 
 
 def _urgent_path(path: str) -> str:
@@ -217,11 +216,11 @@ def writer_lock(
     waiting to SQLite's busy timeout (which then fails the write as locked).
 
     flock is not a queue: whoever tries first after a release wins. An URGENT writer
-    (filing mail that pages, sending its page) says it waits by a shared lock on the
-    `.urgent` file beside `path`; a writer that YIELDS (the queue's filing, whose
-    transactions are the longest) does not try while one does, so an urgent writer
-    waits at most for the transaction in hand and the spool's, not for the queue's
-    next ones too (issue 21: 0.1–1.2 s of lock wait behind twenty 1 MiB senders)."""
+    (filing mail that pages, claiming its page) says it waits by a shared lock on the
+    `.urgent` file beside `path`, and the others (the spool, the queue's filing, the
+    CLI) do not try while one does: an urgent writer waits for the transaction in
+    hand only, not for the queue's and the spool's next ones too (issue 21: 0.1–1.2 s
+    of lock wait behind twenty 1 MiB senders). Urgent writes are few and short."""
     if path is None:
         yield
         return
@@ -230,12 +229,12 @@ def writer_lock(
     try:
         if turn is LockTurn.URGENT:
             intent = os.open(_urgent_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(intent, fcntl.LOCK_SH)  # waits only while a yielding writer looks
+            fcntl.flock(intent, fcntl.LOCK_SH)  # waits only while another writer looks
         deadline = time.monotonic() + timeout
         pause = 0.0002
         while True:
             try:
-                if turn is LockTurn.YIELDS and urgent_waiting(path):
+                if turn is not LockTurn.URGENT and urgent_waiting(path):
                     raise BlockingIOError
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break

@@ -77,10 +77,10 @@ def test_past_the_busy_timeout_a_write_goes_on_without_the_lock(tmp_path: Path) 
 
 
 def test_an_urgent_writer_goes_ahead_of_one_that_yields(tmp_path: Path) -> None:
-    """The writer lock is not a queue; a writer that YIELDS (the queue's filing) does not
-    try while an URGENT one (mail that pages, its page) waits, so the urgent writer takes
-    the lock next. Five rounds: without the yielding, the urgent writer would win each
-    with even odds, and all five one time in 32."""
+    """The writer lock is not a queue; a NORMAL writer (the spool, the queue's filing)
+    does not try while an URGENT one (mail that pages, its page's claim) waits, so the
+    urgent writer takes the lock next. Five rounds: without the yielding, the urgent
+    writer would win each with even odds, and all five one time in 32."""
     from maild.store.database import urgent_waiting
 
     path = str(tmp_path / "maild.db-writer.lock")
@@ -90,7 +90,7 @@ def test_an_urgent_writer_goes_ahead_of_one_that_yields(tmp_path: Path) -> None:
 
 
 def _who_goes_first(path: str) -> list[str]:
-    """A writer holds the lock; a yielding writer, then an urgent one, wait for it; the
+    """A writer holds the lock; a normal writer, then an urgent one, wait for it; the
     order in which they got it once it was released."""
     import time
 
@@ -112,9 +112,9 @@ def _who_goes_first(path: str) -> list[str]:
     holder = threading.Thread(target=hold)
     holder.start()
     assert holder_in.wait(10)
-    yielding = threading.Thread(target=write, args=("yields", LockTurn.YIELDS))
+    yielding = threading.Thread(target=write, args=("yields", LockTurn.NORMAL))
     yielding.start()
-    time.sleep(0.05)  # the yielding writer tries first
+    time.sleep(0.05)  # the normal writer tries first
     urgent = threading.Thread(target=write, args=("urgent", LockTurn.URGENT))
     urgent.start()
     deadline = time.monotonic() + 10
@@ -128,9 +128,9 @@ def _who_goes_first(path: str) -> list[str]:
 
 
 def test_a_yielding_writer_is_not_held_forever(tmp_path: Path) -> None:
-    """An urgent writer that never lets go holds a yielding writer only for the lock's
+    """An urgent writer that never lets go holds a normal writer only for the lock's
     timeout, as any other holder would: then it goes on, and SQLite's busy timeout
-    decides."""
+    decides. An urgent writer does not wait for another urgent one's mark."""
     import fcntl
     import os
     import time
@@ -142,11 +142,11 @@ def test_a_yielding_writer_is_not_held_forever(tmp_path: Path) -> None:
     fcntl.flock(intent, fcntl.LOCK_SH)  # an urgent writer, waiting for good
     try:
         started = time.monotonic()
-        with writer_lock(path, 0.3, LockTurn.YIELDS):
+        with writer_lock(path, 0.3):
             waited = time.monotonic() - started
         assert 0.3 <= waited < 5
         started = time.monotonic()
-        with writer_lock(path, 0.3):  # a NORMAL writer does not yield
+        with writer_lock(path, 0.3, LockTurn.URGENT):
             assert time.monotonic() - started < 0.25
     finally:
         os.close(intent)
