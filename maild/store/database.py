@@ -191,10 +191,11 @@ def _urgent_path(path: str) -> str:
 
 def urgent_waiting(path: str) -> bool:
     """An urgent writer waits for (or holds) the writer lock at `path`: it holds a
-    shared lock on the `.urgent` file beside it, so an exclusive try fails."""
+    shared lock on the `.urgent` file beside it, so an exclusive try fails. A mark that
+    cannot be read (none yet; left owned by root) says no: it only orders writers."""
     try:
-        fd = os.open(_urgent_path(path), os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(_urgent_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,6 +204,15 @@ def urgent_waiting(path: str) -> bool:
     finally:
         os.close(fd)  # closing releases the lock
     return False
+
+
+def _open_mark(path: str) -> int | None:
+    """The `.urgent` file beside the writer lock, made if need be; None when it cannot
+    be opened (the writer then goes without a mark: later, not wrong)."""
+    try:
+        return os.open(_urgent_path(path), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -228,8 +238,9 @@ def writer_lock(
     intent = None
     try:
         if turn is LockTurn.URGENT:
-            intent = os.open(_urgent_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(intent, fcntl.LOCK_SH)  # waits only while another writer looks
+            intent = _open_mark(path)
+            if intent is not None:
+                fcntl.flock(intent, fcntl.LOCK_SH)  # waits only while another writer looks
         deadline = time.monotonic() + timeout
         pause = 0.0002
         while True:
@@ -269,8 +280,8 @@ class Database:
         self.turn = turn
         self.write_engine, self.read_engine = make_engines(url, busy_timeout, create=create)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maild-db-writer")
-        # Writes that must not queue behind the writer thread's (the pager's claims and
-        # outcomes behind the spool's): a thread of their own, URGENT at the writer lock.
+        # Writes that must not queue behind the writer thread's (the pager's claims
+        # behind the spool's): a thread of their own, URGENT at the writer lock.
         self._urgent_writer: ThreadPoolExecutor | None = None
         database = self.write_engine.url.database
         self._lock_path = (
@@ -363,8 +374,8 @@ class Database:
 
     async def write(self, work: Callable[[Session], T], *, urgent: bool = False) -> T:
         """Run `work` in one committed transaction on the writer thread. `urgent`: on a
-        writer thread of its own, ahead of the queue's filing at the writer lock (the
-        pager's writes must not queue behind the spool's: LockTurn.URGENT)."""
+        writer thread of its own, ahead of every other writer at the writer lock (the
+        pager's claims must not queue behind the spool's writes: LockTurn.URGENT)."""
         if urgent:
             return await self._on_writer(partial(self.run_write, work, LockTurn.URGENT), True)
         return await self._on_writer(partial(self.run_write, work))

@@ -150,3 +150,19 @@ def test_a_yielding_writer_is_not_held_forever(tmp_path: Path) -> None:
             assert time.monotonic() - started < 0.25
     finally:
         os.close(intent)
+
+
+def test_a_mark_that_cannot_be_opened_orders_nothing(tmp_path: Path) -> None:
+    """The `.urgent` mark only orders writers: where it cannot be opened (here a folder
+    in its place; in life a file left owned by root) every writer still writes."""
+    import time
+
+    from maild.store.database import LockTurn, urgent_waiting, writer_lock
+
+    path = str(tmp_path / "maild.db-writer.lock")
+    (tmp_path / "maild.db-writer.lock.urgent").mkdir()
+    assert not urgent_waiting(path)
+    for turn in (LockTurn.NORMAL, LockTurn.URGENT):
+        started = time.monotonic()
+        with writer_lock(path, 5, turn):
+            assert time.monotonic() - started < 1
