@@ -364,10 +364,8 @@ class Database:
 
     async def write_core(self, work: Callable[[Connection], T], *, urgent: bool = False) -> T:
         """As write, on a connection rather than a session."""
-        if urgent:
-            call = partial(self.run_write_core, work, LockTurn.URGENT)
-            return await self._on_writer(call, urgent=True)
-        return await self._on_writer(partial(self.run_write_core, work))
+        turn = LockTurn.URGENT if urgent else None
+        return await self._on_writer(partial(self.run_write_core, work, turn), urgent)
 
     async def read_core(self, work: Callable[[Connection], T]) -> T:
         return await asyncio.to_thread(self.run_read_core, work)
@@ -376,19 +374,16 @@ class Database:
         """Run `work` in one committed transaction on the writer thread. `urgent`: on a
         writer thread of its own, ahead of every other writer at the writer lock (the
         pager's claims must not queue behind the spool's writes: LockTurn.URGENT)."""
-        if urgent:
-            return await self._on_writer(partial(self.run_write, work, LockTurn.URGENT), True)
-        return await self._on_writer(partial(self.run_write, work))
+        turn = LockTurn.URGENT if urgent else None
+        return await self._on_writer(partial(self.run_write, work, turn), urgent)
 
-    async def _on_writer(self, call: Callable[[], T], urgent: bool = False) -> T:
-        loop = asyncio.get_running_loop()
-        if not urgent:
-            return await loop.run_in_executor(self._writer, call)
-        if self._urgent_writer is None:
+    async def _on_writer(self, call: Callable[[], T], urgent: bool) -> T:
+        if urgent and self._urgent_writer is None:
             self._urgent_writer = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="maild-db-urgent-writer"
             )
-        return await loop.run_in_executor(self._urgent_writer, call)
+        executor = self._urgent_writer if urgent else self._writer
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def read(self, work: Callable[[Session], T]) -> T:
         return await asyncio.to_thread(self.run_read, work)

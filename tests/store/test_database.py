@@ -169,3 +169,38 @@ def test_a_mark_that_cannot_be_opened_orders_nothing(tmp_path: Path) -> None:
         started = time.monotonic()
         with writer_lock(path, 5, turn):
             assert time.monotonic() - started < 1
+
+
+def test_an_urgent_write_does_not_queue_behind_the_writer_thread(tmp_path: Path) -> None:
+    """The pager's claims are urgent writes (Pager.urgent): they run on a thread of their
+    own, so a page is claimed while the common writer thread is busy (in life with the
+    spool's writes of large mail), and go first at the writer lock."""
+    import asyncio
+    import time
+
+    from maild.outbound.pager import Pager
+
+    assert Pager.urgent, "the pager's claims would queue behind the spool's writes"
+    database = Database(f"sqlite:///{tmp_path / 'maild.db'}")
+    database.create_schema()
+    held = threading.Event()
+
+    async def run() -> None:
+        # The common writer thread busy (with no write lock held: only the thread).
+        common = asyncio.get_running_loop().run_in_executor(database._writer, held.wait, 30)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        urgent = await asyncio.wait_for(
+            database.write(lambda s: s.execute(text("SELECT 1")).scalar(), urgent=True), 10
+        )
+        assert urgent == 1
+        assert time.monotonic() - started < 2, "the urgent write waited"
+        assert not common.done(), "the common writer thread was free after all"
+        held.set()
+        await common
+
+    try:
+        asyncio.run(run())
+    finally:
+        held.set()
+        database.close()
